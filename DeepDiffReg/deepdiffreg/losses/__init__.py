@@ -1,0 +1,4 @@
+from .regularizers import gradient_l2, jacobian_penalty
+from .similarity import local_ncc, mse, ncc_loss
+
+__all__ = ["local_ncc", "ncc_loss", "mse", "gradient_l2", "jacobian_penalty"]
