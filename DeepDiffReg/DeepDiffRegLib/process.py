@@ -293,11 +293,7 @@ def _group_alive(pgid: int) -> bool:
         return False
     except PermissionError:  # pragma: no cover
         return True
-    # zombies still count for killpg(0); reap our own direct child if it is one
-    try:
-        os.waitpid(-pgid, os.WNOHANG)
-    except ChildProcessError:
-        pass
+    # zombies still count here; the reader thread reaps our direct child (we must not steal its status)
     return True
 
 
