@@ -297,30 +297,39 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
+NON_LEARNED_METHODS = ("nodeo", "demons")  # optimise on the pair: no --refine
+
+
 # -- building the command line -------------------------------------------------------------------------------
 def register_command(python: str, fixed: str, moving: str, out_dir: str, method: str = "nodeo",
                      device: str = "auto", fixed_seg: str | None = None, moving_seg: str | None = None,
                      fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
                      iterations: int | None = None, spacing_mm: float | None = None, align: bool = True,
-                     overwrite: bool = True, keep_temp: bool = False,
+                     refine: int | None = None, overwrite: bool = True, threads: int | None = None,
                      extra: Sequence[str] = ()) -> list[str]:
-    """``[python, -m, deepdiffreg, register, ...]`` as documented in conventions.md (the engine CLI)."""
+    """``[python, -m, deepdiffreg, register, ...]`` as documented in conventions.md (the engine CLI).
+
+    ``iterations`` is NODEO's option and ``refine`` (test-time refinement steps) applies to learned methods only;
+    each is passed only where it applies. Temporary files (the exported inputs) belong to the caller.
+    """
     cmd = [python, "-m", "deepdiffreg", "register", "--fixed", fixed, "--moving", moving, "--method", method,
            "--out", out_dir, "--device", device]
     if fixed_seg and moving_seg:
         cmd += ["--fixed-seg", fixed_seg, "--moving-seg", moving_seg]
     if fixed_landmarks and moving_landmarks:
         cmd += ["--fixed-landmarks", fixed_landmarks, "--moving-landmarks", moving_landmarks]
-    if iterations is not None and iterations > 0:
+    if iterations is not None and iterations > 0 and method == "nodeo":
         cmd += ["--iterations", str(int(iterations))]
+    if refine is not None and refine > 0 and method not in NON_LEARNED_METHODS:
+        cmd += ["--refine", str(int(refine))]
     if spacing_mm is not None and spacing_mm > 0:
         cmd += ["--spacing", f"{float(spacing_mm):g}"]
     if not align:
         cmd.append("--no-align")
     if overwrite:
         cmd.append("--overwrite")
-    if keep_temp:
-        cmd.append("--keep-temp")
+    if threads:
+        cmd += ["--threads", str(int(threads))]
     return cmd + list(extra)
 
 

@@ -89,11 +89,13 @@ def test_exit_code_mapping_and_states():
 def test_register_command_and_environment(tmp_path):
     cmd = ddprocess.register_command("py", "f.nrrd", "m.nrrd", str(tmp_path), method="nodeo", device="cpu",
                                      fixed_seg="fs.nrrd", moving_seg="ms.nrrd", iterations=30, spacing_mm=2.0,
-                                     align=False, keep_temp=True)
+                                     align=False, refine=5)
     assert cmd[:4] == ["py", "-m", "deepdiffreg", "register"]
     for a, b in (("--fixed", "f.nrrd"), ("--moving", "m.nrrd"), ("--method", "nodeo"), ("--device", "cpu"),
                  ("--iterations", "30"), ("--spacing", "2"), ("--fixed-seg", "fs.nrrd")):
         assert cmd[cmd.index(a) + 1] == b
-    assert "--no-align" in cmd and "--keep-temp" in cmd and "--fixed-landmarks" not in cmd
+    assert "--no-align" in cmd and "--refine" not in cmd and "--fixed-landmarks" not in cmd
+    cmd = ddprocess.register_command("py", "f", "m", "o", method="vxm-diff", iterations=30, refine=5)
+    assert "--iterations" not in cmd and cmd[cmd.index("--refine") + 1] == "5"
     env = ddprocess.child_environment("/mod", {"PYTHONPATH": "/a"}, device="cpu")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/mod", "/a"] and env["CUDA_VISIBLE_DEVICES"] == "-1"
