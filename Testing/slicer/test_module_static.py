@@ -1,0 +1,201 @@
+"""Static checks of the module file, the .ui and the build files, plus the Qt-free input/install helpers."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import slicer
+
+from conftest import MODULE_DIR, REPO
+
+MODULE_FILE = os.path.join(MODULE_DIR, "DeepDiffReg.py")
+UI_FILE = os.path.join(MODULE_DIR, "Resources", "UI", "DeepDiffReg.ui")
+ALLOWED_TOP_LEVEL = {"logging", "os", "shutil", "tempfile", "threading", "time", "typing", "json", "enum",
+                     "slicer", "vtk", "qt", "ctk", "numpy"}
+HEAVY = {"torch", "torchvision", "SimpleITK", "scipy", "monai", "deepdiffreg", "DeepDiffRegLib", "matplotlib",
+         "itk", "nibabel", "requests"}
+
+
+def _tree(path):
+    with open(path, encoding="utf-8") as f:
+        return ast.parse(f.read(), path)
+
+
+def _imported(node) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name.split(".")[0] for a in node.names]
+    if isinstance(node, ast.ImportFrom):
+        return [(node.module or "").split(".")[0]]
+    return []
+
+
+def test_module_file_has_only_light_imports_and_no_code_at_file_scope():
+    tree = _tree(MODULE_FILE)
+    top = [m for n in tree.body for m in _imported(n)]
+    assert set(top) <= ALLOWED_TOP_LEVEL, set(top) - ALLOWED_TOP_LEVEL
+    for n in tree.body:  # only docstring, imports, constants, classes, functions
+        ok = isinstance(n, (ast.Import, ast.ImportFrom, ast.ClassDef, ast.FunctionDef)) or (
+            isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) or (
+            isinstance(n, ast.Assign) and all(isinstance(t, ast.Name) and t.id.isupper() for t in n.targets))
+        assert ok, f"code at file scope, line {n.lineno}: {ast.dump(n)[:80]}"
+    # torch is imported nowhere on the Slicer side, not even inside functions
+    lib = os.path.join(MODULE_DIR, "DeepDiffRegLib")
+    for path in [MODULE_FILE] + [os.path.join(lib, f) for f in os.listdir(lib) if f.endswith(".py")]:
+        names = {m for n in ast.walk(_tree(path)) for m in _imported(n)}
+        assert not names & {"torch", "torchvision", "monai"}, (path, names)
+    # DeepDiffRegLib never imports Qt
+    for f in os.listdir(lib):
+        if f.endswith(".py"):
+            names = {m for n in ast.walk(_tree(os.path.join(lib, f))) for m in _imported(n)}
+            assert not names & {"qt", "ctk", "PythonQt"}, (f, names)
+    # the progress protocol the Slicer side imports from the engine has no third-party import
+    prog = os.path.join(MODULE_DIR, "deepdiffreg", "progress.py")
+    assert {m for n in ast.walk(_tree(prog)) for m in _imported(n)} <= {"__future__", "enum", "json", "sys", "time",
+                                                                         "typing"}
+
+
+STUB_IMPORT = r'''
+import sys, types
+sys.path.insert(0, sys.argv[1])
+qt = types.ModuleType("qt"); ctk = types.ModuleType("ctk")
+sys.modules.update(qt=qt, ctk=ctk)
+import slicer
+for name in ("ScriptedLoadableModule", "parameterNodeWrapper"):
+    m = types.ModuleType("slicer." + name); sys.modules["slicer." + name] = m; setattr(slicer, name, m)
+slm = sys.modules["slicer.ScriptedLoadableModule"]
+for c in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+    setattr(slm, c, type(c, (), {}))
+pnw = sys.modules["slicer.parameterNodeWrapper"]
+pnw.parameterNodeWrapper = lambda cls: cls
+pnw.Choice = pnw.WithinRange = lambda *a, **k: ("annotation", a)
+import slicer.util
+slicer.util.VTKObservationMixin = type("VTKObservationMixin", (), {})
+before = set(sys.modules)
+import DeepDiffReg
+new = set(sys.modules) - before
+heavy = sorted(m for m in new if m.split(".")[0] in {"torch", "SimpleITK", "deepdiffreg", "DeepDiffRegLib", "scipy", "matplotlib"})
+print("HEAVY", heavy)
+print("CLASSES", sorted(n for n in dir(DeepDiffReg) if n.startswith("DeepDiffReg")))
+'''
+
+
+def test_module_imports_without_slicer_app_and_pulls_in_nothing_heavy():
+    """Import DeepDiffReg.py for real in a fresh interpreter (Qt and the scripted-module base classes stubbed):
+    the load itself must import nothing heavy."""
+    r = subprocess.run([sys.executable, "-c", STUB_IMPORT, MODULE_DIR], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "HEAVY []" in r.stdout, r.stdout
+    for cls in ("DeepDiffReg", "DeepDiffRegWidget", "DeepDiffRegLogic", "DeepDiffRegTest", "DeepDiffRegParameterNode"):
+        assert f"'{cls}'" in r.stdout
+
+
+def test_module_file_is_valid_python_without_slicer():
+    with open(MODULE_FILE, encoding="utf-8") as f:
+        compile(f.read(), MODULE_FILE, "exec")  # syntax only: no import of slicer/qt happens
+
+
+def test_ui_matches_widget_and_parameter_node():
+    root = ET.parse(UI_FILE).getroot()
+    assert root.find("widget").get("class") == "qMRMLWidget"
+    names = {w.get("name") for w in root.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", open(MODULE_FILE, encoding="utf-8").read()))
+    assert used <= names, used - names
+    collapsibles = [w for w in root.iter("widget") if w.get("class") == "ctkCollapsibleButton"]
+    assert len(collapsibles) >= 5
+    adv = next(w for w in collapsibles if w.get("name") == "advancedCollapsibleButton")
+    assert adv.find("property[@name='collapsed']/bool").text == "true"  # advanced options start collapsed
+    params = {p.find("string").text for p in root.iter("property") if p.get("name") == "SlicerParameterName"}
+    cls = next(n for n in _tree(MODULE_FILE).body if isinstance(n, ast.ClassDef) and n.name == "DeepDiffRegParameterNode")
+    fields = {s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)}
+    assert params <= fields, params - fields
+    assert {"fixedVolume", "movingVolume", "outputTransform", "outputJacobian", "outputGrid", "outputWarped",
+            "outputInverse", "refineSteps", "nodeoIterations", "workingSpacingMm"} <= params
+
+
+def test_build_files_and_icons():
+    top = open(os.path.join(REPO, "CMakeLists.txt")).read()
+    assert 'set(EXTENSION_CATEGORY "Registration")' in top and 'set(EXTENSION_DEPENDS "PyTorch")' in top
+    assert "EXTENSION_ICONURL" in top and "EXTENSION_SCREENSHOTURLS" in top and "add_subdirectory(DeepDiffReg)" in top
+    mod = open(os.path.join(MODULE_DIR, "CMakeLists.txt")).read()
+    for s in ("slicerMacroBuildScriptedModule", "WITH_GENERIC_TESTS", "slicer_add_python_unittest",
+              "${MODULE_NAME}Lib/*.py", "deepdiffreg/*.py", "Resources/UI/${MODULE_NAME}.ui",
+              "Resources/Icons/${MODULE_NAME}.png"):
+        assert s in mod, s
+    from vtkmodules.vtkIOImage import vtkPNGReader
+    for p in ("Resources/DeepDiffReg.png", "DeepDiffReg/Resources/Icons/DeepDiffReg.png"):
+        r = vtkPNGReader(); r.SetFileName(os.path.join(REPO, p)); r.Update()
+        assert r.GetOutput().GetDimensions()[:2] == (128, 128), p
+
+
+def test_install_plan_never_touches_simpleitk():
+    from DeepDiffRegLib import install
+    p = install.plan(lambda name: None)
+    assert p.torch and any(r.startswith("psutil") for r, _ in p.pip)
+    assert not any(re.match(r"(?i)(simpleitk|numpy|vtk|torch)", r) for r, _ in p.pip)
+    assert install.plan(lambda name: {"torch": "2.13.0", "psutil": "7.0.0"}.get(name)).empty
+    assert not install.plan(lambda name: {"torch": "2.13.0", "psutil": "5.0.0"}.get(name)).empty  # too old
+    assert install.check_torch_numpy(sys.executable) is None  # this venv: torch + numpy load together
+
+
+def test_methods_table_parses_engine_json():
+    from DeepDiffRegLib import methods
+    rows = [{"name": "vxm-diff", "description": "VoxelMorph-diff", "learned": True,
+             "models": [{"id": "vxm-diff-brain", "version": "1.0.0"}]}]
+    m = methods.parse_methods_json(json.dumps(rows))[0]
+    assert m.learned and m.model_text == "model vxm-diff-brain v1.0.0"
+    assert methods.by_name(methods.STATIC_METHODS, "nodeo").model_text.startswith("no trained weights")
+    assert methods.refresh_from_engine("/nonexistent/python")[0].name == "nodeo"  # falls back to the table
+
+
+def test_missing_inputs_and_landmark_export(mrml, tmp_path):
+    from DeepDiffRegLib import inputs
+    sc = mrml.scene
+    f = sc.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "f")
+    m = sc.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "m")
+    assert inputs.missing_inputs(None, None) == ["Select a fixed volume.", "Select a moving volume."]
+    assert "different volumes" in " ".join(inputs.missing_inputs(f, f))
+    assert "no image data" in " ".join(inputs.missing_inputs(f, m))
+    lf = sc.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "lf")
+    lm = sc.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "lm")
+    lf.AddControlPoint(10.0, 20.0, 30.0); lf.AddControlPoint(-1.0, 2.0, -3.0); lm.AddControlPoint(0.0, 0.0, 0.0)
+    r = " ".join(inputs.missing_inputs(f, m, fixed_landmarks=lf))
+    assert "both landmark lists" in r
+    assert "same, non-zero number" in " ".join(inputs.missing_inputs(f, m, fixed_landmarks=lf, moving_landmarks=lm))
+    p = inputs.write_landmarks(lf, str(tmp_path / "lf.csv"))
+    lines = open(p).read().splitlines()
+    assert lines[0] == "Landmark,X,Y,Z"
+    np.testing.assert_allclose([float(v) for v in lines[1].split(",")[1:]], [-10.0, -20.0, 30.0])  # RAS -> LPS
+
+
+def test_segmentation_export_matches_labels_by_name(mrml, synthetic_result, tmp_path):
+    import SimpleITK as sitk
+    from DeepDiffRegLib import inputs, scene as ddscene
+    lg = ddscene.Logics(mrml.scene, mrml.app_logic)
+    fixed, moving = lg.load_volume(synthetic_result["fixed"], "f"), lg.load_volume(synthetic_result["moving"], "m")
+
+    def seg_from(vol, boxes):
+        seg = mrml.scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        for name, sl in boxes:
+            arr = np.zeros(ddscene.volume_array(vol).shape, np.uint8); arr[sl] = 1
+            ddscene_seg = ddscene.create_fold_segmentation(mrml.scene, vol, arr, "tmp")
+            s = ddscene_seg.GetSegmentation().GetNthSegment(0); s.SetName(name)
+            seg.GetSegmentation().AddSegment(s)
+            mrml.scene.RemoveNode(ddscene_seg)
+        return seg
+
+    a, b = np.s_[2:8, 3:9, 4:10], np.s_[10:14, 10:14, 10:14]
+    fs = seg_from(fixed, [("tumour", a), ("ventricle", b)])
+    ms = seg_from(moving, [("ventricle", b), ("other", a), ("tumour", a)])
+    assert inputs.common_segment_names(fs, ms) == ["tumour", "ventricle"]
+    files = inputs.export_inputs(str(tmp_path), fixed, moving, fs, ms)
+    fl = sitk.GetArrayFromImage(sitk.ReadImage(files["fixed_seg"]))
+    ml = sitk.GetArrayFromImage(sitk.ReadImage(files["moving_seg"]))
+    assert fl.shape == ddscene.volume_array(fixed).shape and ml.shape == ddscene.volume_array(moving).shape
+    assert (fl[a] == 1).all() and (fl[b] == 2).all() and (ml[b] == 2).all() and (ml[a] == 1).all()
+    assert set(np.unique(ml)) == {0, 1, 2}  # "other" is not exported
