@@ -1,0 +1,173 @@
+"""VoxelMorph-diff (Dalca et al., MedIA 2019): a U-Net predicts a Gaussian over a stationary velocity field on the
+½-resolution grid; at test time the mean μ is integrated (scaling and squaring, 7 steps) and upsampled.
+
+What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field/):
+- orientation: the network was trained on LPS-aligned arrays; the working grid keeps the fixed image's direction,
+  so the pair is permuted/flipped to the nearest LPS axis order and the field is mapped back;
+- padding of the grid to a multiple of 16 (edge replicate... zeros, as the skull-stripped training images) and
+  cropping the field back;
+- inverse = exp(−μ) on the same grid;
+- uncertainty: ``--vxm-uncertainty-samples`` S velocity samples z_s = μ + exp(logvar/2)·ε are integrated; the map is
+  the square root of the trace of the sample covariance of the displacement, in mm (√Σ_c var(u_c)·spacing_c²);
+- ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..field import warp
+from ..io.weights import find_model, load_weights
+from ..losses.kl import laplacian_prec, recon_mse
+from ..nn.vxm_model import build_net, velocity_to_disp
+from .base import FieldEstimate, Method, PairOnGrid, register_method
+from .refine import refine
+
+
+def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
+    """For a 3×3 direction (column c = LPS vector of index axis c = i, j, k), return (src, flip): canonical array
+    axis a (0 = S, 1 = P, 2 = L, i.e. LPS component 2 − a) is working array axis src[a], flipped if flip[a]."""
+    src, flip = [0, 0, 0], [False, False, False]
+    used = set()
+    for arr_axis in range(3):                     # working array axis arr_axis ↔ index axis 2 − arr_axis
+        col = direction[:, 2 - arr_axis]
+        order = np.argsort(-np.abs(col))
+        comp = next(int(c) for c in order if int(c) not in used)
+        used.add(comp)
+        src[2 - comp] = arr_axis                  # LPS component comp ↔ canonical array axis 2 − comp
+        flip[2 - comp] = bool(col[comp] < 0)
+    return src, flip
+
+
+def to_canonical(x: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
+    """(B, C, D, H, W) image on the working grid → canonical array order (no channel change)."""
+    y = x.permute(0, 1, 2 + src[0], 2 + src[1], 2 + src[2])
+    dims = [2 + a for a in range(3) if flip[a]]
+    return y.flip(dims) if dims else y
+
+
+def disp_from_canonical(u: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
+    """Inverse of ``to_canonical`` for a voxel displacement: undo flips (negating those components), then permute
+    both the grid axes and the channels back to the working array order."""
+    dims = [2 + a for a in range(3) if flip[a]]
+    if dims:
+        sign = torch.tensor([-1.0 if flip[a] else 1.0 for a in range(3)], dtype=u.dtype, device=u.device)
+        u = u.flip(dims) * sign.view(1, 3, 1, 1, 1)
+    inv = [src.index(w) for w in range(3)]        # working axis w is canonical axis inv[w]
+    u = u.permute(0, 1, 2 + inv[0], 2 + inv[1], 2 + inv[2])
+    return u[:, inv]                              # channel w = displacement along working axis w
+
+
+def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int]]:
+    """Zero-pad (B, C, D, H, W) at the end of each axis up to a multiple of m; returns (padded, original shape)."""
+    shape = list(x.shape[2:])
+    pads = []
+    for n in reversed(shape):
+        pads += [0, (-n) % m]
+    return (F.pad(x, pads) if any(pads) else x), shape
+
+
+@register_method
+class VxmDiff(Method):
+    name = "vxm-diff"
+    description = "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with uncertainty"
+    learned = True
+    default_spacing_mm = 2.0
+    size_multiple = 16
+    has_inverse = True
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        g = parser.add_argument_group("vxm-diff")
+        g.add_argument("--vxm-model", default=None, help="model id from `deepdiffreg models list` "
+                                                         "(default: the newest vxm-diff model)")
+        g.add_argument("--vxm-int-steps", type=int, default=7, help="scaling-and-squaring steps (trained with 7)")
+        g.add_argument("--vxm-uncertainty-samples", type=int, default=16,
+                       help="velocity samples for the uncertainty map (0: no map)")
+        g.add_argument("--vxm-refine-lr", type=float, default=0.05, help="Adam step for --refine (½-grid voxels)")
+
+    @classmethod
+    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
+        return {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", 7),
+                "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", 16),
+                "refine": int(getattr(args, "refine", 0) or 0), "refine_lr": getattr(args, "vxm_refine_lr", 0.05)}
+
+    def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
+        t0 = time.time()
+        o = {"model": None, "int_steps": 7, "uncertainty_samples": 16, "refine": 0, "refine_lr": 0.05,
+             "seed": 0, **self.options}
+        entry = find_model(o["model"], method=self.name)
+        obj = load_weights(entry)
+        cfg = dict(obj["config"])
+        net = build_net(cfg)
+        net.load_state_dict(obj["state_dict"])
+        net.to(device).eval()
+        progress(0.1, f"loaded model {entry['id']}")
+
+        src, flip = canonical_axes(pair.geometry.direction)
+        f = to_canonical(pair.fixed.to(device, torch.float32), src, flip)
+        m = to_canonical(pair.moving.to(device, torch.float32), src, flip)
+        fp, shape = pad_to_multiple(f, net.size_multiple)
+        mp, _ = pad_to_multiple(m, net.size_multiple)
+        pshape = tuple(fp.shape[2:])
+        steps = int(o["int_steps"])
+        with torch.no_grad():
+            mu, logvar = net(mp, fp)
+        progress(0.4, "network done")
+        info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "padded_grid": list(pshape),
+                                "axes_to_canonical": {"src": src, "flip": flip}}
+        if o["refine"] > 0:
+            sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
+
+            def loss_fn(v):
+                warped = warp(mp, velocity_to_disp(v, pshape, steps))
+                return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(v)
+
+            mu, rinfo = refine(mu, loss_fn, o["refine"], lr=float(o["refine_lr"]),
+                               progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
+            info.update(rinfo)
+        with torch.no_grad():
+            crop = (slice(None), slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
+            disp = velocity_to_disp(mu, pshape, steps)[crop]
+            inv = velocity_to_disp(-mu, pshape, steps)[crop]
+            unc = None
+            ns = int(o["uncertainty_samples"])
+            if ns > 0:
+                g = torch.Generator(device=device).manual_seed(int(o["seed"]))
+                std = torch.exp(0.5 * logvar)
+                s1 = torch.zeros_like(disp)
+                s2 = torch.zeros_like(disp)
+                for _ in range(ns):
+                    z = mu + std * torch.randn(mu.shape, generator=g, device=device)
+                    u = velocity_to_disp(z, pshape, steps)[crop]
+                    s1 += u
+                    s2 += u * u
+                var = (s2 / ns - (s1 / ns) ** 2).clamp_min(0)          # per component, canonical voxels²
+                sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=var.dtype, device=device)  # (k, j, i)
+                sp_c = sp[src].view(1, 3, 1, 1, 1)                       # spacing of each canonical axis
+                unc = torch.sqrt((var * sp_c ** 2).sum(1, keepdim=True))
+                unc = to_canonical_inverse_scalar(unc, src, flip)
+                info["uncertainty"] = (f"sqrt(trace of the displacement covariance) in mm over {ns} velocity "
+                                       f"samples z = mu + exp(logvar/2)*eps")
+                info["velocity_std_mean_halfgrid_vox"] = float(std.mean())
+        disp = disp_from_canonical(disp, src, flip)
+        inv = disp_from_canonical(inv, src, flip)
+        info["seconds"] = round(time.time() - t0, 3)
+        progress(1.0, "vxm-diff done")
+        return FieldEstimate(disp_vox=disp.cpu(), inverse_disp_vox=inv.cpu(),
+                             uncertainty=None if unc is None else unc.cpu(), info=info,
+                             model={"id": entry["id"], "version": entry.get("version"), "sha256": entry["sha256"]})
+
+
+def to_canonical_inverse_scalar(x: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
+    """Inverse of ``to_canonical`` for a scalar/multi-channel image (channels untouched)."""
+    dims = [2 + a for a in range(3) if flip[a]]
+    if dims:
+        x = x.flip(dims)
+    inv = [src.index(w) for w in range(3)]
+    return x.permute(0, 1, 2 + inv[0], 2 + inv[1], 2 + inv[2])

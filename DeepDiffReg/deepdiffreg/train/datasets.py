@@ -1,0 +1,73 @@
+"""Training mixtures and the fixed validation pairs, on the canonical training grid (see real_data.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..field import warp
+from .real_data import VAL_LABELMAPS, load_cache, split_ixi
+from .synth_data import SynthPairs, random_affine_disp
+
+
+class MixedPairs:
+    """``sample(step)``: with probability ``real_prob`` two different real subjects (affine-aligned in the cache;
+    the moving one gets a small random affine, as left by the pipeline's initial alignment), else a synthetic
+    pair from the label maps. Deterministic in (seed, step)."""
+
+    def __init__(self, real: list[dict[str, np.ndarray]], label_maps: list[np.ndarray], seed: int = 0,
+                 real_prob: float = 0.5):
+        self.real = [{"image": torch.as_tensor(r["image"])[None, None],
+                      "labels": torch.as_tensor(r["labels"])[None, None]} for r in real]
+        self.synth = SynthPairs(label_maps, seed=seed, max_std_vox=2.0) if label_maps else None
+        self.seed, self.real_prob = seed, real_prob if label_maps else 1.0
+        if len(self.real) < 2:
+            self.real_prob = 0.0
+        if self.synth is None and self.real_prob == 0.0:
+            raise ValueError("MixedPairs() needs two real subjects or one label map")
+
+    def sample(self, step: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+        if float(torch.rand((), generator=g)) < self.real_prob:
+            i, j = torch.randperm(len(self.real), generator=g)[:2].tolist()
+            f, m = self.real[i], self.real[j]
+            shape = tuple(f["image"].shape[2:])
+            aff = random_affine_disp(shape, g, rot_deg=3.0, scale=0.03, shear=0.01, trans_vox=1.5)
+            return {"fixed": f["image"], "fixed_labels": f["labels"], "kind": "real",
+                    "moving": warp(m["image"], aff), "moving_labels": warp(m["labels"], aff, mode="nearest")}
+        p = self.synth.pair(step)
+        p["kind"] = "synth"
+        return p
+
+
+def validation_pairs(cache_dir: Path, n_ixi_pairs: int = 6, seed: int = 12345) -> list[dict]:
+    """Fixed validation pairs: consecutive held-out IXI subjects (moving → fixed, affine-aligned via the cache)
+    and two synthetic pairs from the held-out label maps 15, 16 (fixed seed)."""
+    _, val_ids = split_ixi()
+    ixi = load_cache(cache_dir, "ixi", val_ids)
+    ids = [s for s in val_ids if s in ixi]
+    pairs = []
+    for a in range(min(n_ixi_pairs, max(len(ids) - 1, 0))):
+        f, m = ixi[ids[a]], ixi[ids[a + 1]]
+        pairs.append({"name": f"ixi:{ids[a + 1]}->{ids[a]}", "fixed": torch.as_tensor(f["image"])[None, None],
+                      "moving": torch.as_tensor(m["image"])[None, None],
+                      "fixed_labels": torch.as_tensor(f["labels"])[None, None],
+                      "moving_labels": torch.as_tensor(m["labels"])[None, None]})
+    names = [f"training_seg_{k:02d}" for k in VAL_LABELMAPS]
+    lm = load_cache(cache_dir, "labelmaps", names)
+    if len(lm) == 2:
+        sp = SynthPairs([lm[n]["labels"] for n in names], seed=seed, cross_prob=1.0, max_std_vox=2.0)
+        for k in range(2):
+            p = sp.pair(k)
+            p["name"] = f"synth-labelmaps-15/16:{k}"
+            pairs.append(p)
+    return pairs
+
+
+def training_sets(cache_dir: Path) -> tuple[list[dict], list[np.ndarray]]:
+    train_ids, _ = split_ixi()
+    real = list(load_cache(cache_dir, "ixi", train_ids).values())
+    lms = load_cache(cache_dir, "labelmaps")
+    maps = [v["labels"] for k, v in lms.items() if int(k.split("_")[-1]) not in VAL_LABELMAPS]
+    return real, maps
