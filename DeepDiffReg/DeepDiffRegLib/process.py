@@ -181,7 +181,7 @@ class EngineProcess:
         st = self.status
         if ev == "progress":
             st.stage = str(obj.get("stage", st.stage))
-            st.progress = float(obj.get("progress", st.progress))
+            st.progress = max(st.progress, float(obj.get("progress", st.progress)))  # never backwards
             st.message = str(obj.get("message", ""))
             st.elapsed_s = float(obj.get("elapsed_s", st.elapsed_s))
         elif ev == "info":

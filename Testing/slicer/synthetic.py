@@ -167,3 +167,30 @@ def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic"
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return {**paths, "out_dir": out_dir, "u": u, "jac": jac, "n_fold": n_fold, "grid_lines": n_lines}
+
+
+def write_engine_inputs(out_dir: str) -> dict:
+    """A small fixed/moving pair for a real ``deepdiffreg register`` run: 40x40x36 oblique fixed grid (1 mm),
+    moving on a different grid (rotated, anisotropic), related by a known smooth displacement (< 2.5 mm).
+    Blob-like anatomy so that NCC-based methods converge in a few dozen iterations."""
+    os.makedirs(out_dir, exist_ok=True)
+    D = rot("z", 20) @ rot("x", 10)
+    fx = make_image((40, 40, 36), (1.0, 1.0, 1.0), (-20.0, -18.0, -16.0), D)
+    pts = physical_points(fx)
+    c = pts.reshape(-1, 3).mean(0)
+    r = pts - c
+    u = np.stack([2.0 * np.sin(r[..., 1] / 8.0), -1.5 * np.cos(r[..., 0] / 9.0),
+                  1.2 * np.sin((r[..., 0] + r[..., 1]) / 10.0)], -1)
+
+    def anatomy(p):
+        x, y, z = p[..., 0] - c[0], p[..., 1] - c[1], p[..., 2] - c[2]
+        return (100 * np.exp(-(x ** 2 / 150 + y ** 2 / 100 + z ** 2 / 120))
+                + 30 * np.exp(-((x - 6) ** 2 + (y + 4) ** 2 + (z - 3) ** 2) / 20)
+                + 20 * (np.abs(x) < 10) * (np.abs(y) < 6))
+
+    fixed = make_image((40, 40, 36), (1.0, 1.0, 1.0), (-20.0, -18.0, -16.0), D, lambda p: anatomy(p + u))
+    moving = make_image((42, 40, 38), (1.0, 1.1, 1.0), (-21.0, -22.0, -19.0), rot("z", -10), anatomy)
+    paths = {"fixed": os.path.join(out_dir, "fixed.nii.gz"), "moving": os.path.join(out_dir, "moving.nii.gz")}
+    sitk.WriteImage(fixed, paths["fixed"])
+    sitk.WriteImage(moving, paths["moving"])
+    return {**paths, "u": u}
