@@ -211,3 +211,25 @@ def qa_snapshot_from_files(result_dir: str, fixed_path: str, moving_path: str, p
     info = {"shape": img.shape, "grid_pixels": grid_px, "path": png_path}
     scene.Clear(True)
     return info
+
+
+def main(argv=None) -> int:
+    """``PYTHONPATH=DeepDiffReg python -m DeepDiffRegLib.snapshot RESULT_DIR FIXED MOVING OUT.png [--size N]
+    [--center R,A,S]``: the QA snapshot of a finished run, without Slicer."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m DeepDiffRegLib.snapshot", description=main.__doc__)
+    ap.add_argument("result_dir")
+    ap.add_argument("fixed")
+    ap.add_argument("moving")
+    ap.add_argument("png")
+    ap.add_argument("--size", type=int, default=256, help="pixels per slice view")
+    ap.add_argument("--center", help="R,A,S point the three views go through (default: centre of the fixed volume)")
+    a = ap.parse_args(argv)
+    center = tuple(float(v) for v in a.center.split(",")) if a.center else None
+    info = qa_snapshot_from_files(a.result_dir, a.fixed, a.moving, a.png, size=a.size, center_ras=center)
+    print(f"wrote {a.png}: {info['shape'][1]}x{info['shape'][0]} px")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
