@@ -214,9 +214,10 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = " ".join(reasons) if reasons else "Ready."
 
     def _setState(self, state, message=None):
+        from DeepDiffRegLib.states import ProcessingState
         self._state = state
         self.ui.registerButton.text = state.button_text
-        self.ui.registerButton.enabled = state is not state.CANCEL_REQUESTED
+        self.ui.registerButton.enabled = state is not ProcessingState.CANCEL_REQUESTED
         self.ui.statusLabel.text = message or state.label
         self.ui.progressBar.visible = state.busy
         for w in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton,
