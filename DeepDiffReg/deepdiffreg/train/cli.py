@@ -27,6 +27,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="preprocessed data cache (built on first use)")
     p.add_argument("--data", default=None, help="data root (default: ../shared/data beside the checkout)")
     p.add_argument("--real-prob", type=float, default=0.6, help="fraction of real IXI pairs (rest: synthetic)")
+    p.add_argument("--head-prob", type=float, default=0.5,
+                   help="fraction of real pairs shown whole-head (not skull-stripped), as the pipeline may feed them")
+    p.add_argument("--init", default=None, help="start a new run from these weights (a best.pt/last.pt/models file)")
     p.add_argument("--image-sigma", type=float, default=0.02)
     p.add_argument("--prior-lambda", type=float, default=20.0)
     p.add_argument("--dice-weight", type=float, default=0.0, help="optional semi-supervised Dice term weight")
@@ -51,14 +54,14 @@ def run_train(args) -> int:
     cache = prepare_cache(Path(args.cache), data_root / "ixi", data_root / "labelmaps",
                           log=lambda s: print(s, file=sys.stderr))
     real, maps = training_sets(cache)
-    data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob)
+    data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob)
     val = validation_pairs(cache)
     model = dict(DEFAULT_CONFIG, image_sigma=args.image_sigma, prior_lambda=args.prior_lambda,
                  dice_weight=args.dice_weight, enc=[int(x) for x in args.enc.split(",")],
                  dec=[int(x) for x in args.dec.split(",")])
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, model=model,
-                             max_seconds=args.max_hours * 3600)
+                             max_seconds=args.max_hours * 3600, init=args.init)
     print(f"training on {len(real)} IXI subjects + {len(maps)} label maps; {len(val)} validation pairs",
           file=sys.stderr)
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
@@ -66,7 +69,9 @@ def run_train(args) -> int:
         entry = publish(Path(args.out), Path(args.models_dir) if args.models_dir else bundled_dir(), args.publish,
                         args.version, {"data": f"{len(real)} IXI T1 (affine-aligned, skull-stripped) + "
                                                f"{len(maps)} SynthSeg label maps (synthetic contrasts)",
-                                       "real_prob": args.real_prob, "lr": args.lr, "seed": args.seed})
+                                       "real_prob": args.real_prob, "head_prob": args.head_prob,
+                                       "dice_weight": args.dice_weight, "lr": args.lr, "seed": args.seed,
+                                       "init": args.init})
         print(json.dumps(entry))
     print(json.dumps(res))
     return 0

@@ -17,9 +17,10 @@ class MixedPairs:
     pair from the label maps. Deterministic in (seed, step)."""
 
     def __init__(self, real: list[dict[str, np.ndarray]], label_maps: list[np.ndarray], seed: int = 0,
-                 real_prob: float = 0.5):
-        self.real = [{"image": torch.as_tensor(r["image"])[None, None],
-                      "labels": torch.as_tensor(r["labels"])[None, None]} for r in real]
+                 real_prob: float = 0.5, head_prob: float = 0.5):
+        self.real = [{k: torch.as_tensor(r[k])[None, None] for k in ("image", "labels", "head") if k in r}
+                     for r in real]
+        self.head_prob = head_prob if all("head" in r for r in self.real) else 0.0
         self.synth = SynthPairs(label_maps, seed=seed, max_std_vox=2.0) if label_maps else None
         self.seed, self.real_prob = seed, real_prob if label_maps else 1.0
         if len(self.real) < 2:
@@ -32,26 +33,29 @@ class MixedPairs:
         if float(torch.rand((), generator=g)) < self.real_prob:
             i, j = torch.randperm(len(self.real), generator=g)[:2].tolist()
             f, m = self.real[i], self.real[j]
+            key = "head" if float(torch.rand((), generator=g)) < self.head_prob else "image"
             shape = tuple(f["image"].shape[2:])
             aff = random_affine_disp(shape, g, rot_deg=3.0, scale=0.03, shear=0.01, trans_vox=1.5)
-            return {"fixed": f["image"], "fixed_labels": f["labels"], "kind": "real",
-                    "moving": warp(m["image"], aff), "moving_labels": warp(m["labels"], aff, mode="nearest")}
+            return {"fixed": f[key], "fixed_labels": f["labels"], "kind": f"real-{key}",
+                    "moving": warp(m[key], aff), "moving_labels": warp(m["labels"], aff, mode="nearest")}
         p = self.synth.pair(step)
         p["kind"] = "synth"
         return p
 
 
 def validation_pairs(cache_dir: Path, n_ixi_pairs: int = 6, seed: int = 12345) -> list[dict]:
-    """Fixed validation pairs: consecutive held-out IXI subjects (moving → fixed, affine-aligned via the cache)
-    and two synthetic pairs from the held-out label maps 15, 16 (fixed seed)."""
+    """Fixed validation pairs: consecutive held-out IXI subjects (moving → fixed, affine-aligned via the cache;
+    even pairs skull-stripped, odd pairs whole-head when the cache has heads) and two synthetic pairs from the
+    held-out label maps 15, 16 (fixed seed)."""
     _, val_ids = split_ixi()
     ixi = load_cache(cache_dir, "ixi", val_ids)
     ids = [s for s in val_ids if s in ixi]
     pairs = []
     for a in range(min(n_ixi_pairs, max(len(ids) - 1, 0))):
         f, m = ixi[ids[a]], ixi[ids[a + 1]]
-        pairs.append({"name": f"ixi:{ids[a + 1]}->{ids[a]}", "fixed": torch.as_tensor(f["image"])[None, None],
-                      "moving": torch.as_tensor(m["image"])[None, None],
+        key = "head" if (a % 2 and "head" in f and "head" in m) else "image"
+        pairs.append({"name": f"ixi-{key}:{ids[a + 1]}->{ids[a]}", "fixed": torch.as_tensor(f[key])[None, None],
+                      "moving": torch.as_tensor(m[key])[None, None],
                       "fixed_labels": torch.as_tensor(f["labels"])[None, None],
                       "moving_labels": torch.as_tensor(m["labels"])[None, None]})
     names = [f"training_seg_{k:02d}" for k in VAL_LABELMAPS]

@@ -38,6 +38,7 @@ class TrainSettings:
     model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
     dice_labels_per_step: int = 8
     max_seconds: float = 0.0          # stop (with a checkpoint) after this wall time; 0 = no limit
+    init: str | None = None           # weights file to start a new run from (ignored when resuming)
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -132,6 +133,13 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
             gparam["lr"] = settings.lr
         log(f"resumed from {ckpt} at step {step}")
     else:
+        if settings.init:
+            obj = torch.load(settings.init, map_location=device, weights_only=True)
+            config = dict(obj["config"], **{k: v for k, v in settings.model.items() if k not in ("enc", "dec")})
+            net = build_net(config).to(device)
+            net.load_state_dict(obj["state_dict"])
+            opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+            log(f"initialised from {settings.init}")
         csv_path.write_text(",".join(CSV_FIELDS) + "\n")
     (out / "settings.json").write_text(json.dumps({**asdict(settings), "model": config}, indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)

@@ -59,13 +59,13 @@ def split_ixi(ixi_dir: Path = SHARED / "ixi") -> tuple[list[str], list[str]]:
     return subs[:-N_VAL_IXI], subs[-N_VAL_IXI:]
 
 
-def _load_ixi(ixi_dir: Path, sid: str) -> tuple[sitk.Image, sitk.Image]:
+def _load_ixi(ixi_dir: Path, sid: str, with_head: bool = False):
     t1 = _lps(sitk.ReadImage(str(Path(ixi_dir) / "t1" / f"{sid}_T1.nii.gz"), sitk.sitkFloat32))
     seg = _lps(sitk.ReadImage(str(Path(ixi_dir) / "seg" / f"{sid}_T1_DLMUSE.nii.gz"), sitk.sitkUInt16))
     seg.CopyInformation(t1)
     mask = sitk.BinaryDilate(sitk.Cast(seg > 0, sitk.sitkUInt8), [2, 2, 2])
     brain = sitk.Mask(t1, mask)
-    return brain, seg
+    return (brain, seg, t1) if with_head else (brain, seg)
 
 
 def _affine(fixed: sitk.Image, moving: sitk.Image, metric: str = "corr") -> sitk.Transform:
@@ -107,13 +107,19 @@ def prepare_cache(cache_dir: Path, ixi_dir: Path = SHARED / "ixi", labelmap_dir:
         out = cache_dir / "ixi" / f"{sid}.npz"
         if out.exists():
             continue
-        brain, seg = _load_ixi(ixi_dir, sid)
-        tx = sitk.Transform(3, sitk.sitkIdentity) if sid == ref_id else _affine(ref_brain, brain)
+        brain, seg, head = _load_ixi(ixi_dir, sid, with_head=True)
+        tx = sitk.AffineTransform(3) if sid == ref_id else _affine(ref_brain, brain)
         img = sitk.GetArrayFromImage(sitk.Resample(brain, canon, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         lab = sitk.GetArrayFromImage(sitk.Resample(seg, canon, tx, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt16))
         img = robust_normalise(img) * (img > 0)
+        # whole head, normalised over the native image as the pipeline does with an unstripped input
+        head_n = sitk.GetImageFromArray(robust_normalise(sitk.GetArrayFromImage(head)))
+        head_n.CopyInformation(head)
+        hd = sitk.GetArrayFromImage(sitk.Resample(head_n, canon, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         tmp = out.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, image=img.astype(np.float16), labels=lab.astype(np.uint16))
+        np.savez_compressed(tmp, image=img.astype(np.float16), head=hd.astype(np.float16),
+                            labels=lab.astype(np.uint16),
+                            affine=np.asarray(list(tx.GetParameters()) + list(tx.GetFixedParameters())))
         tmp.replace(out)
         log(f"ixi {n + 1}/{len(subs)} {sid}")
     for p in sorted(Path(labelmap_dir).glob("training_seg_*.nii.gz"), reverse=reverse):
@@ -152,7 +158,7 @@ def load_cache(cache_dir: Path, kind: str, names: list[str] | None = None) -> di
         if names is not None and name not in names:
             continue
         z = np.load(p)
-        out[name] = {k: (z[k].astype(np.float32) if k == "image" else z[k].astype(np.int64)) for k in z.files}
+        out[name] = {k: (z[k].astype(np.int64) if k == "labels" else z[k].astype(np.float32)) for k in z.files}
     return out
 
 

@@ -56,7 +56,9 @@ def random_deformation(shape, g: torch.Generator, max_std_vox: float = 3.0, coar
     cshape = [max(2, n // coarse) for n in shape]
     v = torch.randn((1, 3, *cshape), generator=g) * std    # SVF, voxel units of the full grid
     half = tuple(max(2, n // 2) for n in shape)
-    disp = resize_disp(integrate_ss(resize_disp(v, half), 7), tuple(shape))   # integrate on the ½ grid (cheap)
+    to_half = torch.tensor([(h - 1) / max(n - 1, 1) for h, n in zip(half, shape)]).view(1, 3, 1, 1, 1)
+    v_half = resize_image(v, half) * to_half               # values: full-grid voxels → ½-grid voxels
+    disp = resize_disp(integrate_ss(v_half, 7), tuple(shape))   # integrate on the ½ grid (cheap), back to full
     if affine:
         aff = random_affine_disp(shape, g)
         disp = aff + warp(disp, aff)                      # x ↦ A(x) + u(A(x)): deformation, then affine (pull)

@@ -1,0 +1,309 @@
+"""Learned-method tests (VoxelMorph-diff, training pipeline, models registry). CPU, seconds, no shared data.
+
+Regenerate the stored-output fixture after publishing new bundled weights:
+    .venv/bin/python Testing/engine/test_learned_vxm.py --regen
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepdiffreg.errors import BadInput, MissingWeights
+from deepdiffreg.field import jacobian_det, warp
+from deepdiffreg.frames import Geometry
+from deepdiffreg.io import weights as W
+from deepdiffreg.losses import kl_laplacian
+from deepdiffreg.losses.kl import degree_map
+from deepdiffreg.methods.base import PairOnGrid
+from deepdiffreg.methods.refine import refine
+from deepdiffreg.nn.vxm_model import DEFAULT_CONFIG, build_net, training_step_loss, velocity_to_disp
+from deepdiffreg.train.datasets import MixedPairs
+from deepdiffreg.train.loop import TrainSettings, evaluate, publish, train
+from deepdiffreg.train.synth_data import SynthPairs
+
+FIXTURE = Path(__file__).with_name("test_learned_fixture.json")
+TINY = dict(DEFAULT_CONFIG, enc=[4, 8], dec=[8, 8, 4])
+
+
+def blob_labels(shape=(24, 24, 24), seed=0) -> np.ndarray:
+    """A small label map: nested ellipsoids plus two 'structures' (labels 1..4), deterministic."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    lab = np.zeros(shape, np.int64)
+    r = (z / 0.8) ** 2 + (y / 0.9) ** 2 + (x / 0.75) ** 2
+    lab[r < 1] = 1
+    lab[r < 0.5] = 2
+    c = rng.uniform(-0.2, 0.2, 3)
+    lab[((z - c[0]) ** 2 + (y - 0.3 - c[1]) ** 2 + (x - c[2]) ** 2) < 0.06] = 3
+    lab[((z + 0.3) ** 2 + (y + 0.3) ** 2 + (x + 0.2) ** 2) < 0.04] = 4
+    return lab
+
+
+def fixture_input(shape=(32, 32, 32)):
+    sp = SynthPairs([blob_labels(shape, 1), blob_labels(shape, 2)], seed=7, cross_prob=1.0)
+    return sp.pair(0)
+
+
+# --- losses ---------------------------------------------------------------------------------------------------
+
+def test_kl_matches_dense_laplacian_closed_form():
+    n, lam = 4, 7.0
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(1, 3, n, n, n, generator=g, dtype=torch.float64)
+    logvar = torch.randn(1, 3, n, n, n, generator=g, dtype=torch.float64) * 0.3 - 2
+    idx = np.arange(n ** 3).reshape(n, n, n)
+    a = np.zeros((n ** 3, n ** 3))
+    for ax in range(3):
+        s0 = [slice(None)] * 3
+        s1 = [slice(None)] * 3
+        s0[ax], s1[ax] = slice(0, n - 1), slice(1, n)
+        for i, j in zip(idx[tuple(s0)].ravel(), idx[tuple(s1)].ravel()):
+            a[i, j] = a[j, i] = 1
+    deg = a.sum(1)
+    lap = np.diag(deg) - a
+    m = mu[0].reshape(3, -1).numpy()
+    lv = logvar[0].reshape(3, -1).numpy()
+    sigma_term = np.mean(lam * deg[None] * np.exp(lv) - lv)
+    n_diffs = n * n * (n - 1) * 3                                # elements of one forward-difference array
+    prec = sum(m[c] @ lap @ m[c] for c in range(3)) / n_diffs * 0.5 / 3
+    expected = 1.5 * (sigma_term + lam * prec)
+    assert float(kl_laplacian(mu, logvar, lam)) == pytest.approx(expected, rel=1e-10)
+    assert torch.equal(degree_map((n, n, n))[0, 0].flatten(), torch.tensor(deg, dtype=torch.float32))
+
+
+def test_heads_start_at_identity_with_tiny_variance():
+    net = build_net(DEFAULT_CONFIG)
+    x = torch.rand(1, 1, 32, 32, 32)
+    mu, logvar = net(x, x)
+    assert mu.shape == (1, 3, 16, 16, 16) and logvar.shape == mu.shape
+    assert mu.abs().max() < 1e-2 and (logvar + 10).abs().max() < 1e-3
+    assert 250_000 < sum(p.numel() for p in net.parameters()) < 300_000   # legacy layout ≈ 266k
+    with pytest.raises(ValueError, match="divisible by 16"):
+        net(torch.rand(1, 1, 24, 32, 32), torch.rand(1, 1, 24, 32, 32))
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+def test_generator_yields_valid_reproducible_pairs_with_matching_labels():
+    lab = blob_labels()
+    sp = SynthPairs([lab, blob_labels(seed=3)], seed=5)
+    p, q = sp.pair(3), sp.pair(3)
+    assert all(torch.equal(p[k], q[k]) for k in p)
+    assert not torch.equal(sp.pair(4)["fixed"], p["fixed"])
+    for role in ("fixed", "moving"):
+        img, l = p[role], p[f"{role}_labels"]
+        assert img.shape == l.shape == (1, 1, 24, 24, 24) and img.dtype == torch.float32
+        assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0 and float(img.std()) > 0.05
+        assert set(torch.unique(l).tolist()) <= {0, 1, 2, 3, 4}
+        assert float(img[l == 0].mean()) < float(img[l > 0].mean())      # skull-stripped look: background dark
+        assert jacobian_det(p[f"disp_{role}"]).min() > 0                   # random deformations are diffeomorphic
+    # the labels are the label map warped by the returned deformation
+    src = [lab, blob_labels(seed=3)]
+    ok = [torch.equal(warp(torch.as_tensor(s)[None, None], p["disp_fixed"], mode="nearest"), p["fixed_labels"])
+          for s in src]
+    assert any(ok)
+
+
+def test_mixed_pairs_real_and_synthetic():
+    real = [{"image": np.random.default_rng(i).random((16, 16, 16)).astype(np.float32),
+             "labels": blob_labels((16, 16, 16), i)} for i in range(3)]
+    data = MixedPairs(real, [blob_labels((16, 16, 16))], seed=1, real_prob=0.5)
+    kinds = {data.sample(s)["kind"] for s in range(12)}
+    assert kinds == {"real-image", "synth"}
+    s = data.sample(0)
+    assert s["fixed"].shape == s["moving_labels"].shape == (1, 1, 16, 16, 16)
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+def test_tiny_model_trains_and_loss_goes_down(tmp_path):
+    lab = blob_labels((16, 16, 16))
+    sp = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False)
+    pair = sp.pair(0)
+
+    class One:
+        def sample(self, step):
+            return pair
+
+    cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
+    val = [dict(pair, name="p0")]
+    res = train(TrainSettings(out_dir=str(tmp_path / "run"), steps=40, lr=3e-3, val_every=20, model=cfg),
+                One(), val)
+    rows = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
+    assert len(rows) == 3 and res["step"] == 40
+    first, last = [float(r.split(",")[2]) for r in rows[1:]]
+    assert last < first                                                 # mean loss over steps 21-40 < 1-20
+    assert (tmp_path / "run" / "train_log.png").exists() and (tmp_path / "run" / "best.pt").exists()
+    # resume: continue to 50 steps from the checkpoint
+    res2 = train(TrainSettings(out_dir=str(tmp_path / "run"), steps=50, lr=3e-3, val_every=20, model=cfg),
+                 One(), val)
+    assert res2["step"] == 50
+    assert len((tmp_path / "run" / "train_log.csv").read_text().splitlines()) == 4
+    # publish into a models folder, then load through the registry with the hash check
+    entry = publish(tmp_path / "run", tmp_path / "models", "tiny-test", "0.0.1", {"data": "blobs"})
+    obj = W.load_weights({**entry, "path": str(tmp_path / "models" / entry["file"])})
+    assert obj["config"]["enc"] == [4, 8]
+    assert (tmp_path / "models" / "tiny-test.md").exists()
+
+
+def test_training_loss_decreases_on_fixed_pair_direct():
+    torch.manual_seed(0)
+    lab = blob_labels((16, 16, 16))
+    pair = SynthPairs([lab], seed=2, max_std_vox=1.5, affine=False).pair(0)
+    cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
+    net = build_net(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(30):
+        out = training_step_loss(net, pair["moving"], pair["fixed"], cfg, g)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        losses.append(float(out["recon"].detach()))
+    assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_refine_lowers_the_loss():
+    target = torch.linspace(0, 1, 10)
+    p, info = refine(torch.zeros(10), lambda v: ((v - target) ** 2).sum(), steps=50, lr=0.05)
+    assert info["refine_loss_end"] < info["refine_loss_start"] and info["refine_steps"] == 50
+    same, info0 = refine(torch.ones(3), lambda v: v.sum(), steps=0)
+    assert torch.equal(same, torch.ones(3)) and info0["refine_steps"] == 0
+
+
+# --- registry -------------------------------------------------------------------------------------------------
+
+def _bundled_vxm():
+    try:
+        return W.find_model(method="vxm-diff")
+    except MissingWeights:
+        pytest.skip("no bundled vxm-diff weights yet")
+
+
+def test_tampered_or_missing_weights_are_rejected(tmp_path, monkeypatch):
+    entry = _bundled_vxm()
+    folder = tmp_path / "bundled"
+    folder.mkdir()
+    shutil.copy(entry["path"], folder / entry["file"])
+    W.write_manifest(folder, [{k: v for k, v in entry.items() if k not in ("source", "path")}])
+    monkeypatch.setenv("DEEPDIFFREG_BUNDLED_MODELS", str(folder))
+    monkeypatch.setenv("DEEPDIFFREG_MODELS_DIR", str(tmp_path / "user"))
+    W.load_weights(W.find_model(entry["id"]))                     # intact: loads
+    data = bytearray((folder / entry["file"]).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / entry["file"]).write_bytes(bytes(data))
+    with pytest.raises(MissingWeights, match="sha256") as e:
+        W.load_weights(W.find_model(entry["id"]))
+    assert "\n" not in str(e.value)
+    (folder / entry["file"]).unlink()
+    with pytest.raises(MissingWeights, match="missing"):
+        W.load_weights(W.find_model(entry["id"]))
+    with pytest.raises(MissingWeights, match="no model"):
+        W.find_model("does-not-exist")
+
+
+def test_models_import_list_delete(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEEPDIFFREG_MODELS_DIR", str(tmp_path / "user"))
+    monkeypatch.setenv("DEEPDIFFREG_BUNDLED_MODELS", str(tmp_path / "none"))
+    f = tmp_path / "mine.pt"
+    W.save_weights(f, TINY, build_net(TINY).state_dict(), {"method": "vxm-diff", "id": "mine"})
+    from deepdiffreg.train.cli import main
+    assert main(["models", "import", str(f)]) == 0
+    assert (tmp_path / "user" / "mine.pt").exists()
+    assert [m["id"] for m in W.list_models()] == ["mine"]
+    W.load_weights(W.find_model(method="vxm-diff"))
+    assert main(["models", "list"]) == 0
+    assert main(["models", "delete", "mine"]) == 0
+    assert W.list_models() == [] and not (tmp_path / "user" / "mine.pt").exists()
+    assert main(["models", "delete", "mine"]) != 0                     # one-line error, nonzero exit
+    bad = tmp_path / "bad.pt"
+    torch.save({"x": object.__new__(Path)} if False else [1, 2], bad)
+    with pytest.raises(MissingWeights):
+        W.import_weights(bad)
+    with pytest.raises(BadInput):
+        W.import_weights(tmp_path / "nope.pt")
+
+
+# --- the method ------------------------------------------------------------------------------------------------
+
+def _stored_output(entry) -> dict:
+    obj = W.load_weights(entry)
+    net = build_net(obj["config"])
+    net.load_state_dict(obj["state_dict"])
+    net.eval()
+    p = fixture_input()
+    with torch.no_grad():
+        mu, logvar = net(p["moving"], p["fixed"])
+    disp = velocity_to_disp(mu, (32, 32, 32), 7)
+    return {"sha256": entry["sha256"], "mu_abs_mean": float(mu.abs().mean()), "mu_sum": float(mu.sum()),
+            "logvar_mean": float(logvar.mean()), "disp_abs_mean": float(disp.abs().mean()),
+            "mu_samples": [float(v) for v in mu.flatten()[::997][:12]]}
+
+
+def test_loaded_model_reproduces_stored_output():
+    entry = _bundled_vxm()
+    if not FIXTURE.exists():
+        pytest.skip("no stored fixture; run this file with --regen")
+    want = json.loads(FIXTURE.read_text())
+    assert want["sha256"] == entry["sha256"], "bundled weights changed: regenerate the fixture (--regen)"
+    got = _stored_output(entry)
+    for k in ("mu_abs_mean", "mu_sum", "logvar_mean", "disp_abs_mean"):
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-5), k
+    np.testing.assert_allclose(got["mu_samples"], want["mu_samples"], rtol=1e-4, atol=1e-5)
+
+
+def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
+    _bundled_vxm()
+    from deepdiffreg.methods.vxm_diff import VxmDiff
+    p = fixture_input((20, 24, 28))                                    # not a multiple of 16: padded inside
+    psr = (0, 0, -1, 1, 0, 0, 0, 1, 0)                                  # IXI-like sagittal direction
+    geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), psr, (28, 24, 20))
+    pair = PairOnGrid(p["fixed"], p["moving"], geom)
+    calls = []
+    est = VxmDiff(refine=3, uncertainty_samples=4).register(pair, torch.device("cpu"),
+                                                            lambda f, m: calls.append(f))
+    assert est.disp_vox.shape == est.inverse_disp_vox.shape == (1, 3, 20, 24, 28)
+    assert est.uncertainty.shape == (1, 1, 20, 24, 28) and float(est.uncertainty.min()) >= 0
+    assert torch.isfinite(est.disp_vox).all() and torch.isfinite(est.uncertainty).all()
+    assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
+    assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
+    assert calls[-1] == 1.0
+    # forward ∘ inverse ≈ identity (exp(v)∘exp(−v))
+    comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)
+    assert float(comp[:, :, 3:-3, 3:-3, 3:-3].abs().max()) < 0.5
+
+
+def test_vxm_diff_end_to_end_cli(tmp_path):
+    _bundled_vxm()
+    try:
+        from deepdiffreg import cli  # noqa: F401
+    except ImportError:
+        pytest.skip("the main CLI does not exist yet")
+    import SimpleITK as sitk
+    p = fixture_input((32, 32, 32))
+    for role in ("fixed", "moving"):
+        img = sitk.GetImageFromArray(p[role][0, 0].numpy())
+        img.SetSpacing((2.0, 2.0, 2.0))
+        sitk.WriteImage(img, str(tmp_path / f"{role}.nii.gz"))
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "deepdiffreg.cli", "register", "--method", "vxm-diff",
+                        "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz"),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and "unrecognized arguments" in r.stderr:
+        pytest.skip(f"CLI interface differs: {r.stderr.strip().splitlines()[-1]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "uncertainty.nii.gz").exists()
+    assert (out / "transform.h5").exists() and (out / "inverse.h5").exists()
+
+
+if __name__ == "__main__" and "--regen" in sys.argv:
+    FIXTURE.write_text(json.dumps(_stored_output(W.find_model(method="vxm-diff")), indent=1) + "\n")
+    print(f"wrote {FIXTURE}")
