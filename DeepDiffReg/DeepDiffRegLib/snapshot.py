@@ -46,7 +46,7 @@ def render_slice(sl, sn, background, foreground=None, fg_opacity: float = 0.4, o
     if fov_mm:
         sn.SetFieldOfView(fov_mm, fov_mm * h / w, sn.GetFieldOfView()[2])
     if center_ras is not None:
-        sn.JumpSliceByCentering(*center_ras)
+        sn.JumpSliceByOffsetting(*center_ras)  # through the point; the field of view stays on the volume
     sn.UpdateMatrices()
     sl.UpdateImageData()
     producer = sl.GetImageDataConnection().GetProducer()
@@ -142,7 +142,7 @@ def write_png(rgb: np.ndarray, path: str) -> None:
 
 
 def qa_snapshot(scene, app_logic, fixed, moving, result: "ddscene.ResultNodes", path: str | None = None,
-                size: int = 256, center_ras=None, jacobian_opacity: float = 0.45,
+                size: int = 256, center_ras=None, jacobian_opacity: float = 0.35,
                 grid_spacing_mm: float | None = None) -> np.ndarray:
     """Render the 3 x 3 QA panel from nodes already in ``scene`` (moving under ``result.transform``).
 
