@@ -44,6 +44,7 @@ class Reporter:
         self.stage_times: dict[str, float] = {}
         self._stage: str | None = None
         self._stage_t0 = self.t0
+        self._last_fraction = 0.0
 
     def _emit(self, obj: dict[str, Any]) -> None:
         if self.stream is None:
@@ -69,8 +70,9 @@ class Reporter:
             self._stage = None
 
     def progress(self, fraction: float, message: str = "", **extra: Any) -> None:
-        """Progress in [0, 1] of the whole run, tagged with the current stage."""
-        obj = {"event": "progress", "stage": self._stage or "", "progress": round(float(min(max(fraction, 0.0), 1.0)), 4),
+        """Progress in [0, 1] of the whole run, tagged with the current stage; never goes backwards."""
+        self._last_fraction = max(self._last_fraction, float(min(max(fraction, 0.0), 1.0)))
+        obj = {"event": "progress", "stage": self._stage or "", "progress": round(self._last_fraction, 4),
                "message": message, "elapsed_s": round(self.elapsed(), 2)}
         obj.update(extra)
         self._emit(obj)

@@ -2,19 +2,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def _box_sum(x: torch.Tensor, win: int) -> torch.Tensor:
-    """Sum over a win³ box around each voxel, zero padding (separable: three 1-D convolutions)."""
-    pad = win // 2
-    k = torch.ones(1, 1, win, device=x.device, dtype=x.dtype)
-    b, c, d, h, w = x.shape
-    y = x.reshape(b * c, 1, d, h, w)
-    y = F.conv3d(y, k.view(1, 1, win, 1, 1), padding=(pad, 0, 0))
-    y = F.conv3d(y, k.view(1, 1, 1, win, 1), padding=(0, pad, 0))
-    y = F.conv3d(y, k.view(1, 1, 1, 1, win), padding=(0, 0, pad))
-    return y.reshape(b, c, d, h, w)
+from ..field.filters import box_sum as _box_sum
 
 
 def local_ncc(fixed: torch.Tensor, moving: torch.Tensor, win: int = 9, eps: float = 1e-5,

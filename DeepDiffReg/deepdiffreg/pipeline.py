@@ -1,0 +1,292 @@
+"""register(): the one place where the stages of a registration run are strung together.
+
+load → check → initial alignment A → working grid (fixed box, method spacing) → method → field on the fixed
+grid in LPS mm, chained with A → Jacobian, grid, warped image, metrics → result directory (atomic).
+
+The written transform is T(x) = A(x + u(x)) for fixed-space points x (ITK resampling direction): the
+displacement T(x) − x sampled on the fixed image's own grid, in LPS mm. The inverse (when the method has one)
+is T⁻¹(y) = W⁻¹(A⁻¹(y)) on the moving image's own grid, with W⁻¹ the method's inverse field.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import __version__
+from .align import affine_matrix, initial_alignment, overlap_fraction
+from .errors import BadInput, DeviceUnavailable, OutOfMemory
+from .frames import Geometry, displacement_image, lps_from_vox_disp
+from .io import images
+from .io.result_writer import (FILES, AtomicResultDir, deformation_grid_polydata, write_displacement_transform,
+                               write_polydata_lps, write_report, write_scalar)
+from .methods.base import FieldEstimate, PairOnGrid, get_method
+from .metrics import dice_per_label, dice_summary, fold_stats, inverse_consistency_vox, jacobian_det_lps, tre_mm
+from .preprocess import foreground_mask, resample, robust_normalise, smooth_for_downsampling, working_grid
+from .progress import Reporter
+
+# Share of the progress bar each stage gets (the method's own loop dominates).
+_SPAN = {"load": (0.0, 0.03), "align": (0.03, 0.15), "preprocess": (0.15, 0.18), "register": (0.18, 0.9),
+         "write": (0.9, 1.0)}
+
+
+@dataclass
+class RegisterRequest:
+    fixed: str
+    moving: str
+    method: str
+    out_dir: str
+    device: str = "auto"
+    fixed_seg: str | None = None
+    moving_seg: str | None = None
+    fixed_landmarks: str | None = None
+    moving_landmarks: str | None = None
+    align: str = "affine"
+    spacing_mm: float | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+    grid_lines: int = 16
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cpu":
+        return torch.device("cpu")
+    if name in ("cuda", "gpu"):
+        if not torch.cuda.is_available():
+            built = "without CUDA" if torch.version.cuda is None else f"for CUDA {torch.version.cuda}"
+            raise DeviceUnavailable(f"CUDA was requested but no CUDA device is available (torch {torch.__version__} "
+                                    f"built {built}); use --device cpu or auto")
+        return torch.device("cuda")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    raise BadInput(f"unknown device {name!r}; use auto, cpu or cuda")
+
+
+def _span(reporter: Reporter, stage: str):
+    a, b = _SPAN[stage]
+    return lambda f, msg="": reporter.progress(a + (b - a) * min(max(f, 0.0), 1.0), msg)
+
+
+def _padded_field_transform(disp_lps: np.ndarray, geom: Geometry) -> sitk.DisplacementFieldTransform:
+    """DisplacementFieldTransform of a working-grid field padded by one edge-replicated voxel, so that points on
+    the fixed grid's outermost voxels (which lie exactly on the working grid's border) are inside it."""
+    padded = np.pad(disp_lps, ((1, 1), (1, 1), (1, 1), (0, 0)), mode="edge")
+    origin = np.asarray(geom.origin_lps) - geom.direction @ np.asarray(geom.spacing_ijk)
+    g = Geometry(tuple(origin), geom.spacing_ijk, geom.direction_lps, tuple(s + 2 for s in geom.size_ijk))
+    return sitk.DisplacementFieldTransform(sitk.Cast(displacement_image(padded, g), sitk.sitkVectorFloat64))
+
+
+def _sample_map(transforms: list[sitk.Transform], reference: sitk.Image) -> sitk.Image:
+    """T(x) − x on ``reference``'s grid for T = transforms[0] ∘ transforms[1] ∘ … (the last one is applied first)."""
+    comp = sitk.CompositeTransform(3)
+    for t in transforms:
+        comp.AddTransform(t)
+    f = sitk.TransformToDisplacementFieldFilter()
+    f.SetReferenceImage(reference)
+    f.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return f.Execute(comp)
+
+
+def _normalise_onto(image: sitk.Image, geom: Geometry, transform: sitk.Transform | None) -> np.ndarray:
+    """Anti-aliased resample onto the working grid, intensities scaled by the source image's own percentiles."""
+    arr = sitk.GetArrayViewFromImage(image)
+    fg = arr[arr > arr.min()]
+    lo, hi = np.percentile(fg if fg.size > 16 else arr, [0.5, 99.5])
+    src = smooth_for_downsampling(image, min(geom.spacing_ijk))
+    out = sitk.GetArrayFromImage(resample(src, geom, transform, default=float(lo)))
+    hi = hi if hi > lo else lo + 1.0
+    return ((np.clip(out, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    if device.type == "cuda":
+        out["gpu"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return out
+
+
+def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
+    """Run one registration and write its result directory. Returns the report (also in report.json)."""
+    reporter = reporter or Reporter(stream=None)
+    t_start = time.perf_counter()
+    method_cls = get_method(req.method)
+    if req.align not in ("affine", "rigid", "none"):
+        raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
+    device = resolve_device(req.device)
+    result_dir = AtomicResultDir(req.out_dir, overwrite=req.overwrite)
+    result_dir.check()  # fail before any work when the output place is unusable
+
+    # -- load ---------------------------------------------------------------------------------------------
+    reporter.stage("load", "reading images", _SPAN["load"][0])
+    reporter.info("device", device=device.type, torch=torch.__version__)
+    fixed = images.read_image(req.fixed, "fixed image")
+    moving = images.read_image(req.moving, "moving image")
+    images.check_intensities(fixed, "fixed image")
+    images.check_intensities(moving, "moving image")
+    fixed_seg = images.read_segmentation(req.fixed_seg, fixed, "fixed segmentation") if req.fixed_seg else None
+    moving_seg = images.read_segmentation(req.moving_seg, moving, "moving segmentation") if req.moving_seg else None
+    if (fixed_seg is None) != (moving_seg is None):
+        raise BadInput("give both --fixed-seg and --moving-seg, or neither")
+    if (req.fixed_landmarks is None) != (req.moving_landmarks is None):
+        raise BadInput("give both --fixed-landmarks and --moving-landmarks, or neither")
+    fixed_pts = moving_pts = None
+    if req.fixed_landmarks:
+        fixed_pts = images.read_landmarks(req.fixed_landmarks, "fixed landmarks")
+        moving_pts = images.read_landmarks(req.moving_landmarks, "moving landmarks")
+        if len(fixed_pts) != len(moving_pts):
+            raise BadInput(f"landmark files have different lengths: {len(fixed_pts)} fixed vs {len(moving_pts)} moving")
+    fixed_geom, moving_geom = Geometry.of(fixed), Geometry.of(moving)
+
+    # -- initial alignment --------------------------------------------------------------------------------
+    reporter.stage("align", f"initial alignment ({req.align})", _SPAN["align"][0])
+    if req.align == "none":
+        align_t = sitk.AffineTransform(3)
+    else:
+        align_t = initial_alignment(fixed, moving, req.align, progress=_span(reporter, "align"))
+    overlap = overlap_fraction(fixed, moving, align_t)
+    if overlap < 0.2:
+        hint = "" if req.align != "none" else " (initial alignment is off; try without --no-align)"
+        raise BadInput(f"fixed and moving images do not overlap (only {100 * overlap:.0f}% of the fixed image maps "
+                       f"into the moving image){hint}")
+
+    # -- working grid ---------------------------------------------------------------------------------------
+    reporter.stage("preprocess", "resampling onto the working grid", _SPAN["preprocess"][0])
+    spacing = req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing_mm
+    geom = working_grid(fixed, spacing)
+    fixed_w = _normalise_onto(fixed, geom, None)
+    moving_w = _normalise_onto(moving, geom, align_t)
+    fg_fixed = foreground_mask(fixed)
+    mask_w = sitk.GetArrayFromImage(resample(fg_fixed, geom, None, sitk.sitkNearestNeighbor))
+    to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
+    pair = PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, to_t(mask_w.astype(np.float32)))
+
+    # -- deformable registration ------------------------------------------------------------------------------
+    reporter.stage("register", f"{req.method} on a {'×'.join(map(str, geom.size_ijk))} grid "
+                               f"({'/'.join(f'{s:.2f}' for s in geom.spacing_ijk)} mm) on {device.type}",
+                   _SPAN["register"][0])
+    method = method_cls(**req.method_options)
+    try:
+        est: FieldEstimate = method.register(pair, device, _span(reporter, "register"))
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory during {req.method} on a "
+                          f"{'×'.join(map(str, geom.size_ijk))} grid; retry with --device cpu or a coarser --spacing"
+                          ) from e
+
+    # -- map to the fixed grid, chain A, derived outputs -------------------------------------------------------
+    reporter.stage("write", "writing results", _SPAN["write"][0])
+    disp_vox = est.disp_vox.detach().double().cpu()[0].numpy()
+    u_w_lps = lps_from_vox_disp(disp_vox, geom)
+    fwd_field_t = _padded_field_transform(u_w_lps, geom)
+    total_img = _sample_map([align_t, fwd_field_t], fixed)           # T = A ∘ W on the fixed grid
+    total = sitk.GetArrayFromImage(total_img)                         # (K, J, I, 3) LPS mm
+    det = jacobian_det_lps(total, fixed_geom)
+    fg_arr = sitk.GetArrayFromImage(fg_fixed)
+    folds = fold_stats(det, fg_arr)
+    inv_img = None
+    extra_info: dict[str, Any] = {}
+    if est.inverse_disp_vox is not None:
+        inv_lps = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), geom)
+        inv_img = _sample_map([_padded_field_transform(inv_lps, geom), align_t.GetInverse()], moving)
+        extra_info["inverse_consistency_working_grid"] = inverse_consistency_vox(
+            est.disp_vox.detach().double().cpu(), est.inverse_disp_vox.detach().double().cpu())
+    T = sitk.DisplacementFieldTransform(sitk.Image(total_img))
+    warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+    report: dict[str, Any] = {
+        "deepdiffreg_version": __version__,
+        "method": req.method,
+        "method_options": method.options,
+        "method_info": {**est.info, **extra_info},
+        "model": est.model,
+        "device": device.type + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "inputs": {"fixed": {"path": os.path.abspath(req.fixed), "geometry": fixed_geom.to_dict()},
+                   "moving": {"path": os.path.abspath(req.moving), "geometry": moving_geom.to_dict()},
+                   "fixed_seg": req.fixed_seg and os.path.abspath(req.fixed_seg),
+                   "moving_seg": req.moving_seg and os.path.abspath(req.moving_seg),
+                   "fixed_landmarks": req.fixed_landmarks and os.path.abspath(req.fixed_landmarks),
+                   "moving_landmarks": req.moving_landmarks and os.path.abspath(req.moving_landmarks)},
+        "preprocessing": {"working_grid": geom.to_dict(), "requested_spacing_mm": spacing,
+                          "normalisation": "clip to the 0.5–99.5 percentiles of each image's non-background voxels, "
+                                           "scale to [0, 1]; Gaussian anti-aliasing before downsampling",
+                          "foreground_mask": "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
+        "initial_alignment": {"mode": req.align, "matrix_lps": affine_matrix(align_t).round(6).tolist(),
+                              "overlap_fraction": round(overlap, 4)},
+        "transform_chain": "transform.h5 holds T(x) = A(x + u(x)) for fixed-space LPS points x (A: initial_alignment."
+                           "matrix_lps, u: the method's field), as one displacement field on the fixed grid; "
+                           "inverse.h5 holds T^-1 on the moving grid.",
+        "folds": folds,
+        "files": {},
+    }
+    warped_seg = None
+    if fixed_seg is not None:
+        f_lab = sitk.GetArrayFromImage(fixed_seg)
+        labels = sorted(set(np.unique(f_lab).tolist()) & set(np.unique(sitk.GetArrayFromImage(moving_seg)).tolist()) - {0})
+        ident = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+        aff = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, align_t, sitk.sitkNearestNeighbor, 0))
+        warped_seg = sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0)
+        after = sitk.GetArrayFromImage(warped_seg)
+        report["dice"] = {"labels": labels,
+                          "before": dice_summary(dice_per_label(f_lab, ident, labels)),
+                          "initial_alignment": dice_summary(dice_per_label(f_lab, aff, labels)),
+                          "after": dice_summary(dice_per_label(f_lab, after, labels))}
+    if fixed_pts is not None:
+        mapped = np.array([T.TransformPoint(tuple(p)) for p in fixed_pts])
+        affine_mapped = np.array([align_t.TransformPoint(tuple(p)) for p in fixed_pts])
+        report["tre_mm"] = {"definition": "|T(fixed landmark) − moving landmark| in mm",
+                            "before": tre_mm(fixed_pts, moving_pts),
+                            "initial_alignment": tre_mm(affine_mapped, moving_pts),
+                            "after": tre_mm(mapped, moving_pts)}
+
+    with result_dir as tmp:
+        p = lambda key: os.path.join(tmp, FILES[key])  # noqa: E731
+        write_displacement_transform(total_img, p("transform"))
+        report["files"]["transform"] = FILES["transform"]
+        if inv_img is not None:
+            write_displacement_transform(inv_img, p("inverse"))
+            report["files"]["inverse"] = FILES["inverse"]
+        write_scalar(det, fixed_geom, p("jacobian"))
+        report["files"]["jacobian"] = FILES["jacobian"]
+        sitk.WriteImage(warped, p("warped"), useCompression=True)
+        report["files"]["warped"] = FILES["warped"]
+        if warped_seg is not None:
+            sitk.WriteImage(warped_seg, p("warped_seg"), useCompression=True)
+            report["files"]["warped_seg"] = FILES["warped_seg"]
+        if est.uncertainty is not None:
+            unc = est.uncertainty.detach().double().cpu()[0, 0].numpy()
+            unc_img = geom.apply_to(sitk.GetImageFromArray(unc.astype(np.float32)))
+            write_scalar(sitk.GetArrayFromImage(resample(unc_img, fixed_geom)), fixed_geom, p("uncertainty"))
+            report["files"]["uncertainty"] = FILES["uncertainty"]
+        poly = deformation_grid_polydata(total, fixed_geom, det, lines_per_axis=req.grid_lines)
+        write_polydata_lps(poly, p("grid"))
+        report["files"]["grid"] = FILES["grid"]
+        reporter.end_stage()
+        report["timings_s"] = {k: round(v, 3) for k, v in reporter.stage_times.items()}
+        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+        report["peak_memory_mb"] = _peak_memory_mb(device)
+        write_report(report, p("report"))
+    return report
+
+
+def summary_of(report: dict) -> dict:
+    """The few numbers a person looks at first (printed by the CLI, shown by the Slicer panel)."""
+    s = {"method": report["method"], "device": report["device"], "seconds": report["timings_s"]["total"],
+         "percent_folded": round(report["folds"]["percent_folded"], 4), "min_det": round(report["folds"]["min_det"], 4)}
+    if "dice" in report:
+        s["dice_before"] = round(report["dice"]["before"]["mean"], 4)
+        s["dice_initial_alignment"] = round(report["dice"]["initial_alignment"]["mean"], 4)
+        s["dice_after"] = round(report["dice"]["after"]["mean"], 4)
+    if "tre_mm" in report:
+        s["tre_before_mm"] = round(report["tre_mm"]["before"]["mean"], 3)
+        s["tre_after_mm"] = round(report["tre_mm"]["after"]["mean"], 3)
+    return s

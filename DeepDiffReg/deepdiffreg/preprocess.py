@@ -1,0 +1,61 @@
+"""Preprocessing onto the working grid: grid choice, robust intensity normalisation, foreground masks."""
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+
+from .frames import Geometry
+
+
+def working_grid(fixed: sitk.Image, spacing_mm: float | None, min_size: int = 8) -> Geometry:
+    """A grid with the fixed image's direction that spans exactly the fixed image's box (first to last voxel
+    centre) at about ``spacing_mm`` (None: the fixed grid itself). Exact coverage means every fixed voxel lies
+    inside the working grid, so mapping a field back never extrapolates."""
+    g = Geometry.of(fixed)
+    if spacing_mm is None or spacing_mm <= 0:
+        return g
+    extent = g.physical_extent_mm()
+    size = np.maximum(np.round(extent / spacing_mm).astype(int) + 1, min_size)
+    size = np.minimum(size, np.asarray(g.size_ijk)) if spacing_mm < min(g.spacing_ijk) else size
+    spacing = np.where(size > 1, extent / np.maximum(size - 1, 1), spacing_mm)
+    return Geometry(g.origin_lps, tuple(float(s) for s in spacing), g.direction_lps, tuple(int(s) for s in size))
+
+
+def resample(image: sitk.Image, geom: Geometry, transform: sitk.Transform | None = None,
+             interpolator=sitk.sitkLinear, default: float = 0.0) -> sitk.Image:
+    """Pull ``image`` onto ``geom``: out(x) = image(transform(x)) (identity when transform is None)."""
+    t = transform if transform is not None else sitk.Transform(3, sitk.sitkIdentity)
+    return sitk.Resample(image, geom.reference_image(image.GetPixelID()), t, interpolator, default,
+                         image.GetPixelID())
+
+
+def smooth_for_downsampling(image: sitk.Image, target_spacing: float) -> sitk.Image:
+    """Gaussian anti-aliasing before resampling to a coarser grid (σ from the spacing ratio)."""
+    sigma = [max(0.0, (target_spacing ** 2 - s ** 2)) ** 0.5 / 2.355 for s in image.GetSpacing()]
+    if max(sigma) < 1e-3:
+        return image
+    # The recursive Gaussian needs σ > 0 on every axis; a σ of 1 % of a voxel leaves an axis as it is.
+    sigma = [max(sg, 0.01 * sp) for sg, sp in zip(sigma, image.GetSpacing())]
+    return sitk.SmoothingRecursiveGaussian(image, sigma)
+
+
+def robust_normalise(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
+    """Clip to percentiles of the non-background voxels and rescale to [0, 1] (float32)."""
+    vals = arr[arr > arr.min()]
+    if vals.size < 16:
+        vals = arr.ravel()
+    lo, hi = np.percentile(vals, [low_pct, high_pct])
+    if hi <= lo:
+        lo, hi = float(arr.min()), float(arr.max())
+    out = (np.clip(arr, lo, hi) - lo) / max(hi - lo, 1e-12)
+    return out.astype(np.float32)
+
+
+def foreground_mask(image: sitk.Image) -> sitk.Image:
+    """Rough foreground (Otsu on a lightly smoothed image, largest component, holes filled, dilated 2 voxels)."""
+    sm = sitk.SmoothingRecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), [max(image.GetSpacing())] * 3)
+    mask = sitk.OtsuThreshold(sm, 0, 1)
+    cc = sitk.RelabelComponent(sitk.ConnectedComponent(mask), sortByObjectSize=True)
+    mask = sitk.Cast(cc == 1, sitk.sitkUInt8)
+    mask = sitk.BinaryFillhole(mask)
+    return sitk.BinaryDilate(mask, [2, 2, 2])
