@@ -112,6 +112,49 @@ def _peak_memory_mb(device: torch.device) -> dict:
     return out
 
 
+def available_memory_mb(device: torch.device) -> float | None:
+    """Free memory on ``device`` in MB (None when it cannot be told)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return free / 2 ** 20
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    try:
+        import psutil
+        return psutil.virtual_memory().available / 2 ** 20
+    except ImportError:
+        return None
+
+
+# Bytes per fixed-grid voxel for the outputs (float64 field, Jacobian and its gradients, warped image, grid).
+_BYTES_PER_FIXED_VOXEL = 260
+
+
+def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int, ...], fixed_spacing: tuple[float, ...],
+                 spacing_mm: float | None, device: torch.device) -> dict:
+    """Estimate the peak memory of a run and refuse it up front (OutOfMemory) when it cannot fit."""
+    n_fixed, n_moving = float(np.prod(fixed_size)), float(np.prod(moving_size))
+    ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
+    n_work = n_fixed * ratio
+    host_mb = (n_fixed * _BYTES_PER_FIXED_VOXEL + n_moving * 40) / 2 ** 20
+    method_mb = n_work * method_cls.bytes_per_working_voxel / 2 ** 20
+    need = {"cpu": host_mb + (method_mb if device.type == "cpu" else 0.0)}
+    if device.type == "cuda":
+        need["gpu"] = method_mb
+    for where, mb in need.items():
+        avail = available_memory_mb(torch.device("cuda") if where == "gpu" else torch.device("cpu"))
+        if avail is not None and mb > avail:
+            raise OutOfMemory(f"this run needs about {mb / 1024:.1f} GB of {where.upper()} memory but only "
+                              f"{avail / 1024:.1f} GB is free (fixed image {'×'.join(map(str, fixed_size))}); crop the "
+                              f"images or use a coarser --spacing" + (" or --device cpu" if where == "gpu" else ""))
+    return {k: round(v, 1) for k, v in need.items()}
+
+
 def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     """Run one registration and write its result directory. Returns the report (also in report.json)."""
     reporter = reporter or Reporter(stream=None)
@@ -126,6 +169,10 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     # -- load ---------------------------------------------------------------------------------------------
     reporter.stage("load", "reading images", _SPAN["load"][0])
     reporter.info("device", device=device.type, torch=torch.__version__)
+    headers = images.read_header(req.fixed), images.read_header(req.moving)
+    if all(headers):  # refuse runs that cannot fit before reading the voxels
+        check_memory(method_cls, headers[0][0], headers[1][0], headers[0][1],
+                     req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device), device)
     fixed = images.read_image(req.fixed, "fixed image")
     moving = images.read_image(req.moving, "moving image")
     images.check_intensities(fixed, "fixed image")
@@ -158,7 +205,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
 
     # -- working grid ---------------------------------------------------------------------------------------
     reporter.stage("preprocess", "resampling onto the working grid", _SPAN["preprocess"][0])
-    spacing = req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing_mm
+    spacing = req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device)
     geom = working_grid(fixed, spacing)
     fixed_w = _normalise_onto(fixed, geom, None)
     moving_w = _normalise_onto(moving, geom, align_t)

@@ -43,6 +43,19 @@ def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.I
     return sitk.Cast(image, pixel)
 
 
+def read_header(path: str) -> tuple[tuple[int, ...], tuple[float, ...]] | None:
+    """(size, spacing) from the file header without reading voxels; None for folders or unknown formats."""
+    if not path or not os.path.isfile(path):
+        return None
+    try:
+        r = sitk.ImageFileReader()
+        r.SetFileName(path)
+        r.ReadImageInformation()
+        return tuple(r.GetSize()), tuple(r.GetSpacing())
+    except RuntimeError:
+        return None
+
+
 def check_intensities(image: sitk.Image, what: str) -> None:
     arr = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(arr).all():

@@ -109,7 +109,7 @@ def deformation_grid_polydata(disp_lps: np.ndarray, geom: Geometry, scalar: np.n
     points = vtk.vtkPoints()
     points.SetData(numpy_to_vtk(np.concatenate(pts).astype(np.float64), deep=True))
     lines = vtk.vtkCellArray()
-    lines.SetCells(len(cells), numpy_to_vtkIdTypeArray(np.concatenate(cells).astype(np.int64), deep=True))
+    lines.ImportLegacyFormat(numpy_to_vtkIdTypeArray(np.concatenate(cells).astype(np.int64), deep=True))
     poly = vtk.vtkPolyData()
     poly.SetPoints(points)
     poly.SetLines(lines)

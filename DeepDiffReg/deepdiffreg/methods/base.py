@@ -43,9 +43,11 @@ class Method:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""          # one line, shown in `deepdiffreg methods` and the Slicer panel
     learned: ClassVar[bool] = False          # needs weights from models/
-    default_spacing_mm: ClassVar[float] = 2.0  # working-grid spacing when the user gives none
+    default_spacing_mm: ClassVar[float] = 2.0  # working-grid spacing when the user gives none (CPU)
+    default_spacing_mm_gpu: ClassVar[float | None] = None  # finer default on a GPU (None: same as CPU)
     size_multiple: ClassVar[int] = 1         # working grid sizes are padded to a multiple of this (U-Nets: 16)
     has_inverse: ClassVar[bool] = True
+    bytes_per_working_voxel: ClassVar[int] = 1000  # peak memory of ``register`` per working-grid voxel (estimate)
 
     def __init__(self, **options: Any):
         self.options = options
@@ -57,6 +59,12 @@ class Method:
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {}
+
+    @classmethod
+    def default_spacing(cls, device: torch.device) -> float:
+        if device.type == "cuda" and cls.default_spacing_mm_gpu is not None:
+            return cls.default_spacing_mm_gpu
+        return cls.default_spacing_mm
 
     def register(self, pair: PairOnGrid, device: torch.device, progress: ProgressFn) -> FieldEstimate:
         raise NotImplementedError

@@ -58,7 +58,14 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
             unc = est.uncertainty[0, 0].numpy()[brain]
             mismatch = (wl != fl)[0, 0].numpy()[brain].astype(np.float64)
             interr = (warp(p["moving"], est.disp_vox) - p["fixed"]).abs()[0, 0].numpy()[brain]
+            dl = dice_per_label(fl, wl, labels)
+            unc_full = est.uncertainty[0, 0].numpy()
+            fl_np = fl[0, 0].numpy()
+            per = [(1.0 - dl[l], float(unc_full[fl_np == l].mean())) for l in labels if l in dl]
+            per_label_corr = _corr(np.array([a for a, _ in per]), np.array([b for _, b in per])) if len(per) > 2 \
+                else float("nan")
             rows.append({"pair": p["name"], "dice_affine": d0, "dice_after": d1,
+                         "corr_unc_per_label_1_minus_dice": per_label_corr,
                          "fold_pct_brain": 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
                          "folds": int((det <= 0).sum()), "seconds": round(sec, 2),
                          "unc_mean_mm": float(unc.mean()),
@@ -71,6 +78,7 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
     finally:
         vm.find_model, vm.load_weights = orig_find, orig_load
     keys = ["dice_affine", "dice_after", "fold_pct_brain", "seconds", "corr_unc_label_mismatch",
+            "corr_unc_per_label_1_minus_dice",
             "spearman_unc_abs_intensity_error"]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     ixi = [r for r in rows if r["pair"].startswith("ixi")]
