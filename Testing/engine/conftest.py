@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from synth import blank, from_array, image_from_labels, phantom_labels, points_lps, smooth_field_lps  # noqa: E402
+from synth import blank, from_array, phantom, points_lps, smooth_field_lps  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,15 +24,14 @@ def pair(tmp_path_factory):
     """
     d = tmp_path_factory.mktemp("pair")
     fixed = blank(size=(40, 44, 36), spacing=(1.5, 1.4, 1.6), origin=(-30.0, -31.0, -28.0))
-    p_f = points_lps(fixed)
-    lab_f = phantom_labels(p_f)
+    img_f, lab_f = phantom(points_lps(fixed), seed=0)
     moving = blank(size=(40, 44, 36), spacing=(1.5, 1.4, 1.6), origin=(-30.0, -31.0, -28.0))
     # Moving-space point y holds the fixed content at T⁻¹(y); sample labels of a phantom pushed by u.
     p_m = points_lps(moving)
     u_at_m = smooth_field_lps(p_m, amplitude=3.0)
-    lab_m = phantom_labels(p_m - u_at_m)  # first-order inverse of x ↦ x + u(x); u is small and smooth
+    img_m, lab_m = phantom(p_m - u_at_m, seed=1)  # first-order inverse of x ↦ x + u(x); u is small and smooth
     paths = {}
-    for name, arr, like in (("fixed", image_from_labels(lab_f, 0), fixed), ("moving", image_from_labels(lab_m, 1), moving)):
+    for name, arr, like in (("fixed", img_f, fixed), ("moving", img_m, moving)):
         paths[name] = str(d / f"{name}.nii.gz")
         sitk.WriteImage(from_array(arr, like), paths[name])
     for name, arr, like in (("fixed_seg", lab_f, fixed), ("moving_seg", lab_m, moving)):
@@ -47,11 +45,3 @@ def pair(tmp_path_factory):
             fh.write("Landmark,X,Y,Z\n" + "".join(f"{i},{x},{y},{z}\n" for i, (x, y, z) in enumerate(pts)))
     paths["dir"] = str(d)
     return paths
-
-
-def run_cli(*args, timeout=300, env=None):
-    """Run the installed console script (falls back to ``python -m deepdiffreg``)."""
-    exe = os.path.join(os.path.dirname(sys.executable), "deepdiffreg")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "deepdiffreg"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})

@@ -1,6 +1,10 @@
 """Small synthetic volumes for engine tests: oblique anisotropic grids, blob label maps, known smooth fields."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -54,6 +58,15 @@ def image_from_labels(lab: np.ndarray, seed: int = 0) -> np.ndarray:
     return img + rng.normal(0, 2.0, img.shape).astype(np.float32)
 
 
+def phantom(p: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(image, labels) of the phantom at source coordinates ``p``: label intensities plus a smooth texture that
+    moves with the anatomy (so every region carries a registration signal), plus noise."""
+    lab = phantom_labels(p)
+    x, y, z = p[..., 0], p[..., 1], p[..., 2]
+    texture = 12.0 * np.sin(x / 3.0) * np.sin(y / 3.5) * np.cos(z / 4.0) * (lab > 0)
+    return image_from_labels(lab, seed) + texture.astype(np.float32), lab
+
+
 def smooth_field_lps(p: np.ndarray, amplitude: float = 3.0) -> np.ndarray:
     """A smooth, asymmetric displacement (K, J, I, 3) in LPS mm; every component differs, so permutations show."""
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
@@ -61,3 +74,11 @@ def smooth_field_lps(p: np.ndarray, amplitude: float = 3.0) -> np.ndarray:
                   0.6 * amplitude * np.cos(x / 10.0),
                   0.8 * amplitude * np.sin((x + y) / 13.0)], -1)
     return u
+
+
+def run_cli(*args, timeout=300, env=None):
+    """Run the installed console script (falls back to ``python -m deepdiffreg``)."""
+    exe = os.path.join(os.path.dirname(sys.executable), "deepdiffreg")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "deepdiffreg"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

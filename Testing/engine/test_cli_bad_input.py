@@ -7,10 +7,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import run_cli
 from deepdiffreg.progress import ExitCode
 
-from synth import blank, from_array
+from synth import run_cli, blank, from_array
 
 
 def _write(path, arr, like=None, spacing=None):
