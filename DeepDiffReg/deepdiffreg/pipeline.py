@@ -277,23 +277,9 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     }
     warped_seg = None
     if fixed_seg is not None:
-        f_lab = sitk.GetArrayFromImage(fixed_seg)
-        labels = sorted(set(np.unique(f_lab).tolist()) & set(np.unique(sitk.GetArrayFromImage(moving_seg)).tolist()) - {0})
-        ident = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-        aff = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, align_t, sitk.sitkNearestNeighbor, 0))
         warped_seg = sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0)
-        after = sitk.GetArrayFromImage(warped_seg)
-        report["dice"] = {"labels": labels,
-                          "before": dice_summary(dice_per_label(f_lab, ident, labels)),
-                          "initial_alignment": dice_summary(dice_per_label(f_lab, aff, labels)),
-                          "after": dice_summary(dice_per_label(f_lab, after, labels))}
-    if fixed_pts is not None:
-        mapped = np.array([T.TransformPoint(tuple(p)) for p in fixed_pts])
-        affine_mapped = np.array([align_t.TransformPoint(tuple(p)) for p in fixed_pts])
-        report["tre_mm"] = {"definition": "|T(fixed landmark) − moving landmark| in mm",
-                            "before": tre_mm(fixed_pts, moving_pts),
-                            "initial_alignment": tre_mm(affine_mapped, moving_pts),
-                            "after": tre_mm(mapped, moving_pts)}
+    report.update(evaluate_transforms({"before": sitk.Transform(), "initial_alignment": align_t, "after": T},
+                                      fixed, fixed_seg, moving_seg, fixed_pts, moving_pts))
 
     with result_dir as tmp:
         p = lambda key: os.path.join(tmp, FILES[key])  # noqa: E731
@@ -323,6 +309,29 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         report["peak_memory_mb"] = _peak_memory_mb(device)
         write_report(report, p("report"))
     return report
+
+
+def evaluate_transforms(transforms: dict[str, sitk.Transform], fixed: sitk.Image, fixed_seg: sitk.Image | None,
+                        moving_seg: sitk.Image | None, fixed_pts: np.ndarray | None,
+                        moving_pts: np.ndarray | None) -> dict:
+    """Dice (labels present in both segmentations) and landmark TRE for each named fixed → moving transform.
+
+    Returns {"dice": {"labels": [...], name: summary, ...}, "tre_mm": {name: ..., ...}} for what was given.
+    """
+    out: dict[str, Any] = {}
+    if fixed_seg is not None and moving_seg is not None:
+        f_lab = sitk.GetArrayFromImage(fixed_seg)
+        labels = sorted(set(np.unique(f_lab).tolist()) & set(np.unique(sitk.GetArrayFromImage(moving_seg)).tolist()) - {0})
+        out["dice"] = {"labels": labels}
+        for name, t in transforms.items():
+            warped = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, t, sitk.sitkNearestNeighbor, 0))
+            out["dice"][name] = dice_summary(dice_per_label(f_lab, warped, labels))
+    if fixed_pts is not None and moving_pts is not None:
+        out["tre_mm"] = {"definition": "|T(fixed landmark) − moving landmark| in mm"}
+        for name, t in transforms.items():
+            mapped = np.array([t.TransformPoint(tuple(float(c) for c in p)) for p in fixed_pts])
+            out["tre_mm"][name] = tre_mm(mapped, moving_pts)
+    return out
 
 
 def summary_of(report: dict) -> dict:

@@ -34,3 +34,13 @@ def test_nodeo_recovers_known_deformation(pair, tmp_path):
         assert (out / name).exists(), name
     det = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
     assert det.shape == inside.shape and abs(float(np.median(det)) - 1.0) < 0.1
+
+    # `deepdiffreg evaluate` on the written transform reproduces the report's numbers (one metric implementation).
+    ev = run_cli("evaluate", "--transform", out / "transform.h5", "--fixed", pair["fixed"], "--moving", pair["moving"],
+                 "--fixed-seg", pair["fixed_seg"], "--moving-seg", pair["moving_seg"],
+                 "--fixed-landmarks", pair["fixed_landmarks"], "--moving-landmarks", pair["moving_landmarks"])
+    assert ev.returncode == 0, ev.stderr
+    got = json.loads(ev.stdout)
+    assert abs(got["dice"]["transform"]["mean"] - dice["after"]["mean"]) < 1e-9
+    assert abs(got["tre_mm"]["transform"]["mean"] - report["tre_mm"]["after"]["mean"]) < 1e-9
+    assert abs(got["folds"]["percent_folded"] - report["folds"]["percent_folded"]) < 1e-9
