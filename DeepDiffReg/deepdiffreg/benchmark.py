@@ -200,7 +200,7 @@ def _synth_pair(data: Path, work: Path, fixed_n: int = 15, moving_n: int = 16) -
         lab2 = sitk.GetImageFromArray(arr)
         lab2.CopyInformation(lab)
         labs[role] = lab2
-    # one common box: the union of both brains' bounding boxes (LPS mm), centred, size 160 × 192 × 224 (x, y, z)
+    # one common box around the union of both brains' bounding boxes (LPS mm), 160 × 224 × 192 (x, y, z)
     lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
     for lab in labs.values():
         idx = np.argwhere(sitk.GetArrayFromImage(lab) > 0)[:, ::-1]   # (i, j, k)
@@ -210,7 +210,10 @@ def _synth_pair(data: Path, work: Path, fixed_n: int = 15, moving_n: int = 16) -
     size = np.array([160, 224, 192])     # L-R, A-P, S-I: about 160 × 192 × 224 voxels at 1 mm
     ref = sitk.Image(size.tolist(), sitk.sitkInt16)
     ref.SetSpacing([1.0, 1.0, 1.0])
-    ref.SetOrigin((np.round((lo + hi) / 2) - (size - 1) / 2.0).tolist())
+    origin = (lo + hi) / 2 - (size - 1) / 2.0
+    origin[2] = hi[2] + 2.0 - (size[2] - 1)          # S-I: keep the top of the brain, cut the lower brainstem
+    lattice = np.asarray(labs["fixed"].GetOrigin())  # on the fixed label map's voxel lattice (exact for it)
+    ref.SetOrigin((lattice + np.round(origin - lattice)).tolist())
     rng = np.random.default_rng(1516)
     all_labels = sorted(set().union(*[np.unique(sitk.GetArrayFromImage(l)).tolist() for l in labs.values()]) - {0})
     means = {lab: float(_T1_MEANS.get(lab, rng.uniform(40, 110))) for lab in all_labels}
@@ -234,7 +237,8 @@ def _synth_pair(data: Path, work: Path, fixed_n: int = 15, moving_n: int = 16) -
                     & set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(files["moving_seg"])))).tolist()) - {0})
     desc = (f"T1-like images synthesised from SynthSeg label maps {fixed_n} (fixed) and {moving_n} (moving): fixed "
             f"per-label intensities, Gaussian blur σ 0.7 mm, noise σ 3 (WM 110), labels ≥ 100 dropped, background 0, "
-            f"both resampled (nearest neighbour) into one common 1 mm box {size[0]}×{size[1]}×{size[2]}; "
+            f"both resampled (nearest neighbour) into one common 1 mm box {size[0]}×{size[1]}×{size[2]} (L-R × A-P × S-I, "
+            f"centred on the union of the two brains, top kept, lower brainstem cut); "
             f"{len(common)} common labels")
     (d / "pair.json").write_text(json.dumps({"description": desc, "means": means}, indent=1))
     out.update({k: str(v) for k, v in files.items()})
