@@ -67,11 +67,12 @@ def run_train(args) -> int:
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
     if args.publish:
         entry = publish(Path(args.out), Path(args.models_dir) if args.models_dir else bundled_dir(), args.publish,
-                        args.version, {"data": f"{len(real)} IXI T1 (affine-aligned, skull-stripped) + "
-                                               f"{len(maps)} SynthSeg label maps (synthetic contrasts)",
+                        args.version, {"data": f"{len(real)} IXI T1 (affine-aligned; skull-stripped and whole "
+                                               f"head) + {len(maps)} SynthSeg label maps (synthetic contrasts); "
+                                               f"validation: 10 held-out IXI subjects, label maps 15/16",
                                        "real_prob": args.real_prob, "head_prob": args.head_prob,
                                        "dice_weight": args.dice_weight, "lr": args.lr, "seed": args.seed,
-                                       "init": args.init})
+                                       "init": Path(args.init).name if args.init else None})
         print(json.dumps(entry))
     print(json.dumps(res))
     return 0

@@ -204,8 +204,8 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
              "input_grid": {"spacing_mm": config.get("spacing_mm", 2.0), "size_multiple": 2 ** len(config["enc"]),
                             "orientation": "LPS-aligned array axes (the method reorients internally)",
                             "train_shape_dhw": [80, 96, 80]},
-             "modality": "T1-weighted brain MRI, skull-stripped (mono-contrast pairs; trained with synthetic "
-                         "random-contrast label-map pairs as well)",
+             "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
+                         "on synthetic random-contrast label-map pairs)",
              "training": {**training, "steps": int(meta.get("step", 0))},
              "validation": {k: meta.get("val", {}).get(k) for k in ("val_dice", "val_dice_before", "val_fold_pct")},
              "licence": "Apache-2.0 (weights); trained on IXI (CC BY-SA 3.0, brain-development.org), DLMUSE "
