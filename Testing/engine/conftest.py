@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from synth import blank, from_array, phantom, points_lps, smooth_field_lps  # noqa: E402
+from synth import blank, from_array, phantom, points_lps, run_cli, smooth_field_lps  # noqa: E402,F401  (run_cli: re-exported for tests that import it from conftest)
 
 
 @pytest.fixture(scope="session")
