@@ -572,7 +572,7 @@ numbers of the run (per-point TRE, timings per stage, fold statistics, uncertain
     .venv/bin/deepdiffreg benchmark --data ../shared/data --work /tmp/ddr-bench
 
 **Pairs.** `ixi-1`, `ixi-2`: two pairs of real IXI T1 brains (2 mm, whole head, each in its own native space, not
-pre-aligned — the engine's affine initial alignment handles it) with their 148-label DLMUSE parcellations; all four
+pre-aligned — the engine's affine initial alignment handles it) with their DLMUSE parcellations (131–148 labels); all four
 subjects are held-out validation subjects of the learned methods (`deepdiffreg.train.real_data.split_ixi`).
 `synth-15-16`: T1-like images synthesised from the SynthSeg label maps 15 and 16 (kept out of training), built in the
 work folder. `brats-002`: the BraTS-Reg case BraTSReg_002 (T1, follow-up → pre-operative) with 6 landmark pairs.
@@ -585,11 +585,13 @@ training) may run at the same time.
 
 **Data and attribution.** IXI images: CC BY-SA 3.0, "IXI dataset, brain-development.org". DLMUSE segmentations of
 IXI (CBICA/NiChart_Project): LICENSE-SBIA (distributed with the data as `LICENSE-SBIA.md`). Label maps: SynthSeg
-repository (BBillot/SynthSeg, `data/training_label_maps`), Apache-2.0. BraTSReg_002: BraTS-Reg challenge data
-(Baheti et al., "The Brain Tumor Sequence Registration Challenge", arXiv:2112.06979), taken from the test data of
-the DIRAC repository (Mok & Chung, "Unsupervised Deformable Image Registration with Absent Correspondences in
-Pre-operative and Post-recurrence Brain Tumor MRI Scans", MICCAI 2022); used under the BraTS-Reg data terms. No
-image, label map or landmark file is stored in this repository.
+repository (BBillot/SynthSeg, `data/training_label_maps`), Apache-2.0. BraTSReg_002: data of the Brain Tumor
+Sequence Registration (BraTS-Reg) challenge (Baheti et al., "The Brain Tumor Sequence Registration (BraTS-Reg)
+Challenge: Establishing Correspondence Between Pre-Operative and Follow-up MRI Scans of Diffuse Glioma Patients",
+arXiv:2112.06979), as shipped in the test data of the DIRAC repository (cwmok/DIRAC; Mok & Chung, "Unsupervised
+Deformable Image Registration with Absent Correspondences in Pre-operative and Post-recurrence Brain Tumor MRI Scans",
+MICCAI 2022), used under the BraTS-Reg data terms with attribution. No image, label map or landmark file is stored in
+this repository; the synthesised pair is built in the work folder.
 """
 
 QUICK_HEADER = """# Quick benchmark (generated phantom)
