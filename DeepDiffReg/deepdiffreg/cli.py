@@ -31,7 +31,7 @@ def _add_register(sub) -> None:
     from .methods import load_all
     load_all()
     p = sub.add_parser("register", help="register a moving image to a fixed image",
-                       description="Register MOVING to FIXED and write transform.h5 (fixed→moving, LPS mm on the fixed "
+                       description="Register MOVING to FIXED and write transform.h5 (fixed->moving, LPS mm on the fixed "
                                    "grid), inverse.h5, jacobian.nii.gz, grid.vtk, warped.nii.gz and report.json to OUT.")
     p.add_argument("--fixed", required=True, help="fixed image (any SimpleITK format, or a DICOM folder)")
     p.add_argument("--moving", required=True, help="moving image")
@@ -42,13 +42,15 @@ def _add_register(sub) -> None:
     p.add_argument("--moving-seg", help="moving segmentation for Dice")
     p.add_argument("--fixed-landmarks", help="CSV of fixed landmarks (X,Y,Z in LPS mm) for TRE")
     p.add_argument("--moving-landmarks", help="CSV of corresponding moving landmarks")
+    p.add_argument("--fixed-mask", help="region of interest on the fixed grid (non-zero voxels): similarity is "
+                                        "measured inside it and fold statistics are reported for it")
     p.add_argument("--no-align", dest="align", action="store_const", const="none", default="affine",
                    help="skip the initial affine alignment (images already aligned)")
     p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"], help="initial alignment (default affine)")
     p.add_argument("--spacing", type=float, default=None, help="working-grid spacing in mm (default: the method's)")
     p.add_argument("--refine", type=int, default=None, help="test-time refinement steps for learned methods (default 0)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: cores − 1, at least 1, so the machine stays responsive)")
+                   help="CPU threads for torch (default: cores - 1, at least 1, so the machine stays responsive)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result directory")
     for cls in REGISTRY.values():
         cls.add_arguments(p)
@@ -72,6 +74,7 @@ def _cmd_register(args) -> int:
     req = RegisterRequest(fixed=args.fixed, moving=args.moving, method=args.method, out_dir=args.out,
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
+                          fixed_mask=args.fixed_mask,
                           align=args.align, spacing_mm=args.spacing, method_options=options, overwrite=args.overwrite)
     reporter = Reporter(sys.stdout)
     report = register(req, reporter)
@@ -79,12 +82,12 @@ def _cmd_register(args) -> int:
     out = os.path.abspath(args.out)
     reporter.result(out, os.path.join(out, "report.json"), s)
     lines = [f"Result: {out}", f"  {s['method']} on {s['device']}, {s['seconds']:.1f} s",
-             f"  folded voxels (det ≤ 0): {s['percent_folded']:.4f} %  (min det {s['min_det']:.3f})"]
+             f"  folded voxels (det <= 0): {s['percent_folded']:.4f} %  (min det {s['min_det']:.3f})"]
     if "dice_after" in s:
-        lines.append(f"  Dice: {s['dice_before']:.3f} before → {s['dice_initial_alignment']:.3f} after initial "
-                     f"alignment → {s['dice_after']:.3f} after {s['method']}")
+        lines.append(f"  Dice: {s['dice_before']:.3f} before -> {s['dice_initial_alignment']:.3f} after initial "
+                     f"alignment -> {s['dice_after']:.3f} after {s['method']}")
     if "tre_after_mm" in s:
-        lines.append(f"  TRE: {s['tre_before_mm']:.2f} mm before → {s['tre_after_mm']:.2f} mm after")
+        lines.append(f"  TRE: {s['tre_before_mm']:.2f} mm before -> {s['tre_after_mm']:.2f} mm after")
     reporter.text("\n".join(lines))
     return 0
 
@@ -137,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # never die on a console that cannot show a character
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError):
+            pass
     signal.signal(signal.SIGTERM, _cancel_handler)
     signal.signal(signal.SIGINT, _cancel_handler)
     debug = os.environ.get("DEEPDIFFREG_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -48,6 +48,7 @@ class RegisterRequest:
     moving_seg: str | None = None
     fixed_landmarks: str | None = None
     moving_landmarks: str | None = None
+    fixed_mask: str | None = None    # region of interest on the fixed grid: the similarity is computed inside it
     align: str = "affine"
     spacing_mm: float | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
@@ -150,7 +151,7 @@ def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int
         avail = available_memory_mb(torch.device("cuda") if where == "gpu" else torch.device("cpu"))
         if avail is not None and mb > avail:
             raise OutOfMemory(f"this run needs about {mb / 1024:.1f} GB of {where.upper()} memory but only "
-                              f"{avail / 1024:.1f} GB is free (fixed image {'×'.join(map(str, fixed_size))}); crop the "
+                              f"{avail / 1024:.1f} GB is free (fixed image {'x'.join(map(str, fixed_size))}); crop the "
                               f"images or use a coarser --spacing" + (" or --device cpu" if where == "gpu" else ""))
     return {k: round(v, 1) for k, v in need.items()}
 
@@ -190,6 +191,9 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         if len(fixed_pts) != len(moving_pts):
             raise BadInput(f"landmark files have different lengths: {len(fixed_pts)} fixed vs {len(moving_pts)} moving")
     fixed_geom, moving_geom = Geometry.of(fixed), Geometry.of(moving)
+    user_mask = images.read_segmentation(req.fixed_mask, fixed, "fixed mask") if req.fixed_mask else None
+    if user_mask is not None and not sitk.GetArrayViewFromImage(user_mask).any():
+        raise BadInput("fixed mask is empty")
 
     # -- initial alignment --------------------------------------------------------------------------------
     reporter.stage("align", f"initial alignment ({req.align})", _SPAN["align"][0])
@@ -209,13 +213,17 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     geom = working_grid(fixed, spacing)
     fixed_w = _normalise_onto(fixed, geom, None)
     moving_w = _normalise_onto(moving, geom, align_t)
-    fg_fixed = foreground_mask(fixed)
-    mask_w = sitk.GetArrayFromImage(resample(fg_fixed, geom, None, sitk.sitkNearestNeighbor))
+    # The user's mask restricts the similarity; without one the methods use the whole grid, and the automatic
+    # foreground (Otsu) only serves the fold statistics.
+    fg_fixed = sitk.Cast(user_mask > 0, sitk.sitkUInt8) if user_mask is not None else foreground_mask(fixed)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
-    pair = PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, to_t(mask_w.astype(np.float32)))
+    mask_w = None
+    if user_mask is not None:
+        mask_w = to_t(sitk.GetArrayFromImage(resample(fg_fixed, geom, None, sitk.sitkNearestNeighbor)).astype(np.float32))
+    pair = PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, mask_w)
 
     # -- deformable registration ------------------------------------------------------------------------------
-    reporter.stage("register", f"{req.method} on a {'×'.join(map(str, geom.size_ijk))} grid "
+    reporter.stage("register", f"{req.method} on a {'x'.join(map(str, geom.size_ijk))} grid "
                                f"({'/'.join(f'{s:.2f}' for s in geom.spacing_ijk)} mm) on {device.type}",
                    _SPAN["register"][0])
     method = method_cls(**req.method_options)
@@ -225,7 +233,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise OutOfMemory(f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory during {req.method} on a "
-                          f"{'×'.join(map(str, geom.size_ijk))} grid; retry with --device cpu or a coarser --spacing"
+                          f"{'x'.join(map(str, geom.size_ijk))} grid; retry with --device cpu or a coarser --spacing"
                           ) from e
 
     # -- map to the fixed grid, chain A, derived outputs -------------------------------------------------------
@@ -266,7 +274,9 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         "preprocessing": {"working_grid": geom.to_dict(), "requested_spacing_mm": spacing,
                           "normalisation": "clip to the 0.5–99.5 percentiles of each image's non-background voxels, "
                                            "scale to [0, 1]; Gaussian anti-aliasing before downsampling",
-                          "foreground_mask": "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
+                          "fixed_mask": req.fixed_mask and os.path.abspath(req.fixed_mask),
+                          "foreground_for_fold_statistics": "the fixed mask" if user_mask is not None else
+                          "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
         "initial_alignment": {"mode": req.align, "matrix_lps": affine_matrix(align_t).round(6).tolist(),
                               "overlap_fraction": round(overlap, 4)},
         "transform_chain": "transform.h5 holds T(x) = A(x + u(x)) for fixed-space LPS points x (A: initial_alignment."
@@ -327,7 +337,7 @@ def evaluate_transforms(transforms: dict[str, sitk.Transform], fixed: sitk.Image
             warped = sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, t, sitk.sitkNearestNeighbor, 0))
             out["dice"][name] = dice_summary(dice_per_label(f_lab, warped, labels))
     if fixed_pts is not None and moving_pts is not None:
-        out["tre_mm"] = {"definition": "|T(fixed landmark) − moving landmark| in mm"}
+        out["tre_mm"] = {"definition": "|T(fixed landmark) - moving landmark| in mm"}
         for name, t in transforms.items():
             mapped = np.array([t.TransformPoint(tuple(float(c) for c in p)) for p in fixed_pts])
             out["tre_mm"][name] = tre_mm(mapped, moving_pts)

@@ -80,5 +80,5 @@ def run_cli(*args, timeout=300, env=None):
     """Run the installed console script (falls back to ``python -m deepdiffreg``)."""
     exe = os.path.join(os.path.dirname(sys.executable), "deepdiffreg")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "deepdiffreg"]
-    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, encoding="utf-8", timeout=timeout,
                           env={**os.environ, **(env or {})})

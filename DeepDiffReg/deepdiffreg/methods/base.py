@@ -22,7 +22,7 @@ class PairOnGrid:
     fixed: torch.Tensor              # (1, 1, D, H, W) float32 in [0, 1], working grid
     moving: torch.Tensor             # (1, 1, D, H, W) float32 in [0, 1], moving resampled through the initial alignment
     geometry: Geometry               # the working grid (LPS), shared by fixed and moving
-    fixed_mask: torch.Tensor | None = None   # (1, 1, D, H, W) {0,1} foreground of the fixed image
+    fixed_mask: torch.Tensor | None = None   # (1, 1, D, H, W) {0,1} user's region of interest: similarity inside it
 
 
 @dataclass

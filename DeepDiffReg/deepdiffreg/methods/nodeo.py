@@ -126,7 +126,7 @@ class NODEO(Method):
         for it in range(o["iterations"]):
             disp, energy = flow()
             warped = warp(pair.moving, disp, padding="zeros")
-            l_sim = ncc_loss(pair.fixed, warped, win=ncc_win)
+            l_sim = ncc_loss(pair.fixed, warped, win=ncc_win, mask=pair.fixed_mask)
             l_jac = jacobian_penalty(disp, threshold=o["jacobian_threshold"], squared=True)
             l_smooth = gradient_l2(disp)
             loss = l_sim + o["lambda_jacobian"] * l_jac + o["lambda_velocity"] * energy + o["lambda_smooth"] * l_smooth
@@ -136,7 +136,7 @@ class NODEO(Method):
             if it % 10 == 0 or it == o["iterations"] - 1:
                 history.append({"iteration": it, "loss": float(loss.detach()), "ncc2": float(1 - l_sim.detach()),
                                 "jacobian": float(l_jac.detach())})
-                progress((it + 1) / o["iterations"], f"iteration {it + 1}/{o['iterations']}, local NCC² {1 - float(l_sim.detach()):.4f}")
+                progress((it + 1) / o["iterations"], f"iteration {it + 1}/{o['iterations']}, local NCC^2 {1 - float(l_sim.detach()):.4f}")
         with torch.no_grad():
             disp, _ = flow()
             inverse = invert_fixed_point(disp, iterations=30)
