@@ -35,18 +35,21 @@ class MethodInfo:
 # Mirrors `deepdiffreg methods --json` at the time of writing; refresh_from_engine() replaces it.
 STATIC_METHODS: list[MethodInfo] = [
     MethodInfo("nodeo", "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~1 min on CPU",
-               learned=False, default_spacing_mm=2.0),
+               learned=False, default_spacing_mm=3.0),
     MethodInfo("demons", "Diffeomorphic demons (SimpleITK), classical reference; CPU only",
                learned=False, default_spacing_mm=2.0),
+    MethodInfo("vxm-diff", "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with "
+               "uncertainty", learned=True, default_spacing_mm=2.0),
 ]
 
 DEFAULT_METHOD = "nodeo"
 
 # Presets: the simple choice shown first; the advanced (collapsed) options override them.
 PRESETS = {
-    "fast": {"label": "Fast (coarse, fewer iterations)", "spacing_mm": 3.0, "iterations": 100, "refine": 0},
-    "balanced": {"label": "Balanced (default)", "spacing_mm": 2.0, "iterations": 0, "refine": 0},
-    "accurate": {"label": "Accurate (finer, slower)", "spacing_mm": 1.5, "iterations": 400, "refine": 20},
+    # spacing/iterations 0 = the engine's own default for the method and device (NODEO: 3 mm on CPU, 2 mm on GPU)
+    "fast": {"label": "Fast (coarse, fewer iterations)", "spacing_mm": 4.0, "iterations": 100, "refine": 0},
+    "balanced": {"label": "Balanced (default)", "spacing_mm": 0.0, "iterations": 0, "refine": 0},
+    "accurate": {"label": "Accurate (finer, slower)", "spacing_mm": 2.0, "iterations": 300, "refine": 50},
 }
 DEFAULT_PRESET = "balanced"
 
