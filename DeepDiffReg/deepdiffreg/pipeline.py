@@ -29,7 +29,8 @@ from .io.result_writer import (FILES, AtomicResultDir, deformation_grid_polydata
                                write_polydata_lps, write_report, write_scalar)
 from .methods.base import FieldEstimate, PairOnGrid, get_method
 from .metrics import dice_per_label, dice_summary, fold_stats, inverse_consistency_vox, jacobian_det_lps, tre_mm
-from .preprocess import foreground_mask, resample, robust_normalise, smooth_for_downsampling, working_grid
+from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
+                         working_grid)
 from .progress import Reporter
 
 # Share of the progress bar each stage gets (the method's own loop dominates).
@@ -96,14 +97,11 @@ def _sample_map(transforms: list[sitk.Transform], reference: sitk.Image) -> sitk
 
 
 def _normalise_onto(image: sitk.Image, geom: Geometry, transform: sitk.Transform | None) -> np.ndarray:
-    """Anti-aliased resample onto the working grid, intensities scaled by the source image's own percentiles."""
-    arr = sitk.GetArrayViewFromImage(image)
-    fg = arr[arr > arr.min()]
-    lo, hi = np.percentile(fg if fg.size > 16 else arr, [0.5, 99.5])
+    """Anti-aliased resample onto the working grid, intensities scaled by the source image's own percentiles
+    (taken before resampling, so the zeros outside the moving field of view do not shift them)."""
+    window = intensity_window(sitk.GetArrayViewFromImage(image))
     src = smooth_for_downsampling(image, min(geom.spacing_ijk))
-    out = sitk.GetArrayFromImage(resample(src, geom, transform, default=float(lo)))
-    hi = hi if hi > lo else lo + 1.0
-    return ((np.clip(out, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    return robust_normalise(sitk.GetArrayFromImage(resample(src, geom, transform, default=window[0])), window)
 
 
 def _peak_memory_mb(device: torch.device) -> dict:

@@ -39,16 +39,21 @@ def smooth_for_downsampling(image: sitk.Image, target_spacing: float) -> sitk.Im
     return sitk.SmoothingRecursiveGaussian(image, sigma)
 
 
-def robust_normalise(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """Clip to percentiles of the non-background voxels and rescale to [0, 1] (float32)."""
+def intensity_window(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[float, float]:
+    """(lo, hi) percentiles of the non-background voxels (all voxels when nearly everything is background)."""
     vals = arr[arr > arr.min()]
     if vals.size < 16:
         vals = arr.ravel()
-    lo, hi = np.percentile(vals, [low_pct, high_pct])
+    lo, hi = (float(v) for v in np.percentile(vals, [low_pct, high_pct]))
     if hi <= lo:
         lo, hi = float(arr.min()), float(arr.max())
-    out = (np.clip(arr, lo, hi) - lo) / max(hi - lo, 1e-12)
-    return out.astype(np.float32)
+    return lo, hi
+
+
+def robust_normalise(arr: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Clip to ``window`` (default: ``intensity_window(arr)``) and rescale to [0, 1] (float32)."""
+    lo, hi = window if window is not None else intensity_window(arr)
+    return ((np.clip(arr, lo, hi) - lo) / max(hi - lo, 1e-12)).astype(np.float32)
 
 
 def foreground_mask(image: sitk.Image) -> sitk.Image:
