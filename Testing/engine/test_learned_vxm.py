@@ -278,7 +278,8 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert calls[-1] == 1.0
     # forward ∘ inverse ≈ identity (exp(v)∘exp(−v))
     comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)
-    assert float(comp[:, :, 3:-3, 3:-3, 3:-3].abs().max()) < 0.5
+    inner = comp[:, :, 3:-3, 3:-3, 3:-3].abs()
+    assert float(inner.mean()) < 0.1 and float(inner.max()) < 1.0
 
 
 def test_vxm_diff_end_to_end_cli(tmp_path):

@@ -4,11 +4,13 @@
 What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field/):
 - orientation: the network was trained on LPS-aligned arrays; the working grid keeps the fixed image's direction,
   so the pair is permuted/flipped to the nearest LPS axis order and the field is mapped back;
-- padding of the grid to a multiple of 16 (edge replicate... zeros, as the skull-stripped training images) and
-  cropping the field back;
+- the pair is resampled (same box) to the nearest grid whose sizes are multiples of 16; the field is resized back
+  (values rescaled), cheaper than zero padding (81×97×113 → 80×96×112, not 96×112×128);
 - inverse = exp(−μ) on the same grid;
-- uncertainty: ``--vxm-uncertainty-samples`` S velocity samples z_s = μ + exp(logvar/2)·ε are integrated; the map is
-  the square root of the trace of the sample covariance of the displacement, in mm (√Σ_c var(u_c)·spacing_c²);
+- uncertainty: ``--vxm-uncertainty-samples`` S (8) velocity samples z_s = μ + exp(logvar/2)·ε are integrated on the
+  velocity grid; the map is the square root of the trace of the sample covariance of the displacement, in mm
+  (√Σ_c var(u_c)·mm_c²), resized to the working grid. S = 0: the same with the velocity posterior variance
+  exp(logvar) instead of sampling (no integration);
 - ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL).
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..field import warp
+from ..field import integrate_ss, resize_image, warp
 from ..io.weights import find_model, load_weights
 from ..losses.kl import laplacian_prec, recon_mse
 from ..nn.vxm_model import build_net, velocity_to_disp
@@ -63,6 +65,11 @@ def disp_from_canonical(u: torch.Tensor, src: list[int], flip: list[bool]) -> to
     return u[:, inv]                              # channel w = displacement along working axis w
 
 
+def net_grid_shape(shape, m: int) -> tuple[int, int, int]:
+    """The nearest sizes that are multiples of m (at least m): the pair is resampled onto that grid (same box)."""
+    return tuple(max(m, int(round(n / m)) * m) for n in shape)
+
+
 def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int]]:
     """Zero-pad (B, C, D, H, W) at the end of each axis up to a multiple of m; returns (padded, original shape)."""
     shape = list(x.shape[2:])
@@ -87,19 +94,19 @@ class VxmDiff(Method):
         g.add_argument("--vxm-model", default=None, help="model id from `deepdiffreg models list` "
                                                          "(default: the newest vxm-diff model)")
         g.add_argument("--vxm-int-steps", type=int, default=7, help="scaling-and-squaring steps (trained with 7)")
-        g.add_argument("--vxm-uncertainty-samples", type=int, default=16,
-                       help="velocity samples for the uncertainty map (0: no map)")
+        g.add_argument("--vxm-uncertainty-samples", type=int, default=8,
+                       help="velocity samples for the uncertainty map (0: the velocity posterior std, no sampling)")
         g.add_argument("--vxm-refine-lr", type=float, default=0.05, help="Adam step for --refine (½-grid voxels)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", 7),
-                "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", 16),
+                "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", 8),
                 "refine": int(getattr(args, "refine", 0) or 0), "refine_lr": getattr(args, "vxm_refine_lr", 0.05)}
 
     def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
-        o = {"model": None, "int_steps": 7, "uncertainty_samples": 16, "refine": 0, "refine_lr": 0.05,
+        o = {"model": None, "int_steps": 7, "uncertainty_samples": 8, "refine": 0, "refine_lr": 0.05,
              "seed": 0, **self.options}
         entry = find_model(o["model"], method=self.name)
         obj = load_weights(entry)
@@ -112,14 +119,14 @@ class VxmDiff(Method):
         src, flip = canonical_axes(pair.geometry.direction)
         f = to_canonical(pair.fixed.to(device, torch.float32), src, flip)
         m = to_canonical(pair.moving.to(device, torch.float32), src, flip)
-        fp, shape = pad_to_multiple(f, net.size_multiple)
-        mp, _ = pad_to_multiple(m, net.size_multiple)
-        pshape = tuple(fp.shape[2:])
+        shape = list(f.shape[2:])
+        pshape = net_grid_shape(shape, net.size_multiple)
+        fp, mp = resize_image(f, pshape), resize_image(m, pshape)   # same box, sizes a multiple of 16
         steps = int(o["int_steps"])
         with torch.no_grad():
             mu, logvar = net(mp, fp)
         progress(0.4, "network done")
-        info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "padded_grid": list(pshape),
+        info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "net_grid": list(pshape),
                                 "axes_to_canonical": {"src": src, "flip": flip}}
         if o["refine"] > 0:
             sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
@@ -132,29 +139,33 @@ class VxmDiff(Method):
                                progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
             info.update(rinfo)
         with torch.no_grad():
-            crop = (slice(None), slice(None), slice(0, shape[0]), slice(0, shape[1]), slice(0, shape[2]))
-            disp = velocity_to_disp(mu, pshape, steps)[crop]
-            inv = velocity_to_disp(-mu, pshape, steps)[crop]
-            unc = None
+            shape = tuple(shape)
+            disp = velocity_to_disp(mu, shape, steps)        # integrate on the ½ grid, resize to the working grid
+            inv = velocity_to_disp(-mu, shape, steps)
             ns = int(o["uncertainty_samples"])
+            std = torch.exp(0.5 * logvar)
             if ns > 0:
                 g = torch.Generator(device=device).manual_seed(int(o["seed"]))
-                std = torch.exp(0.5 * logvar)
-                s1 = torch.zeros_like(disp)
-                s2 = torch.zeros_like(disp)
+                u0 = integrate_ss(mu, steps)                   # samples are integrated on the ½ grid (cheap)
+                s1 = torch.zeros_like(u0)
+                s2 = torch.zeros_like(u0)
                 for _ in range(ns):
-                    z = mu + std * torch.randn(mu.shape, generator=g, device=device)
-                    u = velocity_to_disp(z, pshape, steps)[crop]
+                    u = integrate_ss(mu + std * torch.randn(mu.shape, generator=g, device=device), steps) - u0
                     s1 += u
                     s2 += u * u
-                var = (s2 / ns - (s1 / ns) ** 2).clamp_min(0)          # per component, canonical voxels²
-                sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=var.dtype, device=device)  # (k, j, i)
-                sp_c = sp[src].view(1, 3, 1, 1, 1)                       # spacing of each canonical axis
-                unc = torch.sqrt((var * sp_c ** 2).sum(1, keepdim=True))
-                unc = to_canonical_inverse_scalar(unc, src, flip)
+                var = (s2 / ns - (s1 / ns) ** 2).clamp_min(0)          # per component, ½-grid voxels²
                 info["uncertainty"] = (f"sqrt(trace of the displacement covariance) in mm over {ns} velocity "
-                                       f"samples z = mu + exp(logvar/2)*eps")
-                info["velocity_std_mean_halfgrid_vox"] = float(std.mean())
+                                       f"samples z = mu + exp(logvar/2)*eps (on the velocity grid, resized)")
+            else:
+                var = std * std
+                info["uncertainty"] = "sqrt(trace of the velocity posterior covariance exp(logvar)) in mm (no sampling)"
+            sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=var.dtype, device=device)  # (k, j, i)
+            half = mu.shape[2:]
+            # mm per ½-grid voxel along each canonical axis: working spacing × (n_work − 1)/(n_half − 1)
+            mm = torch.stack([sp[src[a]] * (shape[a] - 1) / max(half[a] - 1, 1) for a in range(3)])
+            unc = torch.sqrt((var * mm.view(1, 3, 1, 1, 1) ** 2).sum(1, keepdim=True))
+            unc = to_canonical_inverse_scalar(resize_image(unc, shape), src, flip)
+            info["velocity_std_mean_halfgrid_vox"] = float(std.mean())
         disp = disp_from_canonical(disp, src, flip)
         inv = disp_from_canonical(inv, src, flip)
         info["seconds"] = round(time.time() - t0, 3)

@@ -29,6 +29,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--real-prob", type=float, default=0.6, help="fraction of real IXI pairs (rest: synthetic)")
     p.add_argument("--head-prob", type=float, default=0.5,
                    help="fraction of real pairs shown whole-head (not skull-stripped), as the pipeline may feed them")
+    p.add_argument("--real-affine", type=float, default=2.0,
+                   help="scale of the random residual affine on real moving images (1: ±3°, ±3 %% scale, ±1.5 vox)")
     p.add_argument("--init", default=None, help="start a new run from these weights (a best.pt/last.pt/models file)")
     p.add_argument("--image-sigma", type=float, default=0.02)
     p.add_argument("--prior-lambda", type=float, default=20.0)
@@ -54,7 +56,8 @@ def run_train(args) -> int:
     cache = prepare_cache(Path(args.cache), data_root / "ixi", data_root / "labelmaps",
                           log=lambda s: print(s, file=sys.stderr))
     real, maps = training_sets(cache)
-    data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob)
+    data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob,
+                      real_affine=args.real_affine)
     val = validation_pairs(cache)
     model = dict(DEFAULT_CONFIG, image_sigma=args.image_sigma, prior_lambda=args.prior_lambda,
                  dice_weight=args.dice_weight, enc=[int(x) for x in args.enc.split(",")],
@@ -70,7 +73,7 @@ def run_train(args) -> int:
                         args.version, {"data": f"{len(real)} IXI T1 (affine-aligned; skull-stripped and whole "
                                                f"head) + {len(maps)} SynthSeg label maps (synthetic contrasts); "
                                                f"validation: 10 held-out IXI subjects, label maps 15/16",
-                                       "real_prob": args.real_prob, "head_prob": args.head_prob,
+                                       "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
                                        "dice_weight": args.dice_weight, "lr": args.lr, "seed": args.seed,
                                        "init": Path(args.init).name if args.init else None})
         print(json.dumps(entry))

@@ -17,10 +17,11 @@ class MixedPairs:
     pair from the label maps. Deterministic in (seed, step)."""
 
     def __init__(self, real: list[dict[str, np.ndarray]], label_maps: list[np.ndarray], seed: int = 0,
-                 real_prob: float = 0.5, head_prob: float = 0.5):
+                 real_prob: float = 0.5, head_prob: float = 0.5, real_affine: float = 1.0):
         self.real = [{k: torch.as_tensor(r[k])[None, None] for k in ("image", "labels", "head") if k in r}
                      for r in real]
         self.head_prob = head_prob if all("head" in r for r in self.real) else 0.0
+        self.real_affine = real_affine
         self.synth = SynthPairs(label_maps, seed=seed, max_std_vox=2.0) if label_maps else None
         self.seed, self.real_prob = seed, real_prob if label_maps else 1.0
         if len(self.real) < 2:
@@ -35,7 +36,8 @@ class MixedPairs:
             f, m = self.real[i], self.real[j]
             key = "head" if float(torch.rand((), generator=g)) < self.head_prob else "image"
             shape = tuple(f["image"].shape[2:])
-            aff = random_affine_disp(shape, g, rot_deg=3.0, scale=0.03, shear=0.01, trans_vox=1.5)
+            k = self.real_affine           # 1: ±3°, ±3 % scale, ±1 % shear, ±1.5 voxel
+            aff = random_affine_disp(shape, g, rot_deg=3.0 * k, scale=0.03 * k, shear=0.01 * k, trans_vox=1.5 * k)
             return {"fixed": f[key], "fixed_labels": f["labels"], "kind": f"real-{key}",
                     "moving": warp(m[key], aff), "moving_labels": warp(m["labels"], aff, mode="nearest")}
         p = self.synth.pair(step)
