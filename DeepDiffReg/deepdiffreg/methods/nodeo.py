@@ -84,6 +84,9 @@ class NODEO(Method):
         g.add_argument("--iterations", type=int, default=None, help=f"optimisation iterations (default {d['iterations']})")
         g.add_argument("--time-steps", type=int, default=None, help=f"Euler steps of the ODE (default {d['time_steps']})")
         g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d['lr']})")
+        g.add_argument("--step-size", type=float, default=None,
+                       help=f"Euler step h in normalised units; scales the velocity, so it acts like a learning rate "
+                            f"(default {d['step_size']})")
         g.add_argument("--ncc-window-mm", type=float, default=None, help=f"local NCC window, mm (default {d['ncc_window_mm']})")
         g.add_argument("--smoothing-mm", type=float, default=None, help=f"velocity box-smoothing width, mm (default {d['smoothing_mm']})")
         g.add_argument("--lambda-jacobian", type=float, default=None, help=f"weight of the Jacobian penalty (default {d['lambda_jacobian']})")
@@ -93,7 +96,7 @@ class NODEO(Method):
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict:
-        keys = ("iterations", "time_steps", "lr", "ncc_window_mm", "smoothing_mm", "lambda_jacobian",
+        keys = ("iterations", "time_steps", "lr", "step_size", "ncc_window_mm", "smoothing_mm", "lambda_jacobian",
                 "lambda_velocity", "lambda_smooth", "seed")
         return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
 
