@@ -35,6 +35,13 @@ def test_nodeo_recovers_known_deformation(pair, tmp_path):
     det = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "jacobian.nii.gz")))
     assert det.shape == inside.shape and abs(float(np.median(det)) - 1.0) < 0.1
 
+    # inverse.h5 (moving grid) undoes transform.h5: T(T⁻¹(y)) ≈ y inside the phantom
+    inv = sitk.ReadTransform(str(out / "inverse.h5"))
+    rng = np.random.default_rng(0)
+    ys = rng.uniform(-12, 12, size=(50, 3))
+    err_ic = [np.linalg.norm(np.array(t.TransformPoint(inv.TransformPoint(tuple(y)))) - y) for y in ys]
+    assert np.mean(err_ic) < 0.2 and np.max(err_ic) < 1.0, (np.mean(err_ic), np.max(err_ic))
+
     # `deepdiffreg evaluate` on the written transform reproduces the report's numbers (one metric implementation).
     ev = run_cli("evaluate", "--transform", out / "transform.h5", "--fixed", pair["fixed"], "--moving", pair["moving"],
                  "--fixed-seg", pair["fixed_seg"], "--moving-seg", pair["moving_seg"],
