@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_methods(sub)
     for modname, fn in ((".train.cli", "add_train_parser"), (".train.cli", "add_models_parser"),
                         (".benchmark", "add_benchmark_parser"), (".evaluate", "add_evaluate_parser"),
-                        (".demo", "add_demo_parser")):
+                        (".demo", "add_demo_parser"), (".apply", "add_apply_parser")):
         try:
             import importlib
             getattr(importlib.import_module(modname, __package__), fn)(sub)
