@@ -452,6 +452,12 @@ def _f(v, fmt="{:.3f}") -> str:
     return "—" if v is None or (isinstance(v, float) and not np.isfinite(v)) else fmt.format(v)
 
 
+def _b(v, fmt="{:.3f}") -> str:
+    """Bold number, plain dash."""
+    t = _f(v, fmt)
+    return t if t == "—" else f"**{t}**"
+
+
 def _get(row, *keys):
     for k in keys:
         if not isinstance(row, dict) or k not in row:
@@ -501,6 +507,10 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
              f"processes with their default settings" + (" (reduced iterations: --quick)" if st["quick"] else "")
              + f"; `vxm-diff+refine` = `--method vxm-diff --refine {st['refine']}`"
              + (f"; `--threads {st['threads']}`" if st.get("threads") else "; threads: the engine's default") + ".")
+    models = {json.dumps(r["model"], sort_keys=True): r["model"] for r in result["runs"] if r.get("model")}
+    for m in models.values():
+        L.append(f"- **Model:** `{m.get('id')}` version {m.get('version')} (sha256 `{str(m.get('sha256'))[:12]}…`), "
+                 f"the weights in models/ at the time of the run.")
     L.append(f"- **Total benchmark time:** {result['total_s']:.0f} s.")
     for note in result.get("notes", []):
         L.append(f"- **Note:** {note}")
@@ -510,7 +520,7 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
         L.append(f"| {s['method']} | {s['pairs']} | {_f(s['dice_before'])} | {_f(s['dice_initial_alignment'])} | "
-                 f"**{_f(s['dice_after'])}** | {_f(s['tre_before_mm'], '{:.2f}')} | {_f(s['tre_after_mm'], '{:.2f}')} | "
+                 f"{_b(s['dice_after'])} | {_f(s['tre_before_mm'], '{:.2f}')} | {_b(s['tre_after_mm'], '{:.2f}')} | "
                  f"{_f(s['percent_folded'], '{:.4f}')} | {_f(s['std_log_det'], '{:.3f}')} | {_f(s['wall_s'], '{:.1f}')} | "
                  f"{_f(s['peak_memory_mb_max'], '{:.0f}')} | {_f(s['rho_label_mean'], '{:.3f}')} |")
     L += ["", "Dice means are over the pairs with labels, TRE over the pairs with landmarks, the rest over all pairs "
@@ -529,9 +539,9 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
                 continue
             d = lambda k: _get(r, "dice", k, "mean")  # noqa: E731
             t = lambda k: _get(r, "tre_mm", k, "mean")  # noqa: E731
-            L.append(f"| {r['method']} | {_f(d('before'))} | {_f(d('initial_alignment'))} | **{_f(d('after'))}** | "
+            L.append(f"| {r['method']} | {_f(d('before'))} | {_f(d('initial_alignment'))} | {_b(d('after'))} | "
                      f"{_f(t('before'), '{:.2f}')} | {_f(t('initial_alignment'), '{:.2f}')} | "
-                     f"**{_f(t('after'), '{:.2f}')}** | {_f(r['folds']['percent_folded'], '{:.4f}')} | "
+                     f"{_b(t('after'), '{:.2f}')} | {_f(r['folds']['percent_folded'], '{:.4f}')} | "
                      f"{_f(r['folds']['percent_folded_foreground'], '{:.4f}')} | {_f(r['folds']['std_log_det'])} | "
                      f"{r['wall_s']:.1f} | {_f(r['engine_s'], '{:.1f}')} | "
                      f"{_f(_get(r, 'peak_memory_mb', 'cpu'), '{:.0f}')} | {r['device']} | {r['threads']} |")
