@@ -67,6 +67,9 @@ def add_benchmark_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="passed to every register run (default: the engine's)")
     p.add_argument("--quick", action="store_true",
                    help="tiny self-contained benchmark on a generated phantom pair with few iterations (for tests)")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: rewrite the markdown --out from the JSON beside it (e.g. after editing the "
+                        "hand-written header above the marker line)")
     p.set_defaults(func=cmd_benchmark)
 
 
@@ -631,6 +634,14 @@ def _default_data() -> Path | None:
 
 def cmd_benchmark(args) -> int:
     t_start = time.perf_counter()
+    if args.render_only:
+        out = Path(args.out or Path("docs") / "benchmarks.md")
+        if not out.with_suffix(".json").exists():
+            raise BadInput(f"--render-only needs {out.with_suffix('.json')} (written by a benchmark run)")
+        result = json.loads(out.with_suffix(".json").read_text())
+        out.write_text(render_markdown(result, _header_for(out, bool(result["settings"].get("quick")))))
+        print(f"wrote {out} from {out.with_suffix('.json')}")
+        return 0
     methods = list(args.methods or (("nodeo", "demons") if args.quick else ALL_METHODS))
     for m in methods:
         if m not in ALL_METHODS:

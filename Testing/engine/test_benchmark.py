@@ -67,6 +67,19 @@ def test_quick_benchmark_writes_real_numbers(quick):
     assert re.search(r"\| nodeo \| 1 \| 0\.\d{3} \| 0\.\d{3} \| \*\*0\.\d{3}\*\*", summary)
 
 
+def test_render_only_keeps_numbers_and_the_edited_header(quick):
+    r, out = quick
+    assert r.returncode == 0
+    md = out.read_text()
+    head, body = md.split("<!-- everything below", 1)
+    out.write_text("# Edited header\n\nhand-written text\n\n<!-- everything below" + body)
+    r2 = run_cli("benchmark", "--render-only", "--out", out, timeout=60)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    again = out.read_text()
+    assert again.startswith("# Edited header") and "hand-written text" in again
+    assert again.split("<!-- everything below", 1)[1] == body
+
+
 def test_vxm_rows_skipped_with_a_note_without_weights(tmp_path):
     empty = tmp_path / "no-models"
     empty.mkdir()
