@@ -32,6 +32,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--real-affine", type=float, default=2.0,
                    help="scale of the random residual affine on real moving images (1: ±3°, ±3 %% scale, ±1.5 vox)")
     p.add_argument("--init", default=None, help="start a new run from these weights (a best.pt/last.pt/models file)")
+    p.add_argument("--init-steps", type=int, default=0, help="steps already behind --init (recorded in the manifest)")
     p.add_argument("--image-sigma", type=float, default=0.02)
     p.add_argument("--prior-lambda", type=float, default=20.0)
     p.add_argument("--dice-weight", type=float, default=0.0, help="optional semi-supervised Dice term weight")
@@ -75,7 +76,8 @@ def run_train(args) -> int:
                                                f"validation: 10 held-out IXI subjects, label maps 15/16",
                                        "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
                                        "dice_weight": args.dice_weight, "lr": args.lr, "seed": args.seed,
-                                       "init": Path(args.init).name if args.init else None})
+                                       "init": Path(args.init).name if args.init else None,
+                                       "steps_before_init": args.init_steps})
         print(json.dumps(entry))
     print(json.dumps(res))
     return 0

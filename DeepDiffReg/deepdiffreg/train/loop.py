@@ -206,7 +206,8 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
                             "train_shape_dhw": [80, 96, 80]},
              "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
                          "on synthetic random-contrast label-map pairs)",
-             "training": {**training, "steps": int(meta.get("step", 0))},
+             "training": {**training, "steps": int(meta.get("step", 0)) + int(training.get("steps_before_init", 0)),
+                          "steps_this_run": int(meta.get("step", 0))},
              "validation": {k: meta.get("val", {}).get(k) for k in ("val_dice", "val_dice_before", "val_fold_pct")},
              "licence": "Apache-2.0 (weights); trained on IXI (CC BY-SA 3.0, brain-development.org), DLMUSE "
                         "segmentations (LICENSE-SBIA) and SynthSeg label maps (Apache-2.0); see models/LICENSE.md",
