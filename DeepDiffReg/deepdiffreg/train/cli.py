@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_CACHE = Path.home() / ".cache" / "deepdiffreg" / "train"
+DEFAULT_CACHE = Path.home() / ".cache" / "deepdiffreg" / "train-v2"
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:

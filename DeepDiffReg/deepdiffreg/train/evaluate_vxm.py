@@ -90,7 +90,7 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("weights")
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "deepdiffreg" / "train2"))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "deepdiffreg" / "train-v2"))
     ap.add_argument("--refine", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)

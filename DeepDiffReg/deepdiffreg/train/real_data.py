@@ -24,6 +24,7 @@ SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"   # /work/share
 CANON_SHAPE = (80, 96, 80)       # (D, H, W) array order = (k, j, i)
 CANON_SPACING = 2.0
 N_VAL_IXI = 10
+CACHE_VERSION = 2                # 2: whole-head images and the affine parameters stored as well
 VAL_LABELMAPS = (15, 16)
 
 
@@ -101,8 +102,15 @@ def prepare_cache(cache_dir: Path, ixi_dir: Path = SHARED / "ixi", labelmap_dir:
     stats.Execute(sitk.Cast(ref_seg > 0, sitk.sitkUInt8))
     canon = _canon_reference(stats.GetCentroid(1))
     ref_mask_s = sitk.SmoothingRecursiveGaussian(sitk.Cast(ref_seg > 0, sitk.sitkFloat32), 2.0)
-    (cache_dir / "grid.json").write_text(json.dumps({"reference": ref_id, "origin_lps": canon.GetOrigin(),
-                                                     "spacing": CANON_SPACING, "shape_dhw": CANON_SHAPE}))
+    grid_file = cache_dir / "grid.json"
+    if grid_file.exists() and json.loads(grid_file.read_text()).get("version") != CACHE_VERSION:
+        from ..errors import BadInput
+        raise BadInput(f"training cache {cache_dir} was built by an older version; delete it or pass another --cache")
+    if not grid_file.exists() and any((cache_dir / "ixi").glob("*.npz")):
+        from ..errors import BadInput
+        raise BadInput(f"training cache {cache_dir} has no grid.json; delete it or pass another --cache")
+    grid_file.write_text(json.dumps({"version": CACHE_VERSION, "reference": ref_id, "origin_lps": canon.GetOrigin(),
+                                     "spacing": CANON_SPACING, "shape_dhw": CANON_SHAPE}))
     for n, sid in enumerate(subs[::-1] if reverse else subs):
         out = cache_dir / "ixi" / f"{sid}.npz"
         if out.exists():
@@ -164,5 +172,5 @@ def load_cache(cache_dir: Path, kind: str, names: list[str] | None = None) -> di
 
 if __name__ == "__main__":  # python -m deepdiffreg.train.real_data CACHE_DIR
     import sys
-    prepare_cache(Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache" / "deepdiffreg" / "train"),
+    prepare_cache(Path(sys.argv[1] if len(sys.argv) > 1 else Path.home() / ".cache" / "deepdiffreg" / "train-v2"),
                   reverse="--reverse" in sys.argv)
