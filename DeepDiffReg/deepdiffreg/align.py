@@ -37,14 +37,34 @@ def affine_matrix(t: sitk.AffineTransform) -> np.ndarray:
     return m
 
 
+def alignment_mask(fixed: sitk.Image, user_mask: sitk.Image | None, erode_mm: float) -> sitk.Image | None:
+    """Where the alignment metric is measured on the fixed image: the user's mask if given, else (when
+    ``erode_mm`` > 0) the automatic foreground eroded by ``erode_mm`` — which drops the scalp of whole-head scans,
+    so the affine fits the brain rather than a compromise with scalp and neck. None: everywhere."""
+    if user_mask is not None:
+        return sitk.Cast(user_mask > 0, sitk.sitkUInt8)
+    if erode_mm <= 0:
+        return None
+    from .preprocess import foreground_mask
+    radius = [max(1, int(round(erode_mm / s))) for s in fixed.GetSpacing()]
+    mask = sitk.BinaryErode(foreground_mask(fixed), radius)
+    return mask if sitk.GetArrayViewFromImage(mask).any() else None
+
+
 def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine", spacing_mm: float = 4.0,
-                      progress: Callable[[float, str], None] | None = None) -> sitk.AffineTransform:
-    """Moments initialisation, then rigid (and affine) Mattes-MI registration on coarse copies of both images."""
+                      progress: Callable[[float, str], None] | None = None,
+                      fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+    """Moments initialisation, then rigid (and affine) Mattes-MI registration on coarse copies of both images,
+    the metric measured inside ``fixed_mask`` (on the fixed grid) when one is given."""
     if mode == "none":
         return sitk.AffineTransform(3)
     report = progress or (lambda f, m: None)
     f_lo = resample(smooth_for_downsampling(fixed, spacing_mm), working_grid(fixed, spacing_mm))
     m_lo = resample(smooth_for_downsampling(moving, spacing_mm), working_grid(moving, spacing_mm))
+    mask_lo = None
+    if fixed_mask is not None:
+        mask_lo = resample(sitk.Cast(fixed_mask, sitk.sitkUInt8), working_grid(fixed, spacing_mm), None,
+                           sitk.sitkNearestNeighbor)
     init = sitk.CenteredTransformInitializer(f_lo, m_lo, sitk.Euler3DTransform(),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     stages: list[tuple[str, sitk.Transform]] = [("rigid", sitk.Euler3DTransform(init))]
@@ -62,6 +82,8 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine
         reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
         reg.SetMetricSamplingStrategy(reg.RANDOM)
         reg.SetMetricSamplingPercentage(0.25, seed=7)
+        if mask_lo is not None:
+            reg.SetMetricFixedMask(mask_lo)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(learningRate=2.0, minStep=1e-3, numberOfIterations=150,
                                                      relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6)

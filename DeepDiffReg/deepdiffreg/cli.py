@@ -47,6 +47,9 @@ def _add_register(sub) -> None:
     p.add_argument("--no-align", dest="align", action="store_const", const="none", default="affine",
                    help="skip the initial affine alignment (images already aligned)")
     p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"], help="initial alignment (default affine)")
+    p.add_argument("--align-erode-mm", type=float, default=0.0,
+                   help="whole-head scans: measure the initial alignment inside the head eroded by this many mm "
+                        "(e.g. 8), so scalp and neck do not pull the affine (default 0: the whole image)")
     p.add_argument("--spacing", type=float, default=None, help="working-grid spacing in mm (default: the method's)")
     p.add_argument("--refine", type=int, default=None, help="test-time refinement steps for learned methods (default 0)")
     p.add_argument("--threads", type=int, default=None,
@@ -74,7 +77,7 @@ def _cmd_register(args) -> int:
     req = RegisterRequest(fixed=args.fixed, moving=args.moving, method=args.method, out_dir=args.out,
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
-                          fixed_mask=args.fixed_mask,
+                          fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
                           align=args.align, spacing_mm=args.spacing, method_options=options, overwrite=args.overwrite)
     reporter = Reporter(sys.stdout)
     report = register(req, reporter)

@@ -61,3 +61,16 @@ def test_fixed_mask_is_used_and_reported(pair, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["preprocessing"]["fixed_mask"] == os.path.abspath(pair["fixed_seg"])
     assert report["preprocessing"]["foreground_for_fold_statistics"] == "the fixed mask"
+
+
+def test_alignment_mask_prefers_user_mask_and_erodes_the_head(pair):
+    from deepdiffreg.align import alignment_mask
+    from deepdiffreg.preprocess import foreground_mask
+    fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
+    seg = sitk.ReadImage(pair["fixed_seg"])
+    assert alignment_mask(fixed, None, 0.0) is None
+    user = alignment_mask(fixed, seg, 8.0)
+    assert np.array_equal(sitk.GetArrayFromImage(user), (sitk.GetArrayFromImage(seg) > 0).astype(np.uint8))
+    eroded = sitk.GetArrayFromImage(alignment_mask(fixed, None, 4.0))
+    full = sitk.GetArrayFromImage(foreground_mask(fixed))
+    assert 0 < eroded.sum() < full.sum() and not (eroded & ~full.astype(bool)).any()

@@ -1,6 +1,6 @@
 """Classical reference: SimpleITK's symmetric diffeomorphic demons, multi-resolution (no learning, no torch).
 
-Settings follow the peers table (docs/benchmarks.md): histogram matching, 3 levels of 100/60/30 iterations,
+Settings follow the classical-peers table of the project notes (shared docs, peers.md): histogram matching, 3 levels of 100/60/30 iterations,
 σ 1.5 voxels for the field smoothing, symmetric forces. The field is converted to the shared voxel convention,
 so it goes through the same writer, Jacobian and metrics as every other method.
 """
