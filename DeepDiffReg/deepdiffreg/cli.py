@@ -131,14 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     _add_register(sub)
     _add_methods(sub)
+    import importlib
     for modname, fn in ((".train.cli", "add_train_parser"), (".train.cli", "add_models_parser"),
                         (".benchmark", "add_benchmark_parser"), (".evaluate", "add_evaluate_parser"),
                         (".demo", "add_demo_parser"), (".apply", "add_apply_parser")):
         try:
-            import importlib
-            getattr(importlib.import_module(modname, __package__), fn)(sub)
-        except (ImportError, AttributeError):
-            pass  # optional subcommand not present in this build
+            module = importlib.import_module(modname, __package__)
+        except ModuleNotFoundError as e:  # only a subcommand module left out of this build is optional
+            if e.name != f"{__package__}{modname}":
+                raise
+            continue
+        getattr(module, fn)(sub)
     return parser
 
 
