@@ -150,3 +150,28 @@ def test_uncertainty_correlation_on_constructed_maps(tmp_path):
     write(((j < 8) & (fixed_lab > 0)).astype(np.float32) + 0.1, res / "u.nii.gz")
     bad = uncertainty_vs_error(pair, res, report)
     assert bad["rho_label"] < 0, bad
+
+
+def test_displacement_error_against_a_known_map(tmp_path):
+    """known-N pairs: the error of a result equal to the truth is 0; a shifted result is off by the shift."""
+    import SimpleITK as sitk
+
+    from deepdiffreg.benchmark import displacement_error
+    from deepdiffreg.frames import Geometry, displacement_image
+    from deepdiffreg.io.result_writer import write_displacement_transform
+
+    fixed = sitk.Image([12, 10, 8], sitk.sitkFloat32)
+    fixed.SetSpacing([1.5, 1.0, 2.0])
+    seg = sitk.Image([12, 10, 8], sitk.sitkInt16) + 1
+    seg.CopyInformation(fixed)
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(seg, str(tmp_path / "s.nii.gz"))
+    geom = Geometry.of(fixed)
+    u = np.random.default_rng(0).normal(0, 1, geom.shape_kji + (3,))
+    write_displacement_transform(displacement_image(u, geom), str(tmp_path / "true.h5"))
+    write_displacement_transform(displacement_image(u + [0.0, 3.0, 4.0], geom), str(tmp_path / "est.h5"))
+    pair = {"fixed": str(tmp_path / "f.nii.gz"), "fixed_seg": str(tmp_path / "s.nii.gz"),
+            "true_transform": str(tmp_path / "true.h5")}
+    same, _ = displacement_error(pair, tmp_path, {"files": {"transform": "true.h5"}})
+    off, err = displacement_error(pair, tmp_path, {"files": {"transform": "est.h5"}})
+    assert same["mean_mm"] < 1e-9 and abs(off["mean_mm"] - 5.0) < 1e-6 and err.shape == geom.shape_kji
