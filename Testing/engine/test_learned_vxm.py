@@ -330,3 +330,25 @@ def test_vxm_result_does_not_depend_on_the_array_orientation():
     back = disp_from_canonical(e1.disp_vox, src, flip)          # e1 is already canonical: map it to PSR order
     assert torch.allclose(e2.disp_vox, back, atol=1e-4)
     assert torch.allclose(e2.uncertainty, to_canonical_inverse_scalar(e1.uncertainty, src, flip), atol=1e-5)
+
+
+def test_unlabeled_folder_loader(tmp_path):
+    import SimpleITK as sitk
+    from deepdiffreg.train.real_data import load_cache, prepare_unlabeled
+    shape = (24, 28, 24)
+    lab = blob_labels(shape, 0)
+    ref = (lab * 40.0).astype(np.float32)
+    grid = {"version": 2, "reference": "ref", "origin_lps": [0.0, 0.0, 0.0], "spacing": 2.0, "shape_dhw": list(shape)}
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "grid.json").write_text(json.dumps(grid))
+    ref_img = sitk.GetImageFromArray(ref)
+    ref_img.SetSpacing((2.0, 2.0, 2.0))
+    (tmp_path / "in").mkdir()
+    mov = sitk.GetImageFromArray(np.roll(ref, 2, axis=2))
+    mov.SetSpacing((2.0, 2.0, 2.0))
+    sitk.WriteImage(mov, str(tmp_path / "in" / "subj_a.nii.gz"))
+    written = prepare_unlabeled(tmp_path / "cache", tmp_path / "in", reference=ref_img, log=lambda s: None)
+    assert [p.name for p in written] == ["subj_a.npz"]
+    img = load_cache(tmp_path / "cache", "unlabeled")["subj_a"]["image"]
+    assert img.shape == shape and 0 <= img.min() and img.max() <= 1.0
+    assert np.corrcoef(img.ravel(), ref.ravel())[0, 1] > 0.8             # realigned onto the reference

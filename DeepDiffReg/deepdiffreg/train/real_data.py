@@ -147,6 +147,38 @@ def prepare_cache(cache_dir: Path, ixi_dir: Path = SHARED / "ixi", labelmap_dir:
     return cache_dir
 
 
+def prepare_unlabeled(cache_dir: Path, folder: Path, reference: sitk.Image | None = None, log=print) -> list[Path]:
+    """Cache every image of an unlabeled folder (e.g. ../shared/data/oasis-unlabeled; assumed skull-stripped) on
+    the canonical grid of ``cache_dir`` (its grid.json): LPS-oriented, affinely registered (correlation) to
+    ``reference`` (default: the cache's reference IXI brain) and normalised like the pipeline. Written to
+    ``cache_dir/unlabeled/<name>.npz`` with key "image"; returns the written paths. Not yet in the training mix."""
+    cache_dir = Path(cache_dir)
+    grid = json.loads((cache_dir / "grid.json").read_text())
+    canon = sitk.Image([grid["shape_dhw"][2], grid["shape_dhw"][1], grid["shape_dhw"][0]], sitk.sitkFloat32)
+    canon.SetSpacing([grid["spacing"]] * 3)
+    canon.SetOrigin(tuple(grid["origin_lps"]))
+    if reference is None:
+        ref_img = sitk.GetImageFromArray(load_cache(cache_dir, "ixi", [grid["reference"]])[grid["reference"]]["image"])
+        reference = ref_img
+        reference.CopyInformation(canon)
+    out_dir = cache_dir / "unlabeled"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for p in sorted(Path(folder).iterdir()):
+        if not p.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")):
+            continue
+        name = p.name.split(".")[0]
+        img = _lps(sitk.ReadImage(str(p), sitk.sitkFloat32))
+        img_2mm = sitk.Resample(img, _grid_like(img, grid["spacing"]))
+        tx = _affine(reference, img_2mm)
+        arr = sitk.GetArrayFromImage(sitk.Resample(img, canon, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32))
+        arr = robust_normalise(arr) * (arr > 0)
+        np.savez_compressed(out_dir / f"{name}.npz", image=arr.astype(np.float16))
+        written.append(out_dir / f"{name}.npz")
+        log(f"unlabeled {name}")
+    return written
+
+
 def _grid_like(img: sitk.Image, spacing: float) -> sitk.Image:
     size = [int(round(s * sp / spacing)) for s, sp in zip(img.GetSize(), img.GetSpacing())]
     ref = sitk.Image(size, sitk.sitkFloat32)
