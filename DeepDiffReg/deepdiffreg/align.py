@@ -51,14 +51,37 @@ def alignment_mask(fixed: sitk.Image, user_mask: sitk.Image | None, erode_mm: fl
     return mask if sitk.GetArrayViewFromImage(mask).any() else None
 
 
-def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine", spacing_mm: float = 4.0,
+# An affine whose scale factors (singular values) or volume change (determinant) leave this range is treated as a
+# failure of the metric (a known MI failure on small fields of view is shrinking the moving image: det 0.69 on the
+# module's synthetic test pair), and the rigid result is kept instead. Adult heads differ by up to ~20 % in volume.
+PLAUSIBLE_SCALE = (0.75, 1.33)
+
+
+def alignment_spacing(fixed: sitk.Image, coarsest_mm: float = 4.0, min_voxels: int = 32) -> float:
+    """4 mm for head-sized images; finer for small fields of view, so the coarse copy keeps ≥ 32 voxels per axis."""
+    extent = np.asarray(fixed.GetSpacing()) * (np.asarray(fixed.GetSize()) - 1)
+    return float(max(min(fixed.GetSpacing()), min(coarsest_mm, extent.min() / min_voxels)))
+
+
+def plausible(t: sitk.AffineTransform) -> bool:
+    m = affine_matrix(t)[:3, :3]
+    s = np.linalg.svd(m, compute_uv=False)
+    lo, hi = PLAUSIBLE_SCALE
+    return bool(lo <= s.min() and s.max() <= hi and lo <= abs(np.linalg.det(m)) <= hi)
+
+
+def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine", spacing_mm: float | None = None,
                       progress: Callable[[float, str], None] | None = None,
-                      fixed_mask: sitk.Image | None = None) -> sitk.AffineTransform:
+                      fixed_mask: sitk.Image | None = None, info: dict | None = None) -> sitk.AffineTransform:
     """Moments initialisation, then rigid (and affine) Mattes-MI registration on coarse copies of both images,
-    the metric measured inside ``fixed_mask`` (on the fixed grid) when one is given."""
+    the metric measured inside ``fixed_mask`` (on the fixed grid) when one is given. An implausible affine
+    (see PLAUSIBLE_SCALE) falls back to the rigid result; ``info`` (if given) records what happened."""
     if mode == "none":
         return sitk.AffineTransform(3)
     report = progress or (lambda f, m: None)
+    spacing_mm = spacing_mm or alignment_spacing(fixed)
+    info = info if info is not None else {}
+    info["alignment_spacing_mm"] = round(spacing_mm, 3)
     f_lo = resample(smooth_for_downsampling(fixed, spacing_mm), working_grid(fixed, spacing_mm))
     m_lo = resample(smooth_for_downsampling(moving, spacing_mm), working_grid(moving, spacing_mm))
     mask_lo = None
@@ -71,6 +94,7 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine
     if mode == "affine":
         stages.append(("affine", None))
     current: sitk.Transform = init
+    rigid_result = None
     for n, (name, t) in enumerate(stages):
         if t is None:  # affine stage starts from the rigid result
             rigid = current
@@ -96,7 +120,17 @@ def initial_alignment(fixed: sitk.Image, moving: sitk.Image, mode: str = "affine
                                           f"{name} alignment, metric {reg.GetMetricValue():.4f}"))
         reg.Execute(f_lo, m_lo)
         current = t
-    return _to_affine(current)
+        if name == "rigid":
+            rigid_result = _to_affine(t)
+    result = _to_affine(current)
+    info["stage_used"] = stages[-1][0]
+    if mode == "affine" and not plausible(result):
+        s = np.linalg.svd(affine_matrix(result)[:3, :3], compute_uv=False)
+        info["stage_used"] = "rigid"
+        info["rejected_affine_scales"] = [round(float(v), 4) for v in s]
+        info["rejected_affine_det"] = round(float(np.prod(s)), 4)
+        result = rigid_result
+    return result
 
 
 def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:

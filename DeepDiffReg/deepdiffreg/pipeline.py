@@ -196,11 +196,12 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
 
     # -- initial alignment --------------------------------------------------------------------------------
     reporter.stage("align", f"initial alignment ({req.align})", _SPAN["align"][0])
+    align_info: dict[str, Any] = {}
     if req.align == "none":
         align_t = sitk.AffineTransform(3)
     else:
         align_t = initial_alignment(fixed, moving, req.align, progress=_span(reporter, "align"),
-                                    fixed_mask=alignment_mask(fixed, user_mask, req.align_erode_mm))
+                                    fixed_mask=alignment_mask(fixed, user_mask, req.align_erode_mm), info=align_info)
     overlap = overlap_fraction(fixed, moving, align_t)
     if overlap < 0.2:
         hint = "" if req.align != "none" else " (initial alignment is off; try without --no-align)"
@@ -277,7 +278,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
                           "fixed_mask": req.fixed_mask and os.path.abspath(req.fixed_mask),
                           "foreground_for_fold_statistics": "the fixed mask" if user_mask is not None else
                           "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
-        "initial_alignment": {"mode": req.align, "metric_region": "the fixed mask" if user_mask is not None else
+        "initial_alignment": {"mode": req.align, **align_info, "metric_region": "the fixed mask" if user_mask is not None else
                               (f"foreground eroded by {req.align_erode_mm:g} mm" if req.align_erode_mm > 0 else
                                "whole image"), "matrix_lps": affine_matrix(align_t).round(6).tolist(),
                               "overlap_fraction": round(overlap, 4)},
