@@ -45,7 +45,7 @@ class Method:
     learned: ClassVar[bool] = False          # needs weights from models/
     default_spacing_mm: ClassVar[float] = 2.0  # working-grid spacing when the user gives none (CPU)
     default_spacing_mm_gpu: ClassVar[float | None] = None  # finer default on a GPU (None: same as CPU)
-    size_multiple: ClassVar[int] = 1         # working grid sizes are padded to a multiple of this (U-Nets: 16)
+    size_multiple: ClassVar[int] = 1         # grid sizes the network needs (U-Nets: 16); the method resamples itself
     has_inverse: ClassVar[bool] = True
     bytes_per_working_voxel: ClassVar[int] = 1000  # peak memory of ``register`` per working-grid voxel (estimate)
 
