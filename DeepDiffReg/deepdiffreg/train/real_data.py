@@ -20,23 +20,14 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from ..preprocess import robust_normalise  # the pipeline's rule, so training sees what inference sees
+
 SHARED = Path(__file__).resolve().parents[4] / "shared" / "data"   # /work/shared/data beside the checkout
 CANON_SHAPE = (80, 96, 80)       # (D, H, W) array order = (k, j, i)
 CANON_SPACING = 2.0
 N_VAL_IXI = 10
 CACHE_VERSION = 2                # 2: whole-head images and the affine parameters stored as well
 VAL_LABELMAPS = (15, 16)
-
-
-def robust_normalise(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> np.ndarray:
-    """Same rule as the pipeline (preprocess.robust_normalise): clip to percentiles of non-background, → [0, 1]."""
-    vals = arr[arr > arr.min()]
-    if vals.size < 16:
-        vals = arr.ravel()
-    lo, hi = np.percentile(vals, [low_pct, high_pct])
-    if hi <= lo:
-        lo, hi = float(arr.min()), float(arr.max())
-    return ((np.clip(arr, lo, hi) - lo) / max(hi - lo, 1e-12)).astype(np.float32)
 
 
 def _lps(img: sitk.Image) -> sitk.Image:
