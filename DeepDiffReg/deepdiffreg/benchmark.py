@@ -302,11 +302,10 @@ def displacement_error(pair: dict[str, Any], out_dir: Path, report: dict) -> tup
     import SimpleITK as sitk
     fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
 
+    from .pipeline import displacement_on_grid
+
     def field(path):
-        f = sitk.TransformToDisplacementFieldFilter()
-        f.SetReferenceImage(fixed)
-        f.SetOutputPixelType(sitk.sitkVectorFloat64)
-        return sitk.GetArrayFromImage(f.Execute(sitk.ReadTransform(str(path))))
+        return sitk.GetArrayFromImage(displacement_on_grid([sitk.ReadTransform(str(path))], fixed))
 
     err = np.linalg.norm(field(out_dir / report["files"]["transform"]) - field(pair["true_transform"]), axis=-1)
     region = sitk.GetArrayFromImage(sitk.ReadImage(pair["fixed_seg"])) > 0

@@ -60,14 +60,19 @@ def _add_register(sub) -> None:
     p.set_defaults(func=_cmd_register)
 
 
+def default_threads() -> int:
+    """torch threads when the user gives none: cores − 1, at least 1. On a busy machine OpenMP threads that wait
+    for a descheduled peer make every operation several times slower (measured 7× on 2 cores under load), and
+    Slicer's GUI needs a core too."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _cmd_register(args) -> int:
     import torch
     from .methods.base import get_method
     from .pipeline import RegisterRequest, register, summary_of
 
-    # One core is left free: on a busy machine OpenMP threads that wait for a descheduled peer make every
-    # operation several times slower (measured 7× on 2 cores under load), and Slicer's GUI needs a core too.
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(args.threads or default_threads())
     cls = get_method(args.method)
     options = cls.options_from_args(args)
     if args.refine is not None:

@@ -22,7 +22,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import RegisterRequest, register, summary_of
     from .sample_data import make_pair
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    from .cli import default_threads
+
+    torch.set_num_threads(default_threads())
     data_dir = os.path.join(args.out, "sample-data")
     print(f"Generating the sample pair (synthetic head phantom) in {data_dir} ...", flush=True)
     paths = make_pair(data_dir)

@@ -31,7 +31,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .frames import Geometry
     from .io import images
     from .metrics import fold_stats, jacobian_det_lps
-    from .pipeline import evaluate_transforms
+    from .pipeline import displacement_on_grid, evaluate_transforms
     from .preprocess import foreground_mask
 
     fixed = images.read_image(args.fixed, "fixed image")
@@ -40,10 +40,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         t = sitk.ReadTransform(args.transform)
     except RuntimeError:
         raise BadInput(f"cannot read transform {args.transform}") from None
-    f = sitk.TransformToDisplacementFieldFilter()
-    f.SetReferenceImage(fixed)
-    f.SetOutputPixelType(sitk.sitkVectorFloat64)
-    disp = sitk.GetArrayFromImage(f.Execute(t))
+    disp = sitk.GetArrayFromImage(displacement_on_grid([t], fixed))
     det = jacobian_det_lps(disp, Geometry.of(fixed))
     out = {"transform": args.transform, "folds": fold_stats(det, sitk.GetArrayFromImage(foreground_mask(fixed)))}
     fs = images.read_segmentation(args.fixed_seg, fixed, "fixed segmentation") if args.fixed_seg else None

@@ -86,8 +86,9 @@ def _padded_field_transform(disp_lps: np.ndarray, geom: Geometry) -> sitk.Displa
     return sitk.DisplacementFieldTransform(sitk.Cast(displacement_image(padded, g), sitk.sitkVectorFloat64))
 
 
-def _sample_map(transforms: list[sitk.Transform], reference: sitk.Image) -> sitk.Image:
-    """T(x) − x on ``reference``'s grid for T = transforms[0] ∘ transforms[1] ∘ … (the last one is applied first)."""
+def displacement_on_grid(transforms: list[sitk.Transform], reference: sitk.Image) -> sitk.Image:
+    """T(x) − x (float64 vectors, LPS mm) on ``reference``'s grid for T = transforms[0] ∘ transforms[1] ∘ …
+    (the last one is applied first)."""
     comp = sitk.CompositeTransform(3)
     for t in transforms:
         comp.AddTransform(t)
@@ -242,7 +243,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     disp_vox = est.disp_vox.detach().double().cpu()[0].numpy()
     u_w_lps = lps_from_vox_disp(disp_vox, geom)
     fwd_field_t = _padded_field_transform(u_w_lps, geom)
-    total_img = _sample_map([align_t, fwd_field_t], fixed)           # T = A ∘ W on the fixed grid
+    total_img = displacement_on_grid([align_t, fwd_field_t], fixed)           # T = A ∘ W on the fixed grid
     total = sitk.GetArrayFromImage(total_img)                         # (K, J, I, 3) LPS mm
     det = jacobian_det_lps(total, fixed_geom)
     fg_arr = sitk.GetArrayFromImage(fg_fixed)
@@ -251,7 +252,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     extra_info: dict[str, Any] = {}
     if est.inverse_disp_vox is not None:
         inv_lps = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), geom)
-        inv_img = _sample_map([_padded_field_transform(inv_lps, geom), align_t.GetInverse()], moving)
+        inv_img = displacement_on_grid([_padded_field_transform(inv_lps, geom), align_t.GetInverse()], moving)
         extra_info["inverse_consistency_working_grid"] = inverse_consistency_vox(
             est.disp_vox.detach().double().cpu(), est.inverse_disp_vox.detach().double().cpu())
     T = sitk.DisplacementFieldTransform(sitk.Image(total_img))
