@@ -449,7 +449,7 @@ def run_one(pair: dict[str, Any], method: str, out_dir: Path, refine: int, threa
 UNCERTAINTY_DEFINITION = (
     "Spearman rank correlation, over the voxels of the fixed brain region (fixed label > 0 or warped moving label > 0; "
     "without labels: fixed intensity above 5 % of its 99th percentile; at most 400 000 voxels, seeded sample), "
-    "between uncertainty.nii.gz (√trace of the displacement covariance, mm) and a local error map on the fixed grid: "
+    "between uncertainty.nii.gz (posterior std of the displacement, mm; methods/vxm_uncertainty.py) and a local error map on the fixed grid: "
     "ρ_label — the label disagreement 1[fixed label ≠ warped moving label] (warped_seg.nii.gz) smoothed with a "
     f"Gaussian of σ {ERROR_SIGMA_MM:g} mm; ρ_intensity — |fixed − warped| after scaling each image to [0, 1] by its "
     f"0.5/99.5 percentiles in the region, smoothed the same way. u_ratio = mean uncertainty where the labels disagree "

@@ -7,10 +7,9 @@ What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field
 - the pair is resampled (same box) to the nearest grid whose sizes are multiples of 16; the field is resized back
   (values rescaled), cheaper than zero padding (81×97×113 → 80×96×112, not 96×112×128);
 - inverse = exp(−μ) on the same grid;
-- uncertainty: ``--vxm-uncertainty-samples`` S (8) velocity samples z_s = μ + exp(logvar/2)·ε are integrated on the
-  velocity grid; the map is the square root of the trace of the sample covariance of the displacement, in mm
-  (√Σ_c var(u_c)·mm_c²), resized to the working grid. S = 0: the same with the velocity posterior variance
-  exp(logvar) instead of sampling (no integration);
+- uncertainty (methods/vxm_uncertainty.py): by default the diagonal Laplace posterior of the model's own objective
+  for this pair at μ, with the image noise re-estimated from the local residual (``--vxm-uncertainty laplace``);
+  ``sampled`` gives the network's variance head as in the paper (S velocity samples integrated);
 - ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL).
 """
 from __future__ import annotations
@@ -23,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..field import integrate_ss, resize_image, warp
+from ..field import resize_image, warp
 from ..io.weights import find_model, load_weights
 from ..losses.kl import laplacian_prec, recon_mse
 from ..nn.vxm_model import build_net, velocity_to_disp
 from .base import FieldEstimate, Method, PairOnGrid, register_method
 from .refine import refine
+from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
 
 
 def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
@@ -94,20 +94,24 @@ class VxmDiff(Method):
         g.add_argument("--vxm-model", default=None, help="model id from `deepdiffreg models list` "
                                                          "(default: the newest vxm-diff model)")
         g.add_argument("--vxm-int-steps", type=int, default=7, help="scaling-and-squaring steps (trained with 7)")
+        g.add_argument("--vxm-uncertainty", choices=("laplace", "sampled"), default="laplace",
+                       help="uncertainty map: 'laplace' = posterior of the model's objective for this pair (default), "
+                            "'sampled' = the network's own variance head (see methods/vxm_uncertainty.py)")
         g.add_argument("--vxm-uncertainty-samples", type=int, default=8,
-                       help="velocity samples for the uncertainty map (0: the velocity posterior std, no sampling)")
+                       help="velocity samples for --vxm-uncertainty sampled (0: exp(logvar), no sampling)")
         g.add_argument("--vxm-refine-lr", type=float, default=0.05, help="Adam step for --refine (½-grid voxels)")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
         return {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", 7),
+                "uncertainty": getattr(args, "vxm_uncertainty", "laplace"),
                 "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", 8),
                 "refine": int(getattr(args, "refine", 0) or 0), "refine_lr": getattr(args, "vxm_refine_lr", 0.05)}
 
     def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
-        o = {"model": None, "int_steps": 7, "uncertainty_samples": 8, "refine": 0, "refine_lr": 0.05,
-             "seed": 0, **self.options}
+        o = {"model": None, "int_steps": 7, "uncertainty": "laplace", "uncertainty_samples": 8, "refine": 0,
+             "refine_lr": 0.05, "seed": 0, **self.options}
         entry = find_model(o["model"], method=self.name)
         obj = load_weights(entry)
         cfg = dict(obj["config"])
@@ -142,30 +146,26 @@ class VxmDiff(Method):
             shape = tuple(shape)
             disp = velocity_to_disp(mu, shape, steps)        # integrate on the ½ grid, resize to the working grid
             inv = velocity_to_disp(-mu, shape, steps)
-            ns = int(o["uncertainty_samples"])
-            std = torch.exp(0.5 * logvar)
-            if ns > 0:
-                g = torch.Generator(device=device).manual_seed(int(o["seed"]))
-                u0 = integrate_ss(mu, steps)                   # samples are integrated on the ½ grid (cheap)
-                s1 = torch.zeros_like(u0)
-                s2 = torch.zeros_like(u0)
-                for _ in range(ns):
-                    u = integrate_ss(mu + std * torch.randn(mu.shape, generator=g, device=device), steps) - u0
-                    s1 += u
-                    s2 += u * u
-                var = (s2 / ns - (s1 / ns) ** 2).clamp_min(0)          # per component, ½-grid voxels²
-                info["uncertainty"] = (f"sqrt(trace of the displacement covariance) in mm over {ns} velocity "
-                                       f"samples z = mu + exp(logvar/2)*eps (on the velocity grid, resized)")
-            else:
-                var = std * std
-                info["uncertainty"] = "sqrt(trace of the velocity posterior covariance exp(logvar)) in mm (no sampling)"
-            sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=var.dtype, device=device)  # (k, j, i)
+            sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=mu.dtype, device=device)  # (k, j, i)
             half = mu.shape[2:]
             # mm per ½-grid voxel along each canonical axis: working spacing × (n_work − 1)/(n_half − 1)
             mm = torch.stack([sp[src[a]] * (shape[a] - 1) / max(half[a] - 1, 1) for a in range(3)])
-            unc = torch.sqrt((var * mm.view(1, 3, 1, 1, 1) ** 2).sum(1, keepdim=True))
+            kind, ns = o["uncertainty"], int(o["uncertainty_samples"])
+            if kind == "laplace":
+                unc = laplace_std_mm(mu, fp, mp, velocity_to_disp(mu, tuple(pshape), steps), cfg["prior_lambda"],
+                                     cfg["image_sigma"], mm)
+                info["uncertainty"] = ("laplace: sqrt(trace) of the diagonal Laplace posterior covariance of the "
+                                       "velocity at mu for this pair (prior lambda*D + data 2*grad^2/sigma_loc^2, "
+                                       "sigma_loc^2 = sigma^2 + local mean squared residual), mm")
+            elif kind == "sampled":
+                unc = sampled_std_mm(mu, logvar, ns, steps, o["seed"], mm)
+                info["uncertainty"] = (f"sampled: sqrt(trace of the displacement covariance) in mm over {ns} "
+                                       f"velocity samples z = mu + exp(logvar/2)*eps" if ns > 0 else
+                                       "sampled: sqrt(trace of the velocity posterior covariance exp(logvar)) in mm")
+            else:
+                raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} (laplace | sampled)")
             unc = to_canonical_inverse_scalar(resize_image(unc, shape), src, flip)
-            info["velocity_std_mean_halfgrid_vox"] = float(std.mean())
+            info["velocity_std_mean_halfgrid_vox"] = float(torch.exp(0.5 * logvar).mean())
         disp = disp_from_canonical(disp, src, flip)
         inv = disp_from_canonical(inv, src, flip)
         info["seconds"] = round(time.time() - t0, 3)

@@ -34,7 +34,8 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return _corr(np.argsort(np.argsort(a)).astype(np.float64), np.argsort(np.argsort(b)).astype(np.float64))
 
 
-def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16) -> dict:
+def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16,
+                  uncertainty: str = "laplace") -> dict:
     import deepdiffreg.methods.vxm_diff as vm
     obj = _load_file(Path(weights))
     entry = {"id": Path(weights).stem, "sha256": "n/a", "version": "eval"}
@@ -45,7 +46,7 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
         for p in validation_pairs(cache):
             pair = PairOnGrid(p["fixed"], p["moving"], LPS_2MM(tuple(p["fixed"].shape[2:])))
             t0 = time.time()
-            est = VxmDiff(refine=refine, uncertainty_samples=samples).register(pair, torch.device("cpu"),
+            est = VxmDiff(refine=refine, uncertainty=uncertainty, uncertainty_samples=samples).register(pair, torch.device("cpu"),
                                                                                 lambda f, m: None)
             sec = time.time() - t0
             fl, ml = p["fixed_labels"], p["moving_labels"]
@@ -84,7 +85,7 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
     ixi = [r for r in rows if r["pair"].startswith("ixi")]
     summary["ixi_dice_affine"] = float(np.mean([r["dice_affine"] for r in ixi])) if ixi else None
     summary["ixi_dice_after"] = float(np.mean([r["dice_after"] for r in ixi])) if ixi else None
-    return {"weights": str(weights), "refine": refine, "summary": summary, "pairs": rows}
+    return {"weights": str(weights), "refine": refine, "uncertainty": uncertainty, "summary": summary, "pairs": rows}
 
 
 def main(argv=None) -> int:
@@ -93,10 +94,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "deepdiffreg" / "train-v2"))
     ap.add_argument("--refine", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--uncertainty", default="laplace", choices=("laplace", "sampled"))
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    res = evaluate_file(Path(a.weights), Path(a.cache), a.refine)
+    res = evaluate_file(Path(a.weights), Path(a.cache), a.refine, uncertainty=a.uncertainty)
     txt = json.dumps(res, indent=1)
     if a.json:
         Path(a.json).write_text(txt + "\n")

@@ -1,0 +1,71 @@
+"""VoxelMorph-diff uncertainty maps (methods/vxm_uncertainty.py): exact values where the posterior is known in closed
+form, and the property the map exists for — it rises where the pair disagrees."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import torch
+
+from deepdiffreg.methods.vxm_uncertainty import laplace_std_mm, sampled_std_mm
+
+LAM, SIGMA = 20.0, 0.02
+MM = torch.tensor([4.0, 4.0, 4.0])          # 2 mm net grid → 4 mm per ½-grid voxel
+
+
+def _zero_velocity(shape=(32, 32, 32)):
+    half = tuple(n // 2 for n in shape)
+    return torch.zeros(1, 3, *half), torch.zeros(1, 3, *shape)
+
+
+def _edges(shape=(32, 32, 32)):
+    """A ball (value 0.8) in a 0.2 background, slightly blurred by a linear ramp of 2 voxels: strong edges."""
+    z, y, x = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape], indexing="ij")
+    r = torch.sqrt(z * z + y * y + x * x)
+    return (0.2 + 0.6 * ((9.0 - r) / 2 + 0.5).clamp(0, 1))[None, None]
+
+
+def test_flat_images_give_the_prior_std_exactly():
+    mu, disp = _zero_velocity()
+    img = torch.full((1, 1, 32, 32, 32), 0.5)
+    std = laplace_std_mm(mu, img, img, disp, LAM, SIGMA, MM)
+    # no image gradient: precision = λ·D, D = 6 inside → std = √(Σ_c mm²/(6λ)); border voxels have D < 6
+    assert std.shape == (1, 1, 16, 16, 16)
+    assert torch.allclose(std[0, 0, 1:-1, 1:-1, 1:-1], torch.tensor(math.sqrt(3 * 16.0 / (6 * LAM))), rtol=1e-5)
+    assert float(std[0, 0, 0, 0, 0]) == pytest.approx(math.sqrt(3 * 16.0 / (3 * LAM)), rel=1e-5)
+
+
+def test_edges_pin_the_velocity_and_a_local_mismatch_releases_it():
+    mu, disp = _zero_velocity()
+    f = _edges()
+    agree = laplace_std_mm(mu, f, f, disp, LAM, SIGMA, MM)[0, 0]
+    prior = math.sqrt(3 * 16.0 / (6 * LAM))
+    # on the ball's surface (½-grid radius ≈ 4.5) the data term dominates; far inside it does not
+    z, y, x = torch.meshgrid(*[torch.arange(16, dtype=torch.float32) - 7.5] * 3, indexing="ij")
+    r = torch.sqrt(z * z + y * y + x * x)
+    surface, centre = (r > 3.8) & (r < 5.2), r < 1.5
+    assert float(agree[surface].mean()) < 0.75 * prior     # the component along the edge normal is pinned
+    assert float(agree[centre].mean()) == pytest.approx(prior, rel=1e-3)
+    # the moving image disagrees in one octant (its edge is shifted there): the std rises on that part of the
+    # surface — towards the prior — and stays where it was on the opposite octant
+    m = f.clone()
+    m[..., 16:, 16:, 16:] = _edges((32, 32, 32)).roll(shifts=(2, 2, 2), dims=(2, 3, 4))[..., 16:, 16:, 16:]
+    wrong = laplace_std_mm(mu, f, m, disp, LAM, SIGMA, MM)[0, 0]
+    octant = surface.clone()
+    octant[:9], octant[:, :9], octant[:, :, :9] = False, False, False
+    opposite = surface.clone()
+    opposite[7:], opposite[:, 7:], opposite[:, :, 7:] = False, False, False
+    assert float(wrong[octant].mean()) > 1.5 * float(agree[octant].mean())
+    assert torch.allclose(wrong[opposite], agree[opposite], rtol=1e-4)
+    assert float(wrong.max()) <= prior * (1 + 1e-5) * math.sqrt(6 / 3)   # never above the border prior std
+
+
+def test_sampled_without_samples_is_the_network_variance():
+    mu = torch.zeros(1, 3, 8, 8, 8)
+    logvar = torch.full_like(mu, math.log(0.01))
+    std = sampled_std_mm(mu, logvar, samples=0, steps=7, seed=0, mm_per_half_vox=MM)
+    assert torch.allclose(std, torch.tensor(math.sqrt(3 * 0.01 * 16.0)))
+    # with samples: a constant velocity variance gives a positive, finite map of the same order
+    s8 = sampled_std_mm(mu, logvar, samples=8, steps=7, seed=0, mm_per_half_vox=MM)
+    assert torch.isfinite(s8).all() and 0.1 < float(s8.mean()) < 2.0
