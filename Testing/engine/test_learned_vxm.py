@@ -352,3 +352,19 @@ def test_unlabeled_folder_loader(tmp_path):
     img = load_cache(tmp_path / "cache", "unlabeled")["subj_a"]["image"]
     assert img.shape == shape and 0 <= img.min() and img.max() <= 1.0
     assert np.corrcoef(img.ravel(), ref.ravel())[0, 1] > 0.8             # realigned onto the reference
+
+
+def test_symmetric_inference_swaps_exactly():
+    """Default (symmetric) inference: registering (moving, fixed) gives exactly the inverse velocity of (fixed,
+    moving), so the swapped pair's transform is this pair's inverse field."""
+    _bundled_vxm()
+    from deepdiffreg.methods.vxm_diff import VxmDiff
+    p = fixture_input((32, 32, 32))
+    geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
+    run = lambda f, m, **o: VxmDiff(**o).register(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
+    fwd, back = run(p["fixed"], p["moving"]), run(p["moving"], p["fixed"])
+    assert fwd.info["symmetric"] is True
+    assert torch.allclose(fwd.disp_vox, back.inverse_disp_vox, atol=1e-5)
+    assert torch.allclose(fwd.inverse_disp_vox, back.disp_vox, atol=1e-5)
+    plain = run(p["fixed"], p["moving"], symmetric=False)
+    assert plain.info["symmetric"] is False and not torch.allclose(plain.disp_vox, fwd.disp_vox, atol=1e-4)

@@ -35,7 +35,9 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16,
-                  uncertainty: str = "laplace") -> dict:
+                  uncertainty: str = "laplace", demons: bool = False, symmetric: bool = True) -> dict:
+    """Mean and per-pair numbers; ``demons``: also run the demons method on the same pairs (Dice, folds, time),
+    so that the two can be compared in one run."""
     import deepdiffreg.methods.vxm_diff as vm
     obj = _load_file(Path(weights))
     entry = {"id": Path(weights).stem, "sha256": "n/a", "version": "eval"}
@@ -46,7 +48,8 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
         for p in validation_pairs(cache):
             pair = PairOnGrid(p["fixed"], p["moving"], LPS_2MM(tuple(p["fixed"].shape[2:])))
             t0 = time.time()
-            est = VxmDiff(refine=refine, uncertainty=uncertainty, uncertainty_samples=samples).register(pair, torch.device("cpu"),
+            est = VxmDiff(refine=refine, uncertainty=uncertainty, uncertainty_samples=samples,
+                          symmetric=symmetric).register(pair, torch.device("cpu"),
                                                                                 lambda f, m: None)
             sec = time.time() - t0
             fl, ml = p["fixed_labels"], p["moving_labels"]
@@ -69,6 +72,7 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
                          "corr_unc_per_label_1_minus_dice": per_label_corr,
                          "fold_pct_brain": 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
                          "folds": int((det <= 0).sum()), "seconds": round(sec, 2),
+                         **(_demons_row(pair, fl, ml, labels, brain) if demons else {}),
                          "unc_mean_mm": float(unc.mean()),
                          "corr_unc_label_mismatch": _corr(unc, mismatch),
                          "spearman_unc_abs_intensity_error": _spearman(unc, interr),
@@ -81,11 +85,28 @@ def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16
     keys = ["dice_affine", "dice_after", "fold_pct_brain", "seconds", "corr_unc_label_mismatch",
             "corr_unc_per_label_1_minus_dice",
             "spearman_unc_abs_intensity_error"]
+    if demons:
+        keys += ["demons_dice", "demons_fold_pct_brain", "demons_seconds"]
     summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
     ixi = [r for r in rows if r["pair"].startswith("ixi")]
     summary["ixi_dice_affine"] = float(np.mean([r["dice_affine"] for r in ixi])) if ixi else None
     summary["ixi_dice_after"] = float(np.mean([r["dice_after"] for r in ixi])) if ixi else None
+    if demons:
+        summary["ixi_demons_dice"] = float(np.mean([r["demons_dice"] for r in ixi])) if ixi else None
     return {"weights": str(weights), "refine": refine, "uncertainty": uncertainty, "summary": summary, "pairs": rows}
+
+
+def _demons_row(pair: PairOnGrid, fl, ml, labels, brain) -> dict:
+    """The demons method (default settings) on the same pair and grid: Dice over the same labels, folds, time."""
+    from ..methods.demons import Demons
+    t0 = time.time()
+    est = Demons().register(pair, torch.device("cpu"), lambda f, m: None)
+    sec = time.time() - t0
+    wl = warp(ml, est.disp_vox, mode="nearest")
+    det = jacobian_det(est.disp_vox)[0].numpy()
+    return {"demons_dice": float(np.mean(list(dice_per_label(fl, wl, labels).values()))),
+            "demons_fold_pct_brain": 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
+            "demons_seconds": round(sec, 2)}
 
 
 def main(argv=None) -> int:
@@ -95,10 +116,13 @@ def main(argv=None) -> int:
     ap.add_argument("--refine", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--uncertainty", default="laplace", choices=("laplace", "sampled"))
+    ap.add_argument("--demons", action="store_true", help="also run demons on the same pairs (same run)")
+    ap.add_argument("--no-symmetric", action="store_true", help="forward network pass only (the paper)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    res = evaluate_file(Path(a.weights), Path(a.cache), a.refine, uncertainty=a.uncertainty)
+    res = evaluate_file(Path(a.weights), Path(a.cache), a.refine, uncertainty=a.uncertainty, demons=a.demons,
+                        symmetric=not a.no_symmetric)
     txt = json.dumps(res, indent=1)
     if a.json:
         Path(a.json).write_text(txt + "\n")
