@@ -36,6 +36,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--image-sigma", type=float, default=0.02)
     p.add_argument("--prior-lambda", type=float, default=20.0)
     p.add_argument("--dice-weight", type=float, default=0.0, help="optional semi-supervised Dice term weight")
+    p.add_argument("--dice-labels", type=int, default=8, help="labels drawn per step for the Dice term")
     p.add_argument("--enc", default="16,32,32,32")
     p.add_argument("--dec", default="32,32,32,32,16")
     p.add_argument("--publish", default=None, metavar="MODEL_ID",
@@ -65,7 +66,8 @@ def run_train(args) -> int:
                  dec=[int(x) for x in args.dec.split(",")])
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, model=model,
-                             max_seconds=args.max_hours * 3600, init=args.init)
+                             max_seconds=args.max_hours * 3600, init=args.init,
+                             dice_labels_per_step=args.dice_labels)
     print(f"training on {len(real)} IXI subjects + {len(maps)} label maps; {len(val)} validation pairs",
           file=sys.stderr)
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
