@@ -17,14 +17,11 @@ def add_demo_parser(sub) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
+    from .cli import default_threads, set_threads
     from .pipeline import RegisterRequest, register, summary_of
     from .sample_data import make_pair
 
-    from .cli import default_threads
-
-    torch.set_num_threads(default_threads())
+    set_threads(default_threads())
     data_dir = os.path.join(args.out, "sample-data")
     print(f"Generating the sample pair (synthetic head phantom) in {data_dir} ...", flush=True)
     paths = make_pair(data_dir)

