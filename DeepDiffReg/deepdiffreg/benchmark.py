@@ -68,6 +68,10 @@ def add_benchmark_parser(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="passed to every register run (default: the engine's)")
     p.add_argument("--quick", action="store_true",
                    help="tiny self-contained benchmark on a generated phantom pair with few iterations (for tests)")
+    p.add_argument("--validation-cache", default=None,
+                   help="training cache holding the fixed validation pairs of the learned methods (default "
+                        "~/.cache/deepdiffreg/train-v2, built by `deepdiffreg train`); with vxm-diff in --methods, "
+                        "vxm-diff and demons are also compared on those pairs in the same run")
     p.add_argument("--render-only", action="store_true",
                    help="run nothing: rewrite the markdown --out from the JSON beside it (e.g. after editing the "
                         "hand-written header above the marker line)")
@@ -644,6 +648,8 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
             L.append("")
             L += [f"- {n}" for n in notes]
         L.append("")
+    if result.get("validation"):
+        L += render_validation(result["validation"])
     L += ["### Definitions", "",
           "- **Dice**: mean over the labels present in both segmentations of the moving labels resampled onto the "
           "fixed grid (nearest neighbour) — *before*: identity (scanner frames), *init. align*: the engine's affine "
@@ -707,6 +713,51 @@ def _header_for(out: Path, quick: bool) -> str:
         if MARKER in text:
             return text.split(MARKER, 1)[0].rstrip() + "\n"
     return QUICK_HEADER if quick else DEFAULT_HEADER
+
+
+# ------------------------------------------------------------------------------------------------------------
+# validation pairs of the learned methods (the issue's acceptance comparison)
+
+def validation_comparison(cache: str | None, threads: int | None) -> dict[str, Any]:
+    """vxm-diff (installed model, default settings) and demons on the fixed validation pairs of the training cache
+    (6 held-out IXI pairs affine-aligned by the cache, 2 synthetic pairs from held-out label maps), in this process,
+    one after the other. Returns evaluate_vxm's result, or {"skipped": why}."""
+    from .train.cli import DEFAULT_CACHE
+    from .train.evaluate_vxm import evaluate_file
+    path = Path(cache) if cache else DEFAULT_CACHE
+    if not (path / "grid.json").exists():
+        return {"skipped": f"no training cache at {path} (it is built by `deepdiffreg train`)"}
+    import torch
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    print(f"  validation pairs ({path}): vxm-diff and demons", flush=True)
+    t0 = time.perf_counter()
+    res = evaluate_file(None, path, demons=True)
+    res["cache"], res["total_s"] = str(path), round(time.perf_counter() - t0, 1)
+    return res
+
+
+def render_validation(v: dict[str, Any]) -> list[str]:
+    s = v["summary"]
+    L = ["### Validation pairs of the learned methods (vxm-diff vs demons, same run)", "",
+         f"The fixed validation pairs of `deepdiffreg train` (`train/datasets.py: validation_pairs`): 6 pairs of "
+         f"held-out IXI subjects affine-aligned by the training cache (alternately skull-stripped / whole head) and "
+         f"2 synthetic pairs from the held-out label maps 15/16, on the 2 mm canonical grid; model {v['weights']}. "
+         f"Dice: mean over the labels present in both label maps; folds: % of fixed-brain voxels with det ≤ 0; "
+         f"uncertainty: Pearson r with the voxel-wise label mismatch, and per label with 1 − Dice.", "",
+         "| pair | Dice affine | vxm-diff | demons | vxm-diff % folded | demons % folded | vxm-diff s | demons s | "
+         "r(unc, mismatch) | r(unc, 1−Dice per label) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in v["pairs"]:
+        L.append(f"| {r['pair']} | {r['dice_affine']:.3f} | {r['dice_after']:.3f} | {r['demons_dice']:.3f} | "
+                 f"{r['fold_pct_brain']:.4f} | {r['demons_fold_pct_brain']:.4f} | {r['seconds']:.1f} | "
+                 f"{r['demons_seconds']:.1f} | {r['corr_unc_label_mismatch']:.3f} | "
+                 f"{r['corr_unc_per_label_1_minus_dice']:.3f} |")
+    L.append(f"| **mean** | {s['dice_affine']:.3f} | **{s['dice_after']:.3f}** | **{s['demons_dice']:.3f}** | "
+             f"{s['fold_pct_brain']:.4f} | {s['demons_fold_pct_brain']:.4f} | {s['seconds']:.1f} | "
+             f"{s['demons_seconds']:.1f} | {s['corr_unc_label_mismatch']:.3f} | "
+             f"{s['corr_unc_per_label_1_minus_dice']:.3f} |")
+    L.append("")
+    return L
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -779,6 +830,11 @@ def cmd_benchmark(args) -> int:
                           f"folded {row['folds']['percent_folded']:.4f} % {row['wall_s']:.1f} s", flush=True)
                 else:
                     print(f"  {name:12s} {m:16s} FAILED: {row['error']}", flush=True)
+        validation = None
+        if "vxm-diff" in methods and not args.quick and not skip_vxm:
+            validation = validation_comparison(args.validation_cache, args.threads)
+            if "skipped" in validation:
+                notes.append(f"validation-pair comparison skipped: {validation['skipped']}")
         machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
         result = {"date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                   "command": "deepdiffreg benchmark " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["benchmark"]
@@ -791,6 +847,7 @@ def cmd_benchmark(args) -> int:
                   "pairs": {k: {kk: (vv if kk in ("name", "kind", "description") else os.path.basename(vv))
                                 for kk, vv in v.items()} for k, v in pairs.items()},
                   "runs": rows, "summary": summarise(rows, methods),
+                  **({"validation": validation} if validation and "skipped" not in validation else {}),
                   "total_s": round(time.perf_counter() - t_start, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render_markdown(result, header))

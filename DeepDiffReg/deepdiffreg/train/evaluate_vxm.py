@@ -2,7 +2,7 @@
 Dice before (= affine) / after, % folded voxels in the fixed brain, runtime, with and without refinement, and how
 the uncertainty map relates to the registration error (label disagreement after warping, and |f − m∘φ|).
 
-    python -m deepdiffreg.train.evaluate_vxm WEIGHTS [--cache DIR] [--refine N] [--json OUT]
+    python -m deepdiffreg.train.evaluate_vxm [WEIGHTS] [--cache DIR] [--refine N] [--demons] [--json OUT]
 """
 from __future__ import annotations
 
@@ -34,15 +34,20 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
     return _corr(np.argsort(np.argsort(a)).astype(np.float64), np.argsort(np.argsort(b)).astype(np.float64))
 
 
-def evaluate_file(weights: Path, cache: Path, refine: int = 0, samples: int = 16,
+def evaluate_file(weights: Path | None, cache: Path, refine: int = 0, samples: int = 16,
                   uncertainty: str = "laplace", demons: bool = False, symmetric: bool = True) -> dict:
-    """Mean and per-pair numbers; ``demons``: also run the demons method on the same pairs (Dice, folds, time),
-    so that the two can be compared in one run."""
+    """Mean and per-pair numbers of the weights file ``weights`` (None: the installed model the method uses by
+    default, hash-checked by the registry); ``demons``: also run the demons method on the same pairs (Dice, folds,
+    time), so that the two can be compared in one run."""
     import deepdiffreg.methods.vxm_diff as vm
-    obj = _load_file(Path(weights))
-    entry = {"id": Path(weights).stem, "sha256": "n/a", "version": "eval"}
     orig_find, orig_load = vm.find_model, vm.load_weights
-    vm.find_model, vm.load_weights = (lambda *a, **k: entry), (lambda e: obj)
+    if weights is not None:          # a run's best.pt/last.pt, not in the registry: hand it to the method directly
+        obj = _load_file(Path(weights))
+        entry = {"id": Path(weights).stem, "sha256": "n/a", "version": "eval"}
+        vm.find_model, vm.load_weights = (lambda *a, **k: entry), (lambda e: obj)
+    else:
+        entry = vm.find_model(None, method="vxm-diff")
+        weights = f"{entry['id']} v{entry.get('version')} (sha256 {entry['sha256'][:12]})"
     rows = []
     try:
         for p in validation_pairs(cache):
@@ -111,7 +116,7 @@ def _demons_row(pair: PairOnGrid, fl, ml, labels, brain) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("weights")
+    ap.add_argument("weights", nargs="?", default=None, help="a weights file (default: the installed model)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "deepdiffreg" / "train-v2"))
     ap.add_argument("--refine", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -121,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    res = evaluate_file(Path(a.weights), Path(a.cache), a.refine, uncertainty=a.uncertainty, demons=a.demons,
+    res = evaluate_file(Path(a.weights) if a.weights else None, Path(a.cache), a.refine, uncertainty=a.uncertainty, demons=a.demons,
                         symmetric=not a.no_symmetric)
     txt = json.dumps(res, indent=1)
     if a.json:
