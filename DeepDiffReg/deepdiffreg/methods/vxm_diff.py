@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..field import resize_image, warp
+from ..field import integrate_ss, resize_disp, resize_image, warp
 from ..io.weights import find_model, load_weights
 from ..losses.kl import laplacian_prec, recon_mse
 from ..nn.vxm_model import build_net, velocity_to_disp
@@ -156,7 +156,8 @@ class VxmDiff(Method):
             info.update(rinfo)
         with torch.no_grad():
             shape = tuple(shape)
-            disp = velocity_to_disp(mu, shape, steps)        # integrate on the ½ grid, resize to the working grid
+            u_half = integrate_ss(mu, steps)                  # exp(v) on the ½ grid, resized where it is needed
+            disp = resize_disp(u_half, shape)
             inv = velocity_to_disp(-mu, shape, steps)
             sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=mu.dtype, device=device)  # (k, j, i)
             half = mu.shape[2:]
@@ -164,7 +165,7 @@ class VxmDiff(Method):
             mm = torch.stack([sp[src[a]] * (shape[a] - 1) / max(half[a] - 1, 1) for a in range(3)])
             kind, ns = o["uncertainty"], int(o["uncertainty_samples"])
             if kind == "laplace":
-                unc = laplace_std_mm(mu, fp, mp, velocity_to_disp(mu, tuple(pshape), steps), cfg["prior_lambda"],
+                unc = laplace_std_mm(mu, fp, mp, resize_disp(u_half, tuple(pshape)), cfg["prior_lambda"],
                                      cfg["image_sigma"], mm)
                 info["uncertainty"] = ("laplace: sqrt(trace) of the diagonal Laplace posterior covariance of the "
                                        "velocity at mu for this pair (prior lambda*D + data 2*grad^2/sigma_loc^2, "
@@ -183,7 +184,7 @@ class VxmDiff(Method):
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
         return FieldEstimate(disp_vox=disp.cpu(), inverse_disp_vox=inv.cpu(),
-                             uncertainty=None if unc is None else unc.cpu(), info=info,
+                             uncertainty=unc.cpu(), info=info,
                              model={"id": entry["id"], "version": entry.get("version"), "sha256": entry["sha256"]})
 
 
