@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from .field import warp
+from .field import jacobian_det, warp
 from .frames import Geometry
 
 
@@ -40,7 +40,7 @@ def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry, dtype: torch.dtype = 
 
     Computed in the index frame (vectors rotated by Dᵀ and scaled by 1/spacing), so it is right on oblique,
     anisotropic grids; a pure translation gives 1 and an affine x ↦ Ax gives det A. Derivatives are central
-    differences (one-sided at the grid's faces, ``np.gradient`` semantics), as ``field.jacobian_det`` takes them.
+    differences (one-sided at the grid's faces, ``np.gradient`` semantics): ``field.jacobian_det`` on each slab.
 
     The field is processed in slabs of ``slab`` k-planes (plus a one-plane halo): the nine derivative arrays of a
     whole 1 mm brain (~7 M voxels) do not fit in cache, and working slab by slab is ~5× faster than one pass.
@@ -69,12 +69,8 @@ def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry, dtype: torch.dtype = 
 def _det_slab(d_ijk: torch.Tensor, start: int, count: int) -> torch.Tensor:
     """det(I + ∂d/∂(i, j, k)) of an index-frame displacement slab (k', J, I, 3) (vector components i, j, k);
     returns the ``count`` k-planes from ``start`` (the halo planes only feed the central differences)."""
-    g_k, g_j, g_i = torch.gradient(d_ijk, dim=(0, 1, 2))
-    cols = [g[start:start + count] for g in (g_i, g_j, g_k)]   # column c: derivative along index axis c
-    a = [[cols[c][..., r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
-    return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
-            - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
-            + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+    vox = d_ijk.flip(-1).permute(3, 0, 1, 2).contiguous()[None]   # (1, 3, k', J, I), channel c along axis c
+    return jacobian_det(vox, mode="central")[0, start:start + count]
 
 
 def fold_stats(det: np.ndarray, foreground: np.ndarray | None = None) -> dict:
