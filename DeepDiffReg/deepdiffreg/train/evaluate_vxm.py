@@ -19,6 +19,7 @@ from ..frames import Geometry
 from ..io.weights import _load_file
 from ..methods.base import PairOnGrid
 from ..methods.vxm_diff import VxmDiff
+from .cli import DEFAULT_CACHE
 from .datasets import validation_pairs
 from .loop import dice_per_label
 
@@ -58,16 +59,14 @@ def evaluate_file(weights: Path | None, cache: Path, refine: int = 0, samples: i
                                                                                 lambda f, m: None)
             sec = time.time() - t0
             fl, ml = p["fixed_labels"], p["moving_labels"]
-            wl = warp(ml, est.disp_vox, mode="nearest")
             labels = sorted(set(torch.unique(fl).tolist()) & set(torch.unique(ml).tolist()) - {0})
-            d0 = float(np.mean(list(dice_per_label(fl, ml, labels).values())))
-            d1 = float(np.mean(list(dice_per_label(fl, wl, labels).values())))
             brain = (fl[0, 0] > 0).numpy()
-            det = jacobian_det(est.disp_vox)[0].numpy()
+            d0 = float(np.mean(list(dice_per_label(fl, ml, labels).values())))
+            wl, dl, fold_pct, n_folds = _score(est.disp_vox, fl, ml, labels, brain)
+            d1 = float(np.mean(list(dl.values())))
             unc = est.uncertainty[0, 0].numpy()[brain]
             mismatch = (wl != fl)[0, 0].numpy()[brain].astype(np.float64)
             interr = (warp(p["moving"], est.disp_vox) - p["fixed"]).abs()[0, 0].numpy()[brain]
-            dl = dice_per_label(fl, wl, labels)
             unc_full = est.uncertainty[0, 0].numpy()
             fl_np = fl[0, 0].numpy()
             per = [(1.0 - dl[l], float(unc_full[fl_np == l].mean())) for l in labels if l in dl]
@@ -75,8 +74,7 @@ def evaluate_file(weights: Path | None, cache: Path, refine: int = 0, samples: i
                 else float("nan")
             rows.append({"pair": p["name"], "dice_affine": d0, "dice_after": d1,
                          "corr_unc_per_label_1_minus_dice": per_label_corr,
-                         "fold_pct_brain": 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
-                         "folds": int((det <= 0).sum()), "seconds": round(sec, 2),
+                         "fold_pct_brain": fold_pct, "folds": n_folds, "seconds": round(sec, 2),
                          **(_demons_row(pair, fl, ml, labels, brain) if demons else {}),
                          "unc_mean_mm": float(unc.mean()),
                          "corr_unc_label_mismatch": _corr(unc, mismatch),
@@ -107,17 +105,24 @@ def _demons_row(pair: PairOnGrid, fl, ml, labels, brain) -> dict:
     t0 = time.time()
     est = Demons().register(pair, torch.device("cpu"), lambda f, m: None)
     sec = time.time() - t0
-    wl = warp(ml, est.disp_vox, mode="nearest")
-    det = jacobian_det(est.disp_vox)[0].numpy()
-    return {"demons_dice": float(np.mean(list(dice_per_label(fl, wl, labels).values()))),
-            "demons_fold_pct_brain": 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
+    _, dl, fold_pct, _ = _score(est.disp_vox, fl, ml, labels, brain)
+    return {"demons_dice": float(np.mean(list(dl.values()))), "demons_fold_pct_brain": fold_pct,
             "demons_seconds": round(sec, 2)}
+
+
+def _score(disp_vox: torch.Tensor, fl: torch.Tensor, ml: torch.Tensor, labels: list[int], brain: np.ndarray):
+    """Moving labels warped (nearest) by ``disp_vox`` (1, 3, D, H, W), their per-label Dice against ``fl``, the %
+    of ``brain`` voxels with det ≤ 0 and the number of folded voxels on the whole grid."""
+    wl = warp(ml, disp_vox, mode="nearest")
+    det = jacobian_det(disp_vox)[0].numpy()
+    return (wl, dice_per_label(fl, wl, labels), 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
+            int((det <= 0).sum()))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("weights", nargs="?", default=None, help="a weights file (default: the installed model)")
-    ap.add_argument("--cache", default=str(Path.home() / ".cache" / "deepdiffreg" / "train-v2"))
+    ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--refine", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--uncertainty", default="laplace", choices=("laplace", "sampled"))
