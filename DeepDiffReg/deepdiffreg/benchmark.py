@@ -722,13 +722,15 @@ def validation_comparison(cache: str | None, threads: int | None) -> dict[str, A
     """vxm-diff (installed model, default settings) and demons on the fixed validation pairs of the training cache
     (6 held-out IXI pairs affine-aligned by the cache, 2 synthetic pairs from held-out label maps), in this process,
     one after the other. Returns evaluate_vxm's result, or {"skipped": why}."""
+    import torch
+
+    from .cli import default_threads
     from .train.cli import DEFAULT_CACHE
     from .train.evaluate_vxm import evaluate_file
     path = Path(cache) if cache else DEFAULT_CACHE
     if not (path / "grid.json").exists():
         return {"skipped": f"no training cache at {path} (it is built by `deepdiffreg train`)"}
-    import torch
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(threads or default_threads())
     print(f"  validation pairs ({path}): vxm-diff and demons", flush=True)
     t0 = time.perf_counter()
     res = evaluate_file(None, path, demons=True)
