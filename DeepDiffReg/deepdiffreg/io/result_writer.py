@@ -70,7 +70,7 @@ def write_displacement_transform(disp_image: sitk.Image, path: str) -> None:
     field = disp_image if disp_image.GetPixelID() == sitk.sitkVectorFloat64 else sitk.Cast(disp_image,
                                                                                            sitk.sitkVectorFloat64)
     # the transform takes its image's buffer: hand it a copy so the caller's image stays intact
-    sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(field)), path)
+    write_transform(sitk.DisplacementFieldTransform(sitk.Image(field)), path)
 
 
 def write_transform(transform: sitk.DisplacementFieldTransform, path: str) -> None:
