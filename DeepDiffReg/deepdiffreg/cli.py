@@ -47,9 +47,11 @@ def _add_register(sub) -> None:
     p.add_argument("--no-align", dest="align", action="store_const", const="none", default="affine",
                    help="skip the initial affine alignment (images already aligned)")
     p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"], help="initial alignment (default affine)")
-    p.add_argument("--align-erode-mm", type=float, default=0.0,
-                   help="whole-head scans: measure the initial alignment inside the head eroded by this many mm "
-                        "(e.g. 8), so scalp and neck do not pull the affine (default 0: the whole image)")
+    p.add_argument("--align-erode-mm", type=float, default=None,
+                   help="where the initial alignment is measured: 0 = the whole image; >0 = the head eroded by this "
+                        "many mm. Default: automatic — whole-head scans (head-sized foreground, 2.5–10 L) use the top "
+                        "150 mm of the head eroded by 10 mm, so neck and scalp do not pull the affine; anything else "
+                        "the whole image")
     p.add_argument("--spacing", type=float, default=None, help="working-grid spacing in mm (default: the method's)")
     p.add_argument("--refine", type=int, default=None, help="test-time refinement steps for learned methods (default 0)")
     p.add_argument("--threads", type=int, default=None,

@@ -51,7 +51,8 @@ class RegisterRequest:
     moving_landmarks: str | None = None
     fixed_mask: str | None = None    # region of interest on the fixed grid: the similarity is computed inside it
     align: str = "affine"
-    align_erode_mm: float = 0.0      # >0: alignment ignores this much of the head's outer layer (whole-head scans)
+    align_erode_mm: float | None = None  # None: automatic (whole-head scans: top of the head, scalp dropped);
+                                         # 0: whole image; >0: foreground eroded by this many mm
     spacing_mm: float | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
@@ -213,8 +214,9 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     if req.align == "none":
         align_t = sitk.AffineTransform(3)
     else:
+        align_mask, align_info["metric_region"] = alignment_mask(fixed, user_mask, req.align_erode_mm)
         align_t = initial_alignment(fixed, moving, req.align, progress=_span(reporter, "align"),
-                                    fixed_mask=alignment_mask(fixed, user_mask, req.align_erode_mm), info=align_info)
+                                    fixed_mask=align_mask, info=align_info)
     overlap = overlap_fraction(fixed, moving, align_t)
     if overlap < 0.2:
         hint = "" if req.align != "none" else " (initial alignment is off; try without --no-align)"
@@ -295,9 +297,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
                           "fixed_mask": req.fixed_mask and os.path.abspath(req.fixed_mask),
                           "foreground_for_fold_statistics": "the fixed mask" if user_mask is not None else
                           "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
-        "initial_alignment": {"mode": req.align, **align_info, "metric_region": "the fixed mask" if user_mask is not None else
-                              (f"foreground eroded by {req.align_erode_mm:g} mm" if req.align_erode_mm > 0 else
-                               "whole image"), "matrix_lps": affine_matrix(align_t).round(6).tolist(),
+        "initial_alignment": {"mode": req.align, **align_info, "matrix_lps": affine_matrix(align_t).round(6).tolist(),
                               "overlap_fraction": round(overlap, 4)},
         "transform_chain": "transform.h5 holds T(x) = A(x + u(x)) for fixed-space LPS points x (A: initial_alignment."
                            "matrix_lps, u: the method's field), as one displacement field on the fixed grid; "

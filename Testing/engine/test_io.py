@@ -70,12 +70,42 @@ def test_alignment_mask_prefers_user_mask_and_erodes_the_head(pair):
     from deepdiffreg.preprocess import foreground_mask
     fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
     seg = sitk.ReadImage(pair["fixed_seg"])
-    assert alignment_mask(fixed, None, 0.0) is None
-    user = alignment_mask(fixed, seg, 8.0)
+    assert alignment_mask(fixed, None, 0.0) == (None, "whole image")
+    # the sample brain is not head-sized: the automatic choice is the whole image
+    assert alignment_mask(fixed, None) == (None, "whole image (not a whole-head scan)")
+    user, what = alignment_mask(fixed, seg, 8.0)
+    assert what == "the fixed mask"
     assert np.array_equal(sitk.GetArrayFromImage(user), (sitk.GetArrayFromImage(seg) > 0).astype(np.uint8))
-    eroded = sitk.GetArrayFromImage(alignment_mask(fixed, None, 4.0))
+    eroded = sitk.GetArrayFromImage(alignment_mask(fixed, None, 4.0)[0])
     full = sitk.GetArrayFromImage(foreground_mask(fixed))
     assert 0 < eroded.sum() < full.sum() and not (eroded & ~full.astype(bool)).any()
+
+
+def test_whole_head_scan_is_aligned_on_the_top_of_the_head():
+    """A head-sized ellipsoid on a neck (LPS z up), stored with a rotated direction: the automatic alignment region
+    is the top 150 mm of it eroded by 10 mm — no neck, no outer layer — in physical space."""
+    from deepdiffreg.align import alignment_mask
+    sp = 2.0
+    # array (k, j, i) on a direction that maps index i → LPS y, j → LPS z, k → LPS x: "superior" is array axis 1;
+    # the head lies inside the field of view (the erosion does not eat into a head cut by the image border)
+    k, j, i = np.indices((140, 140, 110)).astype(float) * sp
+    x_mm, y_mm, s_mm = k, i, j
+    head = ((x_mm - 140) / 75) ** 2 + ((y_mm - 110) / 95) ** 2 + ((s_mm - 170) / 85) ** 2 <= 1   # top at 255 mm
+    neck = ((x_mm - 140) ** 2 + (y_mm - 110) ** 2 <= 45 ** 2) & (s_mm < 170)
+    img = sitk.GetImageFromArray(np.where(head | neck, 100.0, 0.0).astype(np.float32))
+    img.SetSpacing((sp,) * 3)
+    img.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    assert (head | neck).sum() * sp ** 3 / 1e6 > 2.5
+    region, what = alignment_mask(img, None)
+    assert what.startswith("whole-head scan")
+    kept = sitk.GetArrayFromImage(sitk.Resample(region, img, sitk.Transform(), sitk.sitkNearestNeighbor)) > 0
+    assert kept.any() and not kept[s_mm <= 255 - 150].any()       # nothing below the top 150 mm (the neck)
+    assert kept[head & (s_mm > 255 - 140)].mean() > 0.5
+    # the outer layer is dropped: 10 mm erosion of the automatic foreground, which itself adds a 2-voxel margin
+    depth = -sitk.GetArrayFromImage(sitk.SignedMaurerDistanceMap(
+        sitk.Cast(sitk.GetImageFromArray((head | neck).astype(np.uint8)), sitk.sitkUInt8),
+        insideIsPositive=False, squaredDistance=False, useImageSpacing=False)) * sp      # mm inside the skin (±1 voxel)
+    assert depth[kept & (s_mm > 170)].min() >= 3.0     # voxel-centre distances; convex upper half (no filled corners)
 
 
 def test_grid_vtk_reads_back_in_vtk_as_lps_polylines(tmp_path):
