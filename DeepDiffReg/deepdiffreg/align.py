@@ -68,10 +68,12 @@ def whole_head_region(fixed: sitk.Image, top_mm: float = HEAD_TOP_MM, erode_mm: 
     litres = a.sum() * float(np.prod(fg.GetSpacing())) / 1e6
     if not WHOLE_HEAD_LITRES[0] <= litres <= WHOLE_HEAD_LITRES[1]:
         return None
-    # superior (LPS z) coordinate of every voxel centre: z = origin_z + Σ_c direction[2, c]·spacing_c·index_c
-    zyx = np.indices(a.shape, dtype=np.float64)
+    # superior (LPS z) coordinate of every voxel centre: z = origin_z + Σ_c direction[2, c]·spacing_c·index_c,
+    # built by broadcasting the three index axes (array order k, j, i)
     d = np.asarray(fg.GetDirection()).reshape(3, 3)[2] * np.asarray(fg.GetSpacing())
-    s_mm = fg.GetOrigin()[2] + d[0] * zyx[2] + d[1] * zyx[1] + d[2] * zyx[0]
+    nk, nj, ni = a.shape
+    s_mm = (fg.GetOrigin()[2] + d[0] * np.arange(ni)[None, None, :] + d[1] * np.arange(nj)[None, :, None]
+            + d[2] * np.arange(nk)[:, None, None])
     keep = a & (s_mm > s_mm[a].max() - top_mm)
     region = sitk.GetImageFromArray(keep.astype(np.uint8))
     region.CopyInformation(fg)
