@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 
-from .preprocess import resample, smooth_for_downsampling, working_grid
+from .preprocess import foreground_mask, resample, smooth_for_downsampling, working_grid
 
 ALIGN_MODES = ("affine", "rigid", "none")
 
@@ -51,7 +51,6 @@ HEAD_ERODE_MM = 10.0
 
 def _foreground_2mm(fixed: sitk.Image) -> sitk.Image:
     """The automatic foreground on a ≤ 2 mm copy of ``fixed`` (cheap on 1 mm scans; fine enough for a metric mask)."""
-    from .preprocess import foreground_mask
     spacing = max(2.0, min(fixed.GetSpacing()))
     return foreground_mask(resample(smooth_for_downsampling(fixed, spacing), working_grid(fixed, spacing)))
 
@@ -102,7 +101,6 @@ def alignment_mask(fixed: sitk.Image, user_mask: sitk.Image | None, erode_mm: fl
     if erode_mm <= 0:
         return None, "whole image"
     radius = [max(1, int(round(erode_mm / s))) for s in fixed.GetSpacing()]
-    from .preprocess import foreground_mask
     mask = sitk.BinaryErode(foreground_mask(fixed), radius)
     if not sitk.GetArrayViewFromImage(mask).any():
         return None, f"whole image (foreground eroded by {erode_mm:g} mm is empty)"
