@@ -23,7 +23,7 @@ from deepdiffreg.losses import kl_laplacian
 from deepdiffreg.losses.kl import degree_map
 from deepdiffreg.methods.base import PairOnGrid
 from deepdiffreg.methods.refine import refine
-from deepdiffreg.nn.vxm_model import DEFAULT_CONFIG, build_net, training_step_loss, velocity_to_disp
+from deepdiffreg.nn.vxm_model import DEFAULT_CONFIG, build_net, soft_dice_loss, training_step_loss, velocity_to_disp
 from deepdiffreg.train.datasets import MixedPairs
 from deepdiffreg.train.loop import TrainSettings, evaluate, publish, train
 from deepdiffreg.train.synth_data import SynthPairs
@@ -169,6 +169,34 @@ def test_training_loss_decreases_on_fixed_pair_direct():
         opt.step()
         losses.append(float(out["recon"].detach()))
     assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5])
+
+
+def test_half_grid_dice_term_agrees_with_the_full_grid_one():
+    """The ½-grid Dice (2×2×2-averaged one-hot labels, on the velocity's own grid) is a cheap stand-in for the full
+    one. Label fractions never overlap perfectly (soft Dice of a fraction map with itself is < 1), so it has an
+    offset: what must hold is that it is lowest at the right displacement, rises with misalignment about as much
+    as the full-grid term does, and its gradient points back towards the fixed labels."""
+    lab = torch.as_tensor(blob_labels((32, 32, 32)))[None, None]
+    labels = [1, 2, 3, 4]
+    zero_full, zero_half = torch.zeros(1, 3, 32, 32, 32), torch.zeros(1, 3, 16, 16, 16)
+    aligned_full = float(soft_dice_loss(lab, lab, zero_full, labels))
+    aligned_half = float(soft_dice_loss(lab, lab, zero_half, labels))
+    assert aligned_full < 1e-6 and aligned_half < 0.25
+    moved = warp(lab, torch.full((1, 3, 32, 32, 32), 2.0), mode="nearest")        # moving = fixed shifted 2 vox
+    full = float(soft_dice_loss(lab, moved, zero_full, labels)) - aligned_full
+    half = float(soft_dice_loss(lab, moved, zero_half, labels)) - aligned_half
+    assert full > 0.1 and abs(half - full) < 0.35 * full
+    # moved(x) = fixed(x + 2): the aligning displacement is −2 voxels (−1 on the ½ grid), so both gradients are
+    # positive on average (the loss falls towards negative displacements)
+    u_half = torch.zeros(1, 3, 16, 16, 16, requires_grad=True)
+    u_full = torch.zeros(1, 3, 32, 32, 32, requires_grad=True)
+    soft_dice_loss(lab, moved, u_half, labels).backward()
+    soft_dice_loss(lab, moved, u_full, labels).backward()
+    assert float(u_half.grad.mean()) > 0 and float(u_full.grad.mean()) > 0
+    back = float(soft_dice_loss(lab, moved, torch.full((1, 3, 16, 16, 16), -1.0), labels)) - aligned_half
+    assert back < 0.1 * half
+    with pytest.raises(ValueError, match="neither the label grid"):
+        soft_dice_loss(lab, moved, torch.zeros(1, 3, 8, 8, 8), labels)
 
 
 def test_refine_lowers_the_loss():

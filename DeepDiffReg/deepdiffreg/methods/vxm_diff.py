@@ -97,34 +97,45 @@ class VxmDiff(Method):
     size_multiple = 16
     has_inverse = True
 
+    # the one place the defaults live: the CLI, the Slicer module and the benchmark get them from here
+    DEFAULTS: dict[str, Any] = {"model": None, "int_steps": 7, "uncertainty": "laplace", "uncertainty_samples": 8,
+                                "refine": 0, "refine_lr": REFINE_LR, "symmetric": True, "seed": 0}
+
+    def __init__(self, **options: Any):
+        super().__init__(**{**self.DEFAULTS, **options})
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        d = cls.DEFAULTS
         g = parser.add_argument_group("vxm-diff")
         g.add_argument("--vxm-model", default=None, help="model id from `deepdiffreg models list` "
                                                          "(default: the newest vxm-diff model)")
-        g.add_argument("--vxm-no-symmetric", dest="vxm_symmetric", action="store_false",
+        g.add_argument("--vxm-no-symmetric", dest="vxm_symmetric", action="store_false", default=None,
                        help="use the network's forward prediction only (the paper); default: the mean of the forward "
                             "velocity and the negated velocity predicted for the swapped pair (one more pass)")
-        g.add_argument("--vxm-int-steps", type=int, default=7, help="scaling-and-squaring steps (trained with 7)")
-        g.add_argument("--vxm-uncertainty", choices=("laplace", "sampled"), default="laplace",
+        g.add_argument("--vxm-int-steps", type=int, default=None,
+                       help=f"scaling-and-squaring steps (trained with {d['int_steps']})")
+        g.add_argument("--vxm-uncertainty", choices=("laplace", "sampled"), default=None,
                        help="uncertainty map: 'laplace' = posterior of the model's objective for this pair (default), "
                             "'sampled' = the network's own variance head (see methods/vxm_uncertainty.py)")
-        g.add_argument("--vxm-uncertainty-samples", type=int, default=8,
-                       help="velocity samples for --vxm-uncertainty sampled (0: exp(logvar), no sampling)")
-        g.add_argument("--vxm-refine-lr", type=float, default=REFINE_LR, help="Adam step for --refine (½-grid voxels)")
+        g.add_argument("--vxm-uncertainty-samples", type=int, default=None,
+                       help=f"velocity samples for --vxm-uncertainty sampled (0: exp(logvar), no sampling; default "
+                            f"{d['uncertainty_samples']})")
+        g.add_argument("--vxm-refine-lr", type=float, default=None,
+                       help=f"Adam step for --refine (½-grid voxels, default {d['refine_lr']})")
 
     @classmethod
     def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", 7),
-                "uncertainty": getattr(args, "vxm_uncertainty", "laplace"),
-                "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", 8),
-                "symmetric": getattr(args, "vxm_symmetric", True),
-                "refine": int(getattr(args, "refine", 0) or 0), "refine_lr": getattr(args, "vxm_refine_lr", REFINE_LR)}
+        given = {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", None),
+                 "uncertainty": getattr(args, "vxm_uncertainty", None),
+                 "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", None),
+                 "symmetric": getattr(args, "vxm_symmetric", None), "refine": getattr(args, "refine", None),
+                 "refine_lr": getattr(args, "vxm_refine_lr", None)}
+        return {k: v for k, v in given.items() if v is not None}
 
     def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
-        o = {"model": None, "int_steps": 7, "uncertainty": "laplace", "uncertainty_samples": 8, "refine": 0,
-             "refine_lr": REFINE_LR, "symmetric": True, "seed": 0, **self.options}
+        o = self.options
         entry = find_model(o["model"], method=self.name)
         obj = load_weights(entry)
         cfg = dict(obj["config"])

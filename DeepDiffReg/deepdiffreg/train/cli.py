@@ -37,6 +37,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--prior-lambda", type=float, default=20.0)
     p.add_argument("--dice-weight", type=float, default=0.0, help="optional semi-supervised Dice term weight")
     p.add_argument("--dice-labels", type=int, default=8, help="labels drawn per step for the Dice term")
+    p.add_argument("--dice-grid", choices=("full", "half"), default="full",
+                   help="grid of the Dice term: the image grid, or the velocity's ½ grid with 2×2×2-averaged "
+                        "one-hot labels (the Dice warp is then 8× cheaper: ~0.9 → ~0.55 s per CPU step)")
     p.add_argument("--enc", default="16,32,32,32")
     p.add_argument("--dec", default="32,32,32,32,16")
     p.add_argument("--publish", default=None, metavar="MODEL_ID",
@@ -62,7 +65,7 @@ def run_train(args) -> int:
                       real_affine=args.real_affine)
     val = validation_pairs(cache)
     model = dict(DEFAULT_CONFIG, image_sigma=args.image_sigma, prior_lambda=args.prior_lambda,
-                 dice_weight=args.dice_weight, enc=[int(x) for x in args.enc.split(",")],
+                 dice_weight=args.dice_weight, dice_grid=args.dice_grid, enc=[int(x) for x in args.enc.split(",")],
                  dec=[int(x) for x in args.dec.split(",")])
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, model=model,
@@ -77,7 +80,8 @@ def run_train(args) -> int:
                                                f"head) + {len(maps)} SynthSeg label maps (synthetic contrasts); "
                                                f"validation: 10 held-out IXI subjects, label maps 15/16",
                                        "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
-                                       "dice_weight": args.dice_weight, "lr": args.lr, "seed": args.seed,
+                                       "dice_weight": args.dice_weight, "dice_grid": args.dice_grid,
+                                       "dice_labels": args.dice_labels, "lr": args.lr, "seed": args.seed,
                                        "init": Path(args.init).name if args.init else None,
                                        "steps_before_init": args.init_steps})
         print(json.dumps(entry))
