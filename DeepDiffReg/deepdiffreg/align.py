@@ -100,8 +100,8 @@ def alignment_mask(fixed: sitk.Image, user_mask: sitk.Image | None, erode_mm: fl
         return None, "whole image (not a whole-head scan)"
     if erode_mm <= 0:
         return None, "whole image"
-    radius = [max(1, int(round(erode_mm / s))) for s in fixed.GetSpacing()]
-    mask = sitk.BinaryErode(foreground_mask(fixed), radius)
+    fg = _foreground_2mm(fixed)          # the same ≤ 2 mm foreground as the automatic whole-head region
+    mask = sitk.BinaryErode(fg, [max(1, int(round(erode_mm / s))) for s in fg.GetSpacing()])
     if not sitk.GetArrayViewFromImage(mask).any():
         return None, f"whole image (foreground eroded by {erode_mm:g} mm is empty)"
     return mask, f"foreground eroded by {erode_mm:g} mm"

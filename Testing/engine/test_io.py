@@ -66,8 +66,7 @@ def test_fixed_mask_is_used_and_reported(pair, tmp_path):
 
 
 def test_alignment_mask_prefers_user_mask_and_erodes_the_head(pair):
-    from deepdiffreg.align import alignment_mask
-    from deepdiffreg.preprocess import foreground_mask
+    from deepdiffreg.align import _foreground_2mm, alignment_mask
     fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
     seg = sitk.ReadImage(pair["fixed_seg"])
     assert alignment_mask(fixed, None, 0.0) == (None, "whole image")
@@ -76,8 +75,11 @@ def test_alignment_mask_prefers_user_mask_and_erodes_the_head(pair):
     user, what = alignment_mask(fixed, seg, 8.0)
     assert what == "the fixed mask"
     assert np.array_equal(sitk.GetArrayFromImage(user), (sitk.GetArrayFromImage(seg) > 0).astype(np.uint8))
-    eroded = sitk.GetArrayFromImage(alignment_mask(fixed, None, 4.0)[0])
-    full = sitk.GetArrayFromImage(foreground_mask(fixed))
+    # an explicit erosion works on the same ≤ 2 mm foreground copy as the automatic whole-head region
+    eroded_img, what = alignment_mask(fixed, None, 4.0)
+    assert what == "foreground eroded by 4 mm" and min(eroded_img.GetSpacing()) >= 2.0
+    eroded = sitk.GetArrayFromImage(eroded_img)
+    full = sitk.GetArrayFromImage(_foreground_2mm(fixed))
     assert 0 < eroded.sum() < full.sum() and not (eroded & ~full.astype(bool)).any()
 
 
