@@ -153,6 +153,31 @@ def test_tiny_model_trains_and_loss_goes_down(tmp_path):
     assert (tmp_path / "models" / "tiny-test.md").exists()
 
 
+def test_weight_average_is_what_gets_validated_and_saved(tmp_path):
+    """--ema: best/last.pt hold the averaged weights (not the live ones), the checkpoint carries the average so
+    that a resumed run continues it, and the live weights keep training."""
+    lab = blob_labels((16, 16, 16))
+    pair = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False).pair(0)
+
+    class One:
+        def sample(self, step):
+            return pair
+
+    cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
+    settings = lambda steps: TrainSettings(out_dir=str(tmp_path / "run"), steps=steps, lr=3e-3, val_every=10,  # noqa: E731
+                                           model=cfg, ema=0.9)
+    train(settings(10), One(), [dict(pair, name="p0")])
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    last = W._load_file(tmp_path / "run" / "last.pt")["state_dict"]
+    key = "mu.weight"
+    assert torch.equal(last[key], ck["ema"][key])                     # saved weights = the average
+    assert not torch.equal(ck["state_dict"][key], ck["ema"][key])      # ≠ the live weights
+    train(settings(20), One(), [dict(pair, name="p0")])               # resume continues the same average
+    ck2 = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck2["step"] == 20 and not torch.equal(ck2["ema"][key], ck["ema"][key])
+    assert torch.equal(W._load_file(tmp_path / "run" / "last.pt")["state_dict"][key], ck2["ema"][key])
+
+
 def test_training_loss_decreases_on_fixed_pair_direct():
     torch.manual_seed(0)
     lab = blob_labels((16, 16, 16))

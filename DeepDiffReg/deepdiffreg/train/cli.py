@@ -40,6 +40,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dice-grid", choices=("full", "half"), default="full",
                    help="grid of the Dice term: the image grid, or the velocity's ½ grid with 2×2×2-averaged "
                         "one-hot labels (the Dice warp is then 8× cheaper: ~0.9 → ~0.55 s per CPU step)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="validate and save an exponential moving average of the weights with this decay per step "
+                        "(e.g. 0.999; 0 = off)")
     p.add_argument("--enc", default="16,32,32,32")
     p.add_argument("--dec", default="32,32,32,32,16")
     p.add_argument("--publish", default=None, metavar="MODEL_ID",
@@ -70,7 +73,7 @@ def run_train(args) -> int:
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, model=model,
                              max_seconds=args.max_hours * 3600, init=args.init,
-                             dice_labels_per_step=args.dice_labels)
+                             dice_labels_per_step=args.dice_labels, ema=args.ema)
     print(f"training on {len(real)} IXI subjects + {len(maps)} label maps; {len(val)} validation pairs",
           file=sys.stderr)
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
@@ -81,7 +84,7 @@ def run_train(args) -> int:
                                                f"validation: 10 held-out IXI subjects, label maps 15/16",
                                        "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
                                        "dice_weight": args.dice_weight, "dice_grid": args.dice_grid,
-                                       "dice_labels": args.dice_labels, "lr": args.lr, "seed": args.seed,
+                                       "dice_labels": args.dice_labels, "ema": args.ema, "lr": args.lr, "seed": args.seed,
                                        "init": Path(args.init).name if args.init else None,
                                        "steps_before_init": args.init_steps})
         print(json.dumps(entry))

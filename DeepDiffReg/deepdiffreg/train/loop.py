@@ -39,6 +39,7 @@ class TrainSettings:
     dice_labels_per_step: int = 8
     max_seconds: float = 0.0          # stop (with a checkpoint) after this wall time; 0 = no limit
     init: str | None = None           # weights file to start a new run from (ignored when resuming)
+    ema: float = 0.0                  # > 0: validate and save an exponential moving average of the weights
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -122,7 +123,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     net = build_net(config).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     ckpt, csv_path = out / "checkpoint.pt", out / "train_log.csv"
-    step, best = 0, -1.0
+    step, best, state = 0, -1.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
         net.load_state_dict(state["state_dict"])
@@ -141,6 +142,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
             opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
             log(f"initialised from {settings.init}")
         csv_path.write_text(",".join(CSV_FIELDS) + "\n")
+    ema = _Ema(net, settings.ema, state.get("ema") if ckpt.exists() else None) if settings.ema > 0 else None
     (out / "settings.json").write_text(json.dumps({**asdict(settings), "model": config}, indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)
     acc: dict[str, list[float]] = {}
@@ -162,11 +164,14 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
+        if ema is not None:
+            ema.update(net)
         step += 1
         for k, v in terms.items():
             acc.setdefault(k, []).append(float(v.detach()))
         last = step == settings.steps or (settings.max_seconds and time.time() - t0 > settings.max_seconds)
         if step % settings.val_every == 0 or last:
+            live = ema.swap_in(net) if ema is not None else None      # validate and save the averaged weights
             ev = evaluate(net, val_pairs, config, device) if val_pairs else \
                 {"val_dice": float("nan"), "val_dice_before": float("nan"), "val_fold_pct": float("nan")}
             row = {"step": step, "seconds": round(time.time() - t0, 1),
@@ -183,15 +188,42 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
             elif not val_pairs:
                 save_weights(out / "best.pt", config, net.state_dict(), {"method": "vxm-diff", "step": step})
             save_weights(out / "last.pt", config, net.state_dict(), {"method": "vxm-diff", "step": step})
+            if live is not None:
+                net.load_state_dict(live)
             tmp = out / "checkpoint.tmp.pt"
             torch.save({"state_dict": net.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                        "best_val_dice": best, "config": config}, tmp)
+                        "best_val_dice": best, "config": config,
+                        **({"ema": ema.state} if ema is not None else {})}, tmp)
             tmp.replace(ckpt)
             _plot(csv_path, out / "train_log.png")
             log(json.dumps(row))
         if last:
             break
     return {"step": step, "best_val_dice": best, "out_dir": str(out)}
+
+
+class _Ema:
+    """Exponential moving average of the weights (decay ``d`` per step): a late, flat learning curve is mostly
+    step-to-step noise of batch-1 training, which the average removes. Validation and best/last.pt use it; the
+    optimiser keeps training the live weights."""
+
+    def __init__(self, net: torch.nn.Module, decay: float, state: dict | None = None):
+        self.decay = float(decay)
+        self.state = {k: v.detach().clone() for k, v in (state or net.state_dict()).items()}
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        for k, v in net.state_dict().items():
+            if v.is_floating_point():
+                self.state[k].mul_(self.decay).add_(v.detach(), alpha=1.0 - self.decay)
+            else:
+                self.state[k].copy_(v)
+
+    def swap_in(self, net: torch.nn.Module) -> dict:
+        """Load the averaged weights into ``net``; return a copy of the live ones to put back."""
+        live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        net.load_state_dict(self.state)
+        return live
 
 
 def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, training: dict[str, Any],
