@@ -421,3 +421,65 @@ def test_symmetric_inference_swaps_exactly():
     assert torch.allclose(fwd.inverse_disp_vox, back.disp_vox, atol=1e-5)
     plain = run(p["fixed"], p["moving"], symmetric=False)
     assert plain.info["symmetric"] is False and not torch.allclose(plain.disp_vox, fwd.disp_vox, atol=1e-4)
+
+
+def test_cascade_composes_its_stages_and_inverts(tmp_path, monkeypatch):
+    """A 2-stage cascade (``stages`` in the config): stage 2 registers the moving image warped by stage 1, the
+    result is φ1 ∘ φ2 and the inverse φ2⁻¹ ∘ φ1⁻¹; seeded from a 1-stage model, both stages are that model."""
+    entry = _bundled_vxm()
+    from deepdiffreg.field import compose
+    from deepdiffreg.methods.vxm_diff import VxmDiff
+    from deepdiffreg.nn.vxm_model import load_stages, predict_mean, stage_nets
+    obj = W.load_weights(entry)
+    cfg2 = dict(obj["config"], stages=2)
+    net2 = build_net(cfg2)
+    load_stages(net2, obj)
+    for unet in stage_nets(net2):
+        assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), obj["state_dict"].values()))
+    folder = tmp_path / "bundled"
+    folder.mkdir()
+    sha = W.save_weights(folder / "casc.pt", cfg2, net2.state_dict(), {"method": "vxm-diff"})
+    W.write_manifest(folder, [{**{k: v for k, v in entry.items() if k not in ("source", "path")},
+                               "id": "casc", "file": "casc.pt", "sha256": sha}])
+    monkeypatch.setenv("DEEPDIFFREG_BUNDLED_MODELS", str(folder))
+    monkeypatch.setenv("DEEPDIFFREG_MODELS_DIR", str(tmp_path / "user"))
+
+    p = fixture_input((32, 32, 32))
+    f, m = p["fixed"], p["moving"]
+    geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
+    est = VxmDiff(model="casc").register(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
+    assert est.info["stages"] == 2
+    # the same thing by hand: stage 1 on (m, f), stage 2 on (m∘φ1, f), composed
+    unet = stage_nets(net2)[0].eval()
+    with torch.no_grad():
+        u1 = velocity_to_disp(predict_mean(unet, m, f, True)[0], (32, 32, 32))
+        mu2 = predict_mean(unet, warp(m, u1), f, True)[0]
+        u2 = velocity_to_disp(mu2, (32, 32, 32))
+    assert torch.allclose(est.disp_vox, compose(u1, u2), atol=1e-4)
+    assert not torch.allclose(est.disp_vox, u1, atol=1e-3)                 # the second stage did something
+    comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)   # φ ∘ φ⁻¹ ≈ identity
+    inner = comp[:, :, 3:-3, 3:-3, 3:-3].abs()       # (two border-clamped compositions: the margin errs more)
+    assert float(inner.mean()) < 0.1 and float(torch.quantile(inner.flatten(), 0.99)) < 0.5
+    assert float(jacobian_det(est.disp_vox).min()) > 0
+
+
+def test_cascade_training_updates_the_last_stage_only(tmp_path):
+    lab = blob_labels((16, 16, 16))
+    pair = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False).pair(0)
+
+    class One:
+        def sample(self, step):
+            return pair
+
+    cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
+    train(TrainSettings(out_dir=str(tmp_path / "one"), steps=10, lr=3e-3, val_every=10, model=cfg), One(), [])
+    seed = tmp_path / "one" / "last.pt"
+    train(TrainSettings(out_dir=str(tmp_path / "two"), steps=10, lr=3e-3, val_every=10, init=str(seed),
+                        model=dict(cfg, stages=2)), One(), [dict(pair, name="p0")])
+    before = W._load_file(seed)["state_dict"]
+    after = W._load_file(tmp_path / "two" / "last.pt")
+    assert after["config"]["stages"] == 2
+    s = after["state_dict"]
+    assert all(torch.equal(s[f"stages.0.{k}"], v) for k, v in before.items())          # frozen
+    assert not torch.equal(s["stages.1.mu.weight"], before["mu.weight"])             # trained
+    assert (tmp_path / "two" / "train_log.csv").read_text().count("\n") == 2

@@ -9,7 +9,10 @@ What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field
 - symmetric inference (default; ``--vxm-no-symmetric`` for the paper's forward pass only): v = ½(μ(m, f) − μ(f, m)),
   the mean of the forward estimate and the inverse of the swapped pair's estimate — +0.01 validation Dice on all
   8 validation pairs for one more network pass (docs/training.md);
-- inverse = exp(−v) on the same grid;
+- a model may be a recursive cascade of such networks (config ``stages`` > 1, nn/vxm_model.py): the earlier stages
+  warp the moving image, the last one registers what is left, φ = φ1 ∘ … ∘ φK; refinement and the uncertainty
+  act on the last stage's velocity, given the earlier ones;
+- inverse = exp(−v) on the same grid (a cascade: exp(−vK) ∘ … ∘ exp(−v1));
 - uncertainty (methods/vxm_uncertainty.py): by default the diagonal Laplace posterior of the model's own objective
   for this pair at μ, with the image noise re-estimated from the local residual (``--vxm-uncertainty laplace``);
   ``sampled`` gives the network's variance head as in the paper (S velocity samples integrated);
@@ -25,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..field import integrate_ss, resize_disp, resize_image, warp
+from ..field import compose, integrate_ss, resize_disp, resize_image, warp
 from ..io.weights import find_model, load_weights
 from ..losses.kl import laplacian_prec, recon_mse
-from ..nn.vxm_model import build_net, velocity_to_disp
+from ..nn.vxm_model import build_net, predict_mean, prior_stages, stage_nets, velocity_to_disp
 from .base import FieldEstimate, Method, PairOnGrid, register_method
 from .refine import refine
 from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
@@ -141,6 +144,7 @@ class VxmDiff(Method):
         cfg = dict(obj["config"])
         net = build_net(cfg)
         net.load_state_dict(obj["state_dict"])
+        n_stages = len(stage_nets(net))
         net.to(device).eval()
         progress(0.1, f"loaded model {entry['id']}")
 
@@ -152,20 +156,20 @@ class VxmDiff(Method):
         fp, mp = resize_image(f, pshape), resize_image(m, pshape)   # same box, sizes a multiple of 16
         steps = int(o["int_steps"])
         with torch.no_grad():
-            mu, logvar = net(mp, fp)
-            if o["symmetric"]:
-                # exp(v) maps fixed→moving; the swapped pair predicts moving→fixed, whose inverse is exp(−v'): the
-                # average of the two estimates of the same velocity (same grid, same box)
-                mu_back, _ = net(fp, mp)
-                mu = 0.5 * (mu - mu_back)
+            # a cascade's earlier stages first (composed, with their inverse); then the last stage on the moving
+            # image they warped — for a single network, prior is None and m_in is the moving image
+            prior, prior_inv = prior_stages(net, mp, fp, steps, bool(o["symmetric"]), inverse=True)
+            m_in = mp if prior is None else warp(mp, prior)
+            mu, logvar = predict_mean(stage_nets(net)[-1], m_in, fp, bool(o["symmetric"]))
         progress(0.4, "network done")
         info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "net_grid": list(pshape),
-                                "axes_to_canonical": {"src": src, "flip": flip}, "symmetric": bool(o["symmetric"])}
+                                "axes_to_canonical": {"src": src, "flip": flip}, "symmetric": bool(o["symmetric"]),
+                                "stages": n_stages}
         if o["refine"] > 0:
             sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
 
             def loss_fn(v):
-                warped = warp(mp, velocity_to_disp(v, pshape, steps))
+                warped = warp(m_in, velocity_to_disp(v, pshape, steps))
                 return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(v)
 
             mu, rinfo = refine(mu, loss_fn, o["refine"], lr=float(o["refine_lr"]),
@@ -174,15 +178,19 @@ class VxmDiff(Method):
         with torch.no_grad():
             shape = tuple(shape)
             u_half = integrate_ss(mu, steps)                  # exp(v) on the ½ grid, resized where it is needed
-            disp = resize_disp(u_half, shape)
-            inv = velocity_to_disp(-mu, shape, steps)
+            if prior is None:
+                disp = resize_disp(u_half, shape)
+                inv = velocity_to_disp(-mu, shape, steps)
+            else:                                             # φ = φ_prior ∘ exp(v), φ⁻¹ = exp(−v) ∘ φ_prior⁻¹
+                disp = resize_disp(compose(prior, resize_disp(u_half, tuple(pshape))), shape)
+                inv = resize_disp(compose(velocity_to_disp(-mu, tuple(pshape), steps), prior_inv), shape)
             sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=mu.dtype, device=device)  # (k, j, i)
             half = mu.shape[2:]
             # mm per ½-grid voxel along each canonical axis: working spacing × (n_work − 1)/(n_half − 1)
             mm = torch.stack([sp[src[a]] * (shape[a] - 1) / max(half[a] - 1, 1) for a in range(3)])
             kind, ns = o["uncertainty"], int(o["uncertainty_samples"])
             if kind == "laplace":
-                unc = laplace_std_mm(mu, fp, mp, resize_disp(u_half, tuple(pshape)), cfg["prior_lambda"],
+                unc = laplace_std_mm(mu, fp, m_in, resize_disp(u_half, tuple(pshape)), cfg["prior_lambda"],
                                      cfg["image_sigma"], mm)
                 info["uncertainty"] = ("laplace: sqrt(trace) of the diagonal Laplace posterior covariance of the "
                                        "velocity at mu for this pair (prior lambda*D + data 2*grad^2/sigma_loc^2, "

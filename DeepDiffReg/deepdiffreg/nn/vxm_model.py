@@ -3,6 +3,11 @@
 Grids: the network sees (moving, fixed) on a grid whose sizes are multiples of 2**len(enc); it predicts the
 velocity on the ½-resolution grid; exp(v) is integrated there by scaling and squaring and the displacement is
 then resized to the full grid (values rescaled to the full grid's voxel units, ``field.resize_disp``).
+
+Cascade (config ``"stages": K`` > 1, a recursive cascade of the same network, Zhao et al. ICCV 2019): stage k
+registers the moving image already warped by stages 1..k−1 and the maps compose, φ = φ1 ∘ φ2 ∘ … ∘ φK (each
+φk = exp(vk), so the result stays diffeomorphic and its inverse is exp(−vK) ∘ … ∘ exp(−v1)). Training updates
+the last stage only; the earlier ones are frozen (they are the previous model).
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..field import integrate_ss, resize_disp, warp
+from torch import nn
+
+from ..field import compose, integrate_ss, resize_disp, warp
 from ..losses.kl import kl_laplacian, recon_mse
 from .unet import DEFAULT_DEC, DEFAULT_ENC, VxmDiffUNet
 
@@ -21,8 +28,55 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-def build_net(config: dict[str, Any]) -> VxmDiffUNet:
-    return VxmDiffUNet(config.get("enc", DEFAULT_ENC), config.get("dec", DEFAULT_DEC))
+class VxmCascade(nn.Module):
+    """K VoxelMorph-diff U-Nets applied one after the other (see the module docstring); ``stages[k]`` is one
+    ``VxmDiffUNet``. Not called directly: ``prior_stages`` + the last stage do the work."""
+
+    def __init__(self, nets: list[VxmDiffUNet]):
+        super().__init__()
+        self.stages = nn.ModuleList(nets)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.stages[0].size_multiple
+
+
+def build_net(config: dict[str, Any]) -> VxmDiffUNet | VxmCascade:
+    nets = [VxmDiffUNet(config.get("enc", DEFAULT_ENC), config.get("dec", DEFAULT_DEC))
+            for _ in range(int(config.get("stages", 1)))]
+    return nets[0] if len(nets) == 1 else VxmCascade(nets)
+
+
+def stage_nets(net: VxmDiffUNet | VxmCascade) -> list[VxmDiffUNet]:
+    return list(net.stages) if isinstance(net, VxmCascade) else [net]
+
+
+def predict_mean(unet: VxmDiffUNet, moving: torch.Tensor, fixed: torch.Tensor, symmetric: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, logvar) of one stage; ``symmetric``: μ = ½(μ(m, f) − μ(f, m)) — the forward estimate averaged with the
+    negated estimate for the swapped pair (exp(v) maps fixed→moving, the swapped pair's exp(v') moving→fixed)."""
+    mu, logvar = unet(moving, fixed)
+    if symmetric:
+        mu_back, _ = unet(fixed, moving)
+        mu = 0.5 * (mu - mu_back)
+    return mu, logvar
+
+
+@torch.no_grad()
+def prior_stages(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, steps: int,
+                 symmetric: bool, inverse: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The composed displacement of every stage but the last, on the grid of ``fixed`` (voxels), and optionally
+    its inverse; (None, None) for a single network. Stage k sees the moving image warped by stages 1..k−1."""
+    disp = inv = None
+    for unet in stage_nets(net)[:-1]:
+        m = moving if disp is None else warp(moving, disp)
+        mu, _ = predict_mean(unet, m, fixed, symmetric)
+        u = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
+        disp = u if disp is None else compose(disp, u)                 # φ_prev ∘ φ_k
+        if inverse:
+            u_inv = velocity_to_disp(-mu, tuple(fixed.shape[2:]), steps)
+            inv = u_inv if inv is None else compose(u_inv, inv)        # φ_k⁻¹ ∘ φ_prev⁻¹
+    return disp, inv
 
 
 def velocity_to_disp(v_half: torch.Tensor, full_shape: tuple[int, int, int], steps: int = 7) -> torch.Tensor:
@@ -56,15 +110,50 @@ def soft_dice_loss(fixed_lab: torch.Tensor, moving_lab: torch.Tensor, disp: torc
     return 1.0 - (2 * inter / den.clamp_min(1e-6)).mean()
 
 
+@torch.no_grad()
+def predict_disp(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, steps: int,
+                 symmetric: bool = False) -> torch.Tensor:
+    """The mean transform's displacement (B, 3, *fixed grid) in voxels: earlier stages symmetric (as trained), the
+    last one as asked (the training log's validation uses the forward pass, ``symmetric=False``)."""
+    prior, _ = prior_stages(net, moving, fixed, steps, symmetric=True)
+    mu, _ = predict_mean(stage_nets(net)[-1], moving if prior is None else warp(moving, prior), fixed, symmetric)
+    disp = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
+    return disp if prior is None else compose(prior, disp)
+
+
+def load_stages(net: VxmDiffUNet | VxmCascade, obj: dict[str, Any]) -> None:
+    """Load a weights object into ``net``. A model with fewer stages seeds a deeper cascade: its stages fill the
+    first ones and its last stage is copied into each new one (the new stage starts as the old network, which
+    already helps as a second pass, and is then fine-tuned on the residual pairs)."""
+    have = int(obj["config"].get("stages", 1))
+    nets = stage_nets(net)
+    if have == len(nets):
+        net.load_state_dict(obj["state_dict"])
+        return
+    if have > len(nets):
+        raise ValueError(f"load_stages() weights have {have} stages, the model {len(nets)}")
+    src = build_net(obj["config"])
+    src.load_state_dict(obj["state_dict"])
+    old = stage_nets(src)
+    for k, unet in enumerate(nets):
+        unet.load_state_dict(old[min(k, have - 1)].state_dict())
+
+
 def training_step_loss(net: VxmDiffUNet, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
                        generator: torch.Generator | None = None, fixed_lab: torch.Tensor | None = None,
                        moving_lab: torch.Tensor | None = None, dice_labels: list[int] | None = None
                        ) -> dict[str, torch.Tensor]:
-    """Negative ELBO for one pair (one sample, K = 1): recon_mse(f, m∘φ_z)/σ² + KL, plus an optional Dice term."""
-    mu, logvar = net(moving, fixed)
+    """Negative ELBO for one pair (one sample, K = 1): recon_mse(f, m∘φ_z)/σ² + KL, plus an optional Dice term.
+    For a cascade the terms are those of the last stage's velocity, φ = φ_prior ∘ exp(z); the earlier stages are
+    frozen and run as at inference (symmetric), so the last one learns the residuals it will be shown."""
+    prior, _ = prior_stages(net, moving, fixed, config["int_steps"], symmetric=True)
+    mu, logvar = stage_nets(net)[-1](moving if prior is None else warp(moving, prior), fixed)
     z = sample_velocity(mu, logvar, generator)
     u_half = integrate_ss(z, config["int_steps"])
     disp = resize_disp(u_half, tuple(fixed.shape[2:]))
+    if prior is not None:
+        u_half = compose(resize_disp(prior, tuple(u_half.shape[2:])), u_half)
+        disp = compose(prior, disp)
     warped = warp(moving, disp)
     recon = recon_mse(fixed, warped, config["image_sigma"])
     kl = kl_laplacian(mu, logvar, config["prior_lambda"])

@@ -43,6 +43,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, default=0.0,
                    help="validate and save an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.999; 0 = off)")
+    p.add_argument("--stages", type=int, default=1,
+                   help="networks in a recursive cascade (φ1∘φ2∘…); with --init from a model with fewer stages, the "
+                        "earlier stages are that model (frozen) and the last one is fine-tuned on what they leave")
     p.add_argument("--enc", default="16,32,32,32")
     p.add_argument("--dec", default="32,32,32,32,16")
     p.add_argument("--publish", default=None, metavar="MODEL_ID",
@@ -68,7 +71,7 @@ def run_train(args) -> int:
                       real_affine=args.real_affine)
     val = validation_pairs(cache)
     model = dict(DEFAULT_CONFIG, image_sigma=args.image_sigma, prior_lambda=args.prior_lambda,
-                 dice_weight=args.dice_weight, dice_grid=args.dice_grid, enc=[int(x) for x in args.enc.split(",")],
+                 dice_weight=args.dice_weight, dice_grid=args.dice_grid, stages=args.stages, enc=[int(x) for x in args.enc.split(",")],
                  dec=[int(x) for x in args.dec.split(",")])
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, model=model,
@@ -84,7 +87,7 @@ def run_train(args) -> int:
                                                f"validation: 10 held-out IXI subjects, label maps 15/16",
                                        "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
                                        "dice_weight": args.dice_weight, "dice_grid": args.dice_grid,
-                                       "dice_labels": args.dice_labels, "ema": args.ema, "lr": args.lr, "seed": args.seed,
+                                       "dice_labels": args.dice_labels, "ema": args.ema, "stages": args.stages, "lr": args.lr, "seed": args.seed,
                                        "init": Path(args.init).name if args.init else None,
                                        "steps_before_init": args.init_steps})
         print(json.dumps(entry))

@@ -20,7 +20,7 @@ import torch
 
 from ..field import jacobian_det, warp
 from ..io.weights import save_weights, sha256_of, upsert_entry
-from ..nn.vxm_model import DEFAULT_CONFIG, build_net, training_step_loss, velocity_to_disp
+from ..nn.vxm_model import DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, training_step_loss
 
 CSV_FIELDS = ["step", "seconds", "loss", "recon", "kl", "dice_loss", "val_dice", "val_dice_before",
               "val_fold_pct", "lr"]
@@ -70,8 +70,7 @@ def evaluate(net, pairs: list[dict], config: dict, device: torch.device) -> dict
     before, after, folds, rows = [], [], [], []
     for p in pairs:
         f, m = p["fixed"].to(device), p["moving"].to(device)
-        mu, _ = net(m, f)
-        disp = velocity_to_disp(mu, tuple(f.shape[2:]), config["int_steps"])
+        disp = predict_disp(net, m, f, config["int_steps"])
         wl = warp(p["moving_labels"].to(device), disp, mode="nearest")
         labels = sorted(set(torch.unique(p["fixed_labels"]).tolist()) & set(torch.unique(p["moving_labels"]).tolist()) - {0})
         d0 = np.mean(list(dice_per_label(p["fixed_labels"], p["moving_labels"], labels).values()))
@@ -138,10 +137,12 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
             obj = torch.load(settings.init, map_location=device, weights_only=True)
             config = dict(obj["config"], **{k: v for k, v in settings.model.items() if k not in ("enc", "dec")})
             net = build_net(config).to(device)
-            net.load_state_dict(obj["state_dict"])
+            load_stages(net, obj)
             opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
             log(f"initialised from {settings.init}")
         csv_path.write_text(",".join(CSV_FIELDS) + "\n")
+    for unet in stage_nets(net)[:-1]:            # a cascade trains its last stage only
+        unet.requires_grad_(False)
     ema = _Ema(net, settings.ema, state.get("ema") if ckpt.exists() else None) if settings.ema > 0 else None
     (out / "settings.json").write_text(json.dumps({**asdict(settings), "model": config}, indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)
