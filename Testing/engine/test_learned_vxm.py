@@ -23,7 +23,8 @@ from deepdiffreg.losses import kl_laplacian
 from deepdiffreg.losses.kl import degree_map
 from deepdiffreg.methods.base import PairOnGrid
 from deepdiffreg.methods.refine import refine
-from deepdiffreg.nn.vxm_model import DEFAULT_CONFIG, build_net, soft_dice_loss, training_step_loss, velocity_to_disp
+from deepdiffreg.nn.vxm_model import (DEFAULT_CONFIG, build_net, predict_disp, prior_stages, soft_dice_loss,
+                                      stage_nets, training_step_loss, velocity_to_disp)
 from deepdiffreg.train.datasets import MixedPairs
 from deepdiffreg.train.loop import TrainSettings, evaluate, publish, train
 from deepdiffreg.train.synth_data import SynthPairs
@@ -293,9 +294,11 @@ def _stored_output(entry) -> dict:
     net.load_state_dict(obj["state_dict"])
     net.eval()
     p = fixture_input()
-    with torch.no_grad():
-        mu, logvar = net(p["moving"], p["fixed"])
-    disp = velocity_to_disp(mu, (32, 32, 32), 7)
+    m, f = p["moving"], p["fixed"]
+    with torch.no_grad():            # the last stage's forward heads (a single network: prior is None)
+        prior, _ = prior_stages(net, m, f, 7, symmetric=True)
+        mu, logvar = stage_nets(net)[-1](m if prior is None else warp(m, prior), f)
+    disp = predict_disp(net, m, f, 7)
     return {"sha256": entry["sha256"], "mu_abs_mean": float(mu.abs().mean()), "mu_sum": float(mu.sum()),
             "logvar_mean": float(logvar.mean()), "disp_abs_mean": float(disp.abs().mean()),
             "mu_samples": [float(v) for v in mu.flatten()[::997][:12]]}
