@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from ..field import compose, integrate_ss, resize_disp, warp
@@ -139,7 +138,7 @@ def load_stages(net: VxmDiffUNet | VxmCascade, obj: dict[str, Any]) -> None:
         unet.load_state_dict(old[min(k, have - 1)].state_dict())
 
 
-def training_step_loss(net: VxmDiffUNet, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
+def training_step_loss(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
                        generator: torch.Generator | None = None, fixed_lab: torch.Tensor | None = None,
                        moving_lab: torch.Tensor | None = None, dice_labels: list[int] | None = None
                        ) -> dict[str, torch.Tensor]:
