@@ -242,6 +242,27 @@ def _bundled_vxm():
         pytest.skip("no bundled vxm-diff weights yet")
 
 
+def _first_stage(obj: dict) -> dict:
+    """The bundled model's first network as a 1-stage weights object (the bundled model may be a cascade)."""
+    net = build_net(obj["config"])
+    net.load_state_dict(obj["state_dict"])
+    return {"config": dict(obj["config"], stages=1), "state_dict": stage_nets(net)[0].state_dict()}
+
+
+def _install(tmp_path, monkeypatch, entry: dict, models: dict[str, dict]) -> None:
+    """Serve ``models`` ({id: weights object}) as the bundled models (manifest entries copied from ``entry``)."""
+    folder = tmp_path / "bundled"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for mid, obj in models.items():
+        sha = W.save_weights(folder / f"{mid}.pt", obj["config"], obj["state_dict"], {"method": "vxm-diff"})
+        rows.append({**{k: v for k, v in entry.items() if k not in ("source", "path")},
+                     "id": mid, "file": f"{mid}.pt", "sha256": sha})
+    W.write_manifest(folder, rows)
+    monkeypatch.setenv("DEEPDIFFREG_BUNDLED_MODELS", str(folder))
+    monkeypatch.setenv("DEEPDIFFREG_MODELS_DIR", str(tmp_path / "user"))
+
+
 def test_tampered_or_missing_weights_are_rejected(tmp_path, monkeypatch):
     entry = _bundled_vxm()
     folder = tmp_path / "bundled"
@@ -332,10 +353,11 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
     assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
     assert calls[-1] == 1.0
-    # forward ∘ inverse ≈ identity (exp(v)∘exp(−v))
+    # forward ∘ inverse ≈ identity (exp(v)∘exp(−v), per stage of a cascade); the border-clamped compositions of a
+    # cascade err most in the few voxels next to the margin, hence a percentile rather than the maximum
     comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)
     inner = comp[:, :, 3:-3, 3:-3, 3:-3].abs()
-    assert float(inner.mean()) < 0.1 and float(inner.max()) < 1.0
+    assert float(inner.mean()) < 0.1 and float(torch.quantile(inner.flatten(), 0.99)) < 0.5
 
 
 def test_vxm_diff_end_to_end_cli(tmp_path):
@@ -410,20 +432,28 @@ def test_unlabeled_folder_loader(tmp_path):
     assert np.corrcoef(img.ravel(), ref.ravel())[0, 1] > 0.8             # realigned onto the reference
 
 
-def test_symmetric_inference_swaps_exactly():
-    """Default (symmetric) inference: registering (moving, fixed) gives exactly the inverse velocity of (fixed,
-    moving), so the swapped pair's transform is this pair's inverse field."""
-    _bundled_vxm()
+def test_symmetric_inference_swaps_exactly(tmp_path, monkeypatch):
+    """Default (symmetric) inference of one network: registering (moving, fixed) gives exactly the inverse velocity
+    of (fixed, moving), so the swapped pair's transform is this pair's inverse field. A cascade keeps it only
+    approximately (its second stage sees a pair warped by the first)."""
+    entry = _bundled_vxm()
     from deepdiffreg.methods.vxm_diff import VxmDiff
+    obj = W.load_weights(entry)
+    _install(tmp_path, monkeypatch, entry, {"one": _first_stage(obj), "bundled": obj})
     p = fixture_input((32, 32, 32))
     geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
     run = lambda f, m, **o: VxmDiff(**o).register(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
-    fwd, back = run(p["fixed"], p["moving"]), run(p["moving"], p["fixed"])
-    assert fwd.info["symmetric"] is True
+    fwd, back = run(p["fixed"], p["moving"], model="one"), run(p["moving"], p["fixed"], model="one")
+    assert fwd.info["symmetric"] is True and fwd.info["stages"] == 1
     assert torch.allclose(fwd.disp_vox, back.inverse_disp_vox, atol=1e-5)
     assert torch.allclose(fwd.inverse_disp_vox, back.disp_vox, atol=1e-5)
-    plain = run(p["fixed"], p["moving"], symmetric=False)
+    plain = run(p["fixed"], p["moving"], model="one", symmetric=False)
     assert plain.info["symmetric"] is False and not torch.allclose(plain.disp_vox, fwd.disp_vox, atol=1e-4)
+    if int(obj["config"].get("stages", 1)) > 1:
+        fwd, back = run(p["fixed"], p["moving"], model="bundled"), run(p["moving"], p["fixed"], model="bundled")
+        # measured with v0.5.0: 0.15 voxels mean disagreement for 0.71 voxels mean displacement
+        err = (fwd.disp_vox - back.inverse_disp_vox)[:, :, 3:-3, 3:-3, 3:-3].abs()
+        assert float(err.mean()) < 0.3 * float(fwd.disp_vox.abs().mean())
 
 
 def test_cascade_composes_its_stages_and_inverts(tmp_path, monkeypatch):
@@ -432,20 +462,14 @@ def test_cascade_composes_its_stages_and_inverts(tmp_path, monkeypatch):
     entry = _bundled_vxm()
     from deepdiffreg.field import compose
     from deepdiffreg.methods.vxm_diff import VxmDiff
-    from deepdiffreg.nn.vxm_model import load_stages, predict_mean, stage_nets
-    obj = W.load_weights(entry)
+    from deepdiffreg.nn.vxm_model import load_stages, predict_mean
+    obj = _first_stage(W.load_weights(entry))
     cfg2 = dict(obj["config"], stages=2)
     net2 = build_net(cfg2)
     load_stages(net2, obj)
     for unet in stage_nets(net2):
         assert all(torch.equal(a, b) for a, b in zip(unet.state_dict().values(), obj["state_dict"].values()))
-    folder = tmp_path / "bundled"
-    folder.mkdir()
-    sha = W.save_weights(folder / "casc.pt", cfg2, net2.state_dict(), {"method": "vxm-diff"})
-    W.write_manifest(folder, [{**{k: v for k, v in entry.items() if k not in ("source", "path")},
-                               "id": "casc", "file": "casc.pt", "sha256": sha}])
-    monkeypatch.setenv("DEEPDIFFREG_BUNDLED_MODELS", str(folder))
-    monkeypatch.setenv("DEEPDIFFREG_MODELS_DIR", str(tmp_path / "user"))
+    _install(tmp_path, monkeypatch, entry, {"casc": {"config": cfg2, "state_dict": net2.state_dict()}})
 
     p = fixture_input((32, 32, 32))
     f, m = p["fixed"], p["moving"]
