@@ -124,15 +124,18 @@ def test_mixed_pairs_real_and_synthetic():
 
 # --- training -------------------------------------------------------------------------------------------------
 
+class One:
+    """Training data that always gives the same small synthetic pair (blob labels, 16³, no affine)."""
+
+    def __init__(self):
+        self.pair = SynthPairs([blob_labels((16, 16, 16))], seed=0, max_std_vox=1.5, affine=False).pair(0)
+
+    def sample(self, step):
+        return self.pair
+
+
 def test_tiny_model_trains_and_loss_goes_down(tmp_path):
-    lab = blob_labels((16, 16, 16))
-    sp = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False)
-    pair = sp.pair(0)
-
-    class One:
-        def sample(self, step):
-            return pair
-
+    pair = One().pair
     cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
     val = [dict(pair, name="p0")]
     res = train(TrainSettings(out_dir=str(tmp_path / "run"), steps=40, lr=3e-3, val_every=20, model=cfg),
@@ -157,12 +160,7 @@ def test_tiny_model_trains_and_loss_goes_down(tmp_path):
 def test_weight_average_is_what_gets_validated_and_saved(tmp_path):
     """--ema: best/last.pt hold the averaged weights (not the live ones), the checkpoint carries the average so
     that a resumed run continues it, and the live weights keep training."""
-    lab = blob_labels((16, 16, 16))
-    pair = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False).pair(0)
-
-    class One:
-        def sample(self, step):
-            return pair
+    pair = One().pair
 
     cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
     settings = lambda steps: TrainSettings(out_dir=str(tmp_path / "run"), steps=steps, lr=3e-3, val_every=10,  # noqa: E731
@@ -491,12 +489,7 @@ def test_cascade_composes_its_stages_and_inverts(tmp_path, monkeypatch):
 
 
 def test_cascade_training_updates_the_last_stage_only(tmp_path):
-    lab = blob_labels((16, 16, 16))
-    pair = SynthPairs([lab], seed=0, max_std_vox=1.5, affine=False).pair(0)
-
-    class One:
-        def sample(self, step):
-            return pair
+    pair = One().pair
 
     cfg = dict(TINY, image_sigma=0.1, prior_lambda=1.0)
     train(TrainSettings(out_dir=str(tmp_path / "one"), steps=10, lr=3e-3, val_every=10, model=cfg), One(), [])
