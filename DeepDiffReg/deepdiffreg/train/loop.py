@@ -143,7 +143,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
         csv_path.write_text(",".join(CSV_FIELDS) + "\n")
     for unet in stage_nets(net)[:-1]:            # a cascade trains its last stage only
         unet.requires_grad_(False)
-    ema = _Ema(net, settings.ema, state.get("ema") if ckpt.exists() else None) if settings.ema > 0 else None
+    ema = _Ema(net, settings.ema, state.get("ema")) if settings.ema > 0 else None   # resumed with the run
     (out / "settings.json").write_text(json.dumps({**asdict(settings), "model": config}, indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)
     acc: dict[str, list[float]] = {}
@@ -204,9 +204,10 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
 
 
 class _Ema:
-    """Exponential moving average of the weights (decay ``d`` per step): a late, flat learning curve is mostly
+    """Exponential moving average of the weights (``decay`` per step): a late, flat learning curve is mostly
     step-to-step noise of batch-1 training, which the average removes. Validation and best/last.pt use it; the
-    optimiser keeps training the live weights."""
+    optimiser keeps training the live weights (in checkpoint.pt). While the curve still rises the average lags
+    behind them (r11, docs/training.md), so compare both before publishing."""
 
     def __init__(self, net: torch.nn.Module, decay: float, state: dict | None = None):
         self.decay = float(decay)
