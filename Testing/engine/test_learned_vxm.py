@@ -503,3 +503,8 @@ def test_cascade_training_updates_the_last_stage_only(tmp_path):
     assert all(torch.equal(s[f"stages.0.{k}"], v) for k, v in before.items())          # frozen
     assert not torch.equal(s["stages.1.mu.weight"], before["mu.weight"])             # trained
     assert (tmp_path / "two" / "train_log.csv").read_text().count("\n") == 2
+    # resuming builds the run's own model from its checkpoint, even without --stages on the command line
+    res = train(TrainSettings(out_dir=str(tmp_path / "two"), steps=12, lr=3e-3, val_every=10, model=cfg), One(), [])
+    assert res["step"] == 12
+    s2 = W._load_file(tmp_path / "two" / "last.pt")["state_dict"]
+    assert all(torch.equal(s2[f"stages.0.{k}"], v) for k, v in before.items())

@@ -125,10 +125,12 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     step, best, state = 0, -1.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
+        config = dict(state["config"])          # the run's own model (stages, channels), whatever the CLI says
+        net = build_net(config).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
         net.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
         step, best = int(state["step"]), float(state["best_val_dice"])
-        config = dict(state["config"])
         for gparam in opt.param_groups:
             gparam["lr"] = settings.lr
         log(f"resumed from {ckpt} at step {step}")
