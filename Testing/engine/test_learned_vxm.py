@@ -315,8 +315,8 @@ def _stored_output(entry) -> dict:
     p = fixture_input()
     m, f = p["moving"], p["fixed"]
     with torch.no_grad():            # the last stage's forward heads (a single network: prior is None)
-        prior, _ = prior_stages(net, m, f, 7, symmetric=True)
-        mu, logvar = stage_nets(net)[-1](m if prior is None else warp(m, prior), f)
+        _, _, m_in = prior_stages(net, m, f, 7, symmetric=True)
+        mu, logvar = stage_nets(net)[-1](m_in, f)
     disp = predict_disp(net, m, f, 7)
     return {"sha256": entry["sha256"], "mu_abs_mean": float(mu.abs().mean()), "mu_sum": float(mu.sum()),
             "logvar_mean": float(logvar.mean()), "disp_abs_mean": float(disp.abs().mean()),

@@ -158,8 +158,7 @@ class VxmDiff(Method):
         with torch.no_grad():
             # a cascade's earlier stages first (composed, with their inverse); then the last stage on the moving
             # image they warped — for a single network, prior is None and m_in is the moving image
-            prior, prior_inv = prior_stages(net, mp, fp, steps, bool(o["symmetric"]), inverse=True)
-            m_in = mp if prior is None else warp(mp, prior)
+            prior, prior_inv, m_in = prior_stages(net, mp, fp, steps, bool(o["symmetric"]), inverse=True)
             mu, logvar = predict_mean(stage_nets(net)[-1], m_in, fp, bool(o["symmetric"]))
         progress(0.4, "network done")
         info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "net_grid": list(pshape),

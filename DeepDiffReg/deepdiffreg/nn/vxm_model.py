@@ -63,19 +63,22 @@ def predict_mean(unet: VxmDiffUNet, moving: torch.Tensor, fixed: torch.Tensor, s
 
 @torch.no_grad()
 def prior_stages(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, steps: int,
-                 symmetric: bool, inverse: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The composed displacement of every stage but the last, on the grid of ``fixed`` (voxels), and optionally
-    its inverse; (None, None) for a single network. Stage k sees the moving image warped by stages 1..k−1."""
+                 symmetric: bool, inverse: bool = False
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Every stage but the last: their composed displacement on the grid of ``fixed`` (voxels), optionally its
+    inverse, and the moving image warped by it — what the last stage sees. A single network: (None, None, moving).
+    Stage k sees the moving image warped by stages 1..k−1."""
     disp = inv = None
+    m = moving
     for unet in stage_nets(net)[:-1]:
-        m = moving if disp is None else warp(moving, disp)
         mu, _ = predict_mean(unet, m, fixed, symmetric)
         u = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
         disp = u if disp is None else compose(disp, u)                 # φ_prev ∘ φ_k
         if inverse:
             u_inv = velocity_to_disp(-mu, tuple(fixed.shape[2:]), steps)
             inv = u_inv if inv is None else compose(u_inv, inv)        # φ_k⁻¹ ∘ φ_prev⁻¹
-    return disp, inv
+        m = warp(moving, disp)                                         # one interpolation of the original
+    return disp, inv, m
 
 
 def velocity_to_disp(v_half: torch.Tensor, full_shape: tuple[int, int, int], steps: int = 7) -> torch.Tensor:
@@ -114,8 +117,8 @@ def predict_disp(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: tor
                  symmetric: bool = False) -> torch.Tensor:
     """The mean transform's displacement (B, 3, *fixed grid) in voxels: earlier stages symmetric (as trained), the
     last one as asked (the training log's validation uses the forward pass, ``symmetric=False``)."""
-    prior, _ = prior_stages(net, moving, fixed, steps, symmetric=True)
-    mu, _ = predict_mean(stage_nets(net)[-1], moving if prior is None else warp(moving, prior), fixed, symmetric)
+    prior, _, m_in = prior_stages(net, moving, fixed, steps, symmetric=True)
+    mu, _ = predict_mean(stage_nets(net)[-1], m_in, fixed, symmetric)
     disp = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
     return disp if prior is None else compose(prior, disp)
 
@@ -145,8 +148,8 @@ def training_step_loss(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixe
     """Negative ELBO for one pair (one sample, K = 1): recon_mse(f, m∘φ_z)/σ² + KL, plus an optional Dice term.
     For a cascade the terms are those of the last stage's velocity, φ = φ_prior ∘ exp(z); the earlier stages are
     frozen and run as at inference (symmetric), so the last one learns the residuals it will be shown."""
-    prior, _ = prior_stages(net, moving, fixed, config["int_steps"], symmetric=True)
-    mu, logvar = stage_nets(net)[-1](moving if prior is None else warp(moving, prior), fixed)
+    prior, _, m_in = prior_stages(net, moving, fixed, config["int_steps"], symmetric=True)
+    mu, logvar = stage_nets(net)[-1](m_in, fixed)
     z = sample_velocity(mu, logvar, generator)
     u_half = integrate_ss(z, config["int_steps"])
     disp = resize_disp(u_half, tuple(fixed.shape[2:]))
