@@ -319,7 +319,7 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
     if fixed_landmarks and moving_landmarks:
         cmd += ["--fixed-landmarks", fixed_landmarks, "--moving-landmarks", moving_landmarks]
     if iterations is not None and iterations > 0 and method == "nodeo":
-        cmd += ["--iterations", str(int(iterations))]
+        cmd += ["--nodeo-iterations", str(int(iterations))]
     if refine is not None and refine > 0 and method not in NON_LEARNED_METHODS:
         cmd += ["--refine", str(int(refine))]
     if spacing_mm is not None and spacing_mm > 0:

@@ -374,7 +374,7 @@ def _method_args(method: str, refine: int, quick: bool) -> list[str]:
     else:
         args = ["--method", method]
     if quick:   # few iterations on a tiny grid, so that the test stays short
-        args += {"nodeo": ["--iterations", "60", "--spacing", "3"],
+        args += {"nodeo": ["--nodeo-iterations", "60", "--spacing", "3"],
                  "demons": ["--demons-iterations", "40", "20", "--spacing", "3"]}.get(method, ["--spacing", "3"])
     return args
 

@@ -27,15 +27,16 @@ def _cancel_handler(signum, frame):
 
 
 def _add_register(sub) -> None:
-    from .methods.base import REGISTRY
-    from .methods import load_all
-    load_all()
+    from .method_args import add_method_arguments
+    from .methods.base import all_methods, default_method
+    methods = all_methods()
     p = sub.add_parser("register", help="register a moving image to a fixed image",
                        description="Register MOVING to FIXED and write transform.h5 (fixed->moving, LPS mm on the fixed "
                                    "grid), inverse.h5, jacobian.nii.gz, grid.vtk, warped.nii.gz and report.json to OUT.")
     p.add_argument("--fixed", required=True, help="fixed image (any SimpleITK format, or a DICOM folder)")
     p.add_argument("--moving", required=True, help="moving image")
-    p.add_argument("--method", default="nodeo", help=f"one of: {', '.join(sorted(REGISTRY))} (default nodeo)")
+    p.add_argument("--method", default=default_method(),
+                   help=f"one of: {', '.join(sorted(methods))} (default {default_method()}; see `deepdiffreg methods`)")
     p.add_argument("--out", required=True, help="result directory (created; must be empty unless --overwrite)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--fixed-seg", help="fixed segmentation (label map on the fixed grid) for Dice")
@@ -44,22 +45,21 @@ def _add_register(sub) -> None:
     p.add_argument("--moving-landmarks", help="CSV of corresponding moving landmarks")
     p.add_argument("--fixed-mask", help="region of interest on the fixed grid (non-zero voxels): similarity is "
                                         "measured inside it and fold statistics are reported for it")
-    p.add_argument("--no-align", dest="align", action="store_const", const="none", default="affine",
+    p.add_argument("--no-align", dest="align", action="store_const", const="none", default=None,
                    help="skip the initial affine alignment (images already aligned)")
-    p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"], help="initial alignment (default affine)")
+    p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"],
+                   help="initial alignment (default: the method's; affine for methods without their own)")
     p.add_argument("--align-erode-mm", type=float, default=None,
                    help="where the initial alignment is measured: 0 = the whole image; >0 = the head eroded by this "
                         "many mm. Default: automatic — whole-head scans (head-sized foreground, 2.5–10 L) use the top "
                         "150 mm of the head eroded by 10 mm, so neck and scalp do not pull the affine; anything else "
                         "the whole image")
     p.add_argument("--spacing", type=float, default=None, help="working-grid spacing in mm (default: the method's)")
-    p.add_argument("--refine", type=int, default=None, help="test-time refinement steps for learned methods (default 0)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and SimpleITK (default: cores - 1, at least 1, so the machine stays "
                         "responsive)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result directory")
-    for cls in REGISTRY.values():
-        cls.add_arguments(p)
+    add_method_arguments(p)
     p.set_defaults(func=_cmd_register)
 
 
@@ -90,16 +90,14 @@ def passive_openmp_waits() -> None:
 
 
 def _cmd_register(args) -> int:
+    from .method_args import method_options_from_args
     from .methods.base import get_method
     from .pipeline import RegisterRequest, register, summary_of
 
-    set_threads(args.threads or default_threads())
     cls = get_method(args.method)
-    options = cls.options_from_args(args)
-    if args.refine is not None:
-        if not cls.learned:
-            raise BadInput(f"--refine applies to learned methods; {args.method} already optimises on the pair")
-        options["refine"] = args.refine
+    options = method_options_from_args(args, cls)
+    cls.parse_options(options)   # every option checked before a thread is set or a file is read
+    set_threads(args.threads or default_threads())
     req = RegisterRequest(fixed=args.fixed, moving=args.moving, method=args.method, out_dir=args.out,
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
@@ -130,23 +128,16 @@ def _add_methods(sub) -> None:
 
 
 def _cmd_methods(args) -> int:
-    from .methods import load_all
-    from .methods.base import REGISTRY
-    load_all()
-    models = []
-    try:
-        from .io.weights import list_models
-        models = list_models()
-    except ImportError:
-        pass
-    rows = [{"name": c.name, "description": c.description, "learned": c.learned,
-             "default_spacing_mm": c.default_spacing_mm, "has_inverse": c.has_inverse,
-             "models": [m for m in models if m.get("method") == c.name]} for c in REGISTRY.values()]
+    from .io.weights import list_models
+    from .methods.base import all_methods
+    models = list_models()
+    rows = [{**c.describe(), "models": [m for m in models if m.get("method") == c.name]}
+            for _, c in sorted(all_methods().items())]
     if args.json:
-        print(json.dumps(rows, indent=2, default=str))
+        print(json.dumps(rows, indent=2, default=str, allow_nan=False))
     else:
         for r in rows:
-            print(f"{r['name']:10s} {r['description']}")
+            print(f"{r['name']:10s} {r['description']}{'  (default)' if r['default'] else ''}")
             for m in r["models"]:
                 print(f"{'':10s}   model {m.get('id')} v{m.get('version')} ({m.get('status', 'installed')})")
     return 0

@@ -9,6 +9,7 @@ is T⁻¹(y) = W⁻¹(A⁻¹(y)) on the moving image's own grid, with W⁻¹ the
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -50,7 +51,7 @@ class RegisterRequest:
     fixed_landmarks: str | None = None
     moving_landmarks: str | None = None
     fixed_mask: str | None = None    # region of interest on the fixed grid: the similarity is computed inside it
-    align: str = "affine"
+    align: str | None = None         # None: the method's default (Capabilities.default_align)
     align_erode_mm: float | None = None  # None: automatic (whole-head scans: top of the head, scalp dropped);
                                          # 0: whole image; >0: foreground eroded by this many mm
     spacing_mm: float | None = None
@@ -156,7 +157,7 @@ def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int
     ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
     n_work = n_fixed * ratio
     host_mb = (n_fixed * _BYTES_PER_FIXED_VOXEL + n_moving * 40) / 2 ** 20
-    method_mb = n_work * method_cls.bytes_per_working_voxel / 2 ** 20
+    method_mb = n_work * method_cls.caps.bytes_per_working_voxel / 2 ** 20
     need = {"cpu": host_mb + (method_mb if device.type == "cpu" else 0.0)}
     if device.type == "cuda":
         need["gpu"] = method_mb
@@ -174,6 +175,9 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter(stream=None)
     t_start = time.perf_counter()
     method_cls = get_method(req.method)
+    method = method_cls(**req.method_options)        # options checked before any work (one-line BadInput)
+    if req.align is None:
+        req = dataclasses.replace(req, align=method_cls.caps.default_align)
     if req.align not in ("affine", "rigid", "none"):
         raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
     device = resolve_device(req.device)
@@ -242,9 +246,8 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     reporter.stage("register", f"{req.method} on a {'x'.join(map(str, geom.size_ijk))} grid "
                                f"({'/'.join(f'{s:.2f}' for s in geom.spacing_ijk)} mm) on {device.type}",
                    _SPAN["register"][0])
-    method = method_cls(**req.method_options)
     try:
-        est: FieldEstimate = method.register(pair, device, _span(reporter, "register"))
+        est: FieldEstimate = method.estimate(pair, device, _span(reporter, "register"))
     except (torch.OutOfMemoryError, MemoryError) as e:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -326,11 +329,13 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         if warped_seg is not None:
             sitk.WriteImage(warped_seg, p("warped_seg"), useCompression=True)
             report["files"]["warped_seg"] = FILES["warped_seg"]
-        if est.uncertainty is not None:
-            unc = est.uncertainty.detach().float().cpu()[0, 0].numpy()
-            unc_img = geom.apply_to(sitk.GetImageFromArray(unc))
-            write_image(resample(unc_img, fixed_geom), p("uncertainty"), deflate=False)
-            report["files"]["uncertainty"] = FILES["uncertainty"]
+        for name, m in est.maps.items():
+            arr = m.data.detach().float().cpu()[0, 0].numpy()
+            fname = f"{name}.nii.gz"
+            write_image(resample(geom.apply_to(sitk.GetImageFromArray(arr)), fixed_geom), os.path.join(tmp, fname),
+                        deflate=False)
+            report["files"][name] = fname
+            report.setdefault("maps", {})[name] = {"file": fname, "unit": m.unit, "description": m.description}
         write_grid_vtk_lps(deformation_grid_lines(total, fixed_geom, det, lines_per_axis=req.grid_lines), p("grid"))
         report["files"]["grid"] = FILES["grid"]
         reporter.end_stage()

@@ -16,7 +16,7 @@ def test_signal_cancels_cleanly(pair, tmp_path, sig):
     out = tmp_path / "result"
     exe = os.path.join(os.path.dirname(sys.executable), "deepdiffreg")
     proc = subprocess.Popen([exe, "register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--method", "nodeo",
-                             "--iterations", "100000", "--no-align", "--out", str(out)],
+                             "--nodeo-iterations", "100000", "--no-align", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8")
     deadline = time.time() + 120
     for line in proc.stdout:  # wait until the optimisation loop runs

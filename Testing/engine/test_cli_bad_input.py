@@ -37,7 +37,7 @@ def _assert_clean_failure(res, code, needle, out_dir):
 
 def _register(pair, out, *extra, fixed=None, moving=None):
     return run_cli("register", "--fixed", fixed or pair["fixed"], "--moving", moving or pair["moving"],
-                   "--out", out, "--method", "nodeo", "--iterations", "2", *extra)
+                   "--out", out, "--method", "nodeo", "--nodeo-iterations", "2", *extra)
 
 
 @pytest.fixture

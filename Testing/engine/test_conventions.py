@@ -8,7 +8,7 @@ import torch
 
 from deepdiffreg.frames import Geometry, displacement_image, vox_from_lps_disp
 from deepdiffreg.io.result_writer import write_displacement_transform
-from deepdiffreg.methods.base import FieldEstimate, Method, register_method
+from deepdiffreg.methods.base import Capabilities, FieldEstimate, Method, register_method
 from deepdiffreg.metrics import jacobian_det_lps
 from deepdiffreg.pipeline import RegisterRequest, register
 
@@ -73,9 +73,9 @@ class _KnownField(Method):
     """Test method: returns a fixed asymmetric voxel field (channel 0 ≠ 1 ≠ 2), so axis permutations show."""
     name = "_test_known_field"
     description = "test only"
-    default_spacing_mm = 0.0  # work on the fixed grid itself
+    caps = Capabilities(spacing_mm=(("cpu", 0.0),))  # work on the fixed grid itself
 
-    def register(self, pair, device, progress):
+    def estimate(self, pair, device, progress):
         shape = pair.fixed.shape[2:]
         k, j, i = torch.meshgrid(*[torch.linspace(0, 1, n) for n in shape], indexing="ij")
         disp = torch.stack([1.5 * torch.sin(3 * j), 0.8 * torch.ones_like(k), -0.5 * k], 0)[None]

@@ -58,7 +58,7 @@ def test_landmark_csv_variants(tmp_path):
 def test_fixed_mask_is_used_and_reported(pair, tmp_path):
     out = tmp_path / "masked"
     res = run_cli("register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--fixed-mask", pair["fixed_seg"],
-                  "--method", "nodeo", "--iterations", "5", "--no-align", "--out", out)
+                  "--method", "nodeo", "--nodeo-iterations", "5", "--no-align", "--out", out)
     assert res.returncode == 0, res.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["preprocessing"]["fixed_mask"] == os.path.abspath(pair["fixed_seg"])

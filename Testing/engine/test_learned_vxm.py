@@ -343,11 +343,11 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), psr, (28, 24, 20))
     pair = PairOnGrid(p["fixed"], p["moving"], geom)
     calls = []
-    est = VxmDiff(refine=3, uncertainty_samples=4).register(pair, torch.device("cpu"),
+    est = VxmDiff(refine=3, uncertainty_samples=4).estimate(pair, torch.device("cpu"),
                                                             lambda f, m: calls.append(f))
     assert est.disp_vox.shape == est.inverse_disp_vox.shape == (1, 3, 20, 24, 28)
-    assert est.uncertainty.shape == (1, 1, 20, 24, 28) and float(est.uncertainty.min()) >= 0
-    assert torch.isfinite(est.disp_vox).all() and torch.isfinite(est.uncertainty).all()
+    assert est.maps["uncertainty"].data.shape == (1, 1, 20, 24, 28) and float(est.maps["uncertainty"].data.min()) >= 0
+    assert torch.isfinite(est.disp_vox).all() and torch.isfinite(est.maps["uncertainty"].data).all()
     assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
     assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
     assert calls[-1] == 1.0
@@ -399,13 +399,13 @@ def test_vxm_result_does_not_depend_on_the_array_orientation():
     f2 = to_canonical_inverse_scalar(p["fixed"], src, flip)
     m2 = to_canonical_inverse_scalar(p["moving"], src, flip)
     assert torch.equal(to_canonical(f2, src, flip), p["fixed"])
-    run = lambda f, m, g: VxmDiff(uncertainty_samples=0).register(PairOnGrid(f, m, g), torch.device("cpu"),
+    run = lambda f, m, g: VxmDiff(uncertainty_samples=0).estimate(PairOnGrid(f, m, g), torch.device("cpu"),
                                                                   lambda a, b: None)
     e1 = run(p["fixed"], p["moving"], lps)
     e2 = run(f2, m2, Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), psr, (32, 32, 32)))
     back = disp_from_canonical(e1.disp_vox, src, flip)          # e1 is already canonical: map it to PSR order
     assert torch.allclose(e2.disp_vox, back, atol=1e-4)
-    assert torch.allclose(e2.uncertainty, to_canonical_inverse_scalar(e1.uncertainty, src, flip), atol=1e-5)
+    assert torch.allclose(e2.maps["uncertainty"].data, to_canonical_inverse_scalar(e1.maps["uncertainty"].data, src, flip), atol=1e-5)
 
 
 def test_unlabeled_folder_loader(tmp_path):
@@ -440,7 +440,7 @@ def test_symmetric_inference_swaps_exactly(tmp_path, monkeypatch):
     _install(tmp_path, monkeypatch, entry, {"one": _first_stage(obj), "bundled": obj})
     p = fixture_input((32, 32, 32))
     geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
-    run = lambda f, m, **o: VxmDiff(**o).register(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
+    run = lambda f, m, **o: VxmDiff(**o).estimate(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
     fwd, back = run(p["fixed"], p["moving"], model="one"), run(p["moving"], p["fixed"], model="one")
     assert fwd.info["symmetric"] is True and fwd.info["stages"] == 1
     assert torch.allclose(fwd.disp_vox, back.inverse_disp_vox, atol=1e-5)
@@ -472,7 +472,7 @@ def test_cascade_composes_its_stages_and_inverts(tmp_path, monkeypatch):
     p = fixture_input((32, 32, 32))
     f, m = p["fixed"], p["moving"]
     geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
-    est = VxmDiff(model="casc").register(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
+    est = VxmDiff(model="casc").estimate(PairOnGrid(f, m, geom), torch.device("cpu"), lambda a, b: None)
     assert est.info["stages"] == 2
     # the same thing by hand: stage 1 on (m, f), stage 2 on (m∘φ1, f), composed
     unet = stage_nets(net2)[0].eval()

@@ -12,7 +12,7 @@ def test_nodeo_recovers_known_deformation(pair, tmp_path):
     res = run_cli("register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--method", "nodeo",
                   "--fixed-seg", pair["fixed_seg"], "--moving-seg", pair["moving_seg"],
                   "--fixed-landmarks", pair["fixed_landmarks"], "--moving-landmarks", pair["moving_landmarks"],
-                  "--no-align", "--spacing", "2", "--iterations", "150", "--out", out)
+                  "--no-align", "--spacing", "2", "--nodeo-iterations", "150", "--out", out)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     dice = report["dice"]

@@ -1,21 +1,43 @@
-"""What every registration method implements, and the registry the CLI and the Slicer panel list.
+"""What every registration method declares and implements, and the registry everything else reads.
 
-The pipeline (pipeline.py) hands a method a ``PairOnGrid``: fixed and (initially aligned) moving images on one
+A method is one class in one file of this package (plus its network in ``nn/``). The class declares, once:
+
+- ``name``, ``title``, ``description``: what the CLI, ``methods --json`` and the Slicer panel show;
+- ``caps``: its capabilities (``Capabilities``: learned, inverse, uncertainty, own affine, default alignment,
+  working spacing per device, memory per working voxel);
+- ``Options``: a dataclass of typed options, each made with ``option(default, help=..., min=..., max=...)``.
+  From it come the CLI flags (``--<flag_prefix>-<name>``), the JSON schema, the Slicer panel's advanced options
+  and the one place where values are checked (``parse_options``);
+- ``variants``: named option sets (benchmark rows, panel presets), e.g. ``{"refine": {"refine": 50}}``.
+
+The pipeline (pipeline.py) hands ``estimate`` a ``PairOnGrid``: fixed and (initially aligned) moving images on one
 working grid, intensities in [0, 1]. The method returns a ``FieldEstimate``: a voxel displacement u on that grid
-such that moving(x + u(x)) ≈ fixed(x) (pull / ITK resampling direction). The pipeline maps it to LPS mm on the
-fixed image's own grid, chains the initial alignment and writes the result files. Methods never touch files.
+such that moving(A(x + u(x))) ≈ fixed(x) (pull / ITK resampling direction), A its own affine if it has one
+(identity otherwise). The pipeline maps it to LPS mm on the fixed image's own grid, chains the initial alignment and
+writes the result files. Methods never touch files.
+
+Methods are discovered: every module of this package is imported (``load_all``), then the ``deepdiffreg.methods``
+entry-point group, then the modules or ``.py`` files listed in ``$DEEPDIFFREG_PLUGINS`` (``os.pathsep``-separated).
+Nothing outside a method's own file names it.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import numpy as np
 import torch
 
+from ..errors import BadInput
 from ..frames import Geometry
-from ..progress import Reporter
 
+
+# ------------------------------------------------------------------------------------------------------------------
+# what a method is given and what it returns
 
 @dataclass
 class PairOnGrid:
@@ -26,64 +48,327 @@ class PairOnGrid:
 
 
 @dataclass
+class Map:
+    """A named scalar map a method returns besides its field (e.g. the uncertainty), written as ``<name>.nii.gz``
+    on the fixed grid. ``data``: (1, 1, D, H, W) on the working grid; ``unit``: e.g. "mm"; ``description``: one
+    line for report.json."""
+    data: torch.Tensor
+    unit: str
+    description: str = ""
+
+
+@dataclass
 class FieldEstimate:
-    disp_vox: torch.Tensor                       # (1, 3, D, H, W) voxel units on the working grid, fixed → moving
-    inverse_disp_vox: torch.Tensor | None = None # (1, 3, D, H, W) moving → fixed on the same grid, if the method has one
-    uncertainty: torch.Tensor | None = None      # (1, 1, D, H, W) e.g. std of the displacement in mm, if any
-    info: dict[str, Any] = field(default_factory=dict)   # method facts for report.json (iterations, losses, ...)
-    model: dict[str, Any] | None = None          # {"id", "version", "sha256"} for learned methods
+    """What ``Method.estimate`` returns. Frames: voxel units of the working grid, channel c along array axis c.
+
+    ``disp_vox``: (1, 3, D, H, W), u such that T_method(x) = A(x + u(x)) maps fixed-space to moving-space points.
+    ``inverse_disp_vox``: (1, 3, D', H', W') the displacement w of the inverse deformation x ↦ x + w(x) (moving
+    → fixed, before A⁻¹ is undone: T_method⁻¹(y) = A⁻¹(y) + w(A⁻¹(y))), on ``inverse_geometry`` (None: the working
+    grid). ``affine_lps``: (4, 4) homogeneous LPS matrix A of a method that learns its own alignment (None:
+    identity); the pipeline chains it after the initial alignment, T(x) = A_init(A(x + u(x))).
+    ``maps``: named extra maps with units. ``info``: facts for report.json. ``model``: {"id", "version", "sha256"}.
+    """
+    disp_vox: torch.Tensor
+    inverse_disp_vox: torch.Tensor | None = None
+    affine_lps: np.ndarray | None = None
+    maps: dict[str, Map] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    inverse_geometry: Geometry | None = None
 
 
 ProgressFn = Callable[[float, str], None]  # fraction of this method's work in [0, 1], message
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# capabilities and options
+
+@dataclass(frozen=True)
+class Capabilities:
+    learned: bool = False              # needs weights from models/ (the registry's entries with method == name)
+    inverse: str | None = "numerical"  # "exact" (exp(-v), a network's backward field), "numerical", None
+    uncertainty: bool = False          # returns an "uncertainty" map
+    own_affine: bool = False           # learns its own alignment (FieldEstimate.affine_lps)
+    default_align: str = "affine"      # the engine's initial alignment when the user gives none: affine|rigid|none
+    spacing_mm: tuple[tuple[str, float], ...] = (("cpu", 2.0),)  # working spacing per device type ("cpu" fallback)
+    contrasts: str = "same"            # "same": intensity similarity (MSE/demons); "different": local NCC/MI-like
+    bytes_per_working_voxel: int = 1000  # peak memory of ``estimate`` per working-grid voxel (estimate)
+
+    def spacing_for(self, device_type: str) -> float:
+        table = dict(self.spacing_mm)
+        return float(table.get(device_type, table["cpu"]))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["spacing_mm"] = dict(self.spacing_mm)
+        return d
+
+
+_MISSING = object()
+
+
+def option(default: Any, *, help: str, min: float | None = None, max: float | None = None,
+           choices: tuple[Any, ...] | None = None, aliases: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A field of a method's ``Options`` dataclass. ``min``/``max`` are inclusive bounds (numbers, and every
+    element of an int list); ``aliases``: deprecated flag spellings still accepted (warned about); ``cli=False``:
+    settable from Python and the JSON, but no flag."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "aliases": tuple(aliases), "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("option defaults must be immutable (use a tuple)")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One declared option, as the CLI, the JSON schema and ``parse_options`` see it."""
+    name: str
+    kind: str                    # "int" | "float" | "bool" | "str" | "choice" | "int_list"
+    default: Any
+    help: str
+    optional: bool               # None is allowed (means: the method decides, e.g. "the newest model")
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] | None = None
+    aliases: tuple[str, ...] = ()
+    cli: bool = True
+
+    def to_json(self, flag: str) -> dict[str, Any]:
+        d = {"name": self.name, "flag": flag, "type": self.kind, "default": _jsonable(self.default),
+             "optional": self.optional, "min": self.min, "max": self.max,
+             "choices": list(self.choices) if self.choices else None, "help": self.help}
+        if self.aliases:
+            d["deprecated_flags"] = list(self.aliases)
+        return d
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _kind_of(tp: Any, choices) -> tuple[str, bool]:
+    """(kind, optional) of a dataclass field type."""
+    optional = False
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or isinstance(tp, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if choices:
+        return "choice", optional
+    if tp is bool:
+        return "bool", optional
+    if tp is int:
+        return "int", optional
+    if tp is float:
+        return "float", optional
+    if tp is str:
+        return "str", optional
+    if origin is tuple and typing.get_args(tp)[:1] == (int,):
+        return "int_list", optional
+    raise TypeError(f"unsupported option type {tp!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the method base class
+
 class Method:
-    """Base class. Subclasses set the class attributes and implement ``register``."""
+    """Base class; see the module docstring. Subclasses set the class attributes and implement ``estimate``."""
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""                # short label for the Slicer panel's method list
     description: ClassVar[str] = ""          # one line, shown in `deepdiffreg methods` and the Slicer panel
-    learned: ClassVar[bool] = False          # needs weights from models/
-    default_spacing_mm: ClassVar[float] = 2.0  # working-grid spacing when the user gives none (CPU)
-    default_spacing_mm_gpu: ClassVar[float | None] = None  # finer default on a GPU (None: same as CPU)
-    size_multiple: ClassVar[int] = 1         # grid sizes the network needs (U-Nets: 16); the method resamples itself
-    has_inverse: ClassVar[bool] = True
-    bytes_per_working_voxel: ClassVar[int] = 1000  # peak memory of ``register`` per working-grid voxel (estimate)
+    flag_prefix: ClassVar[str] = ""          # CLI flags are --<flag_prefix>-<option> (default: the name)
+    default: ClassVar[bool] = False          # the method a user gets without --method (exactly one)
+    caps: ClassVar[Capabilities] = Capabilities()
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
 
-    def __init__(self, **options: Any):
-        self.options = options
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, options: Any = None, **kw: Any):
+        if options is not None and kw:
+            raise TypeError("give an Options instance or keyword options, not both")
+        self.opts = options if isinstance(options, self.Options) else self.parse_options(kw if options is None
+                                                                                          else dict(options))
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The options as a plain dict (report.json, the benchmark)."""
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(self.opts).items()}
+
+    # -- declared facts ----------------------------------------------------------------------------------------
+    @classmethod
+    def prefix(cls) -> str:
+        return cls.flag_prefix or cls.name
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add method-specific CLI options (prefixed with the method, e.g. --nodeo-iterations)."""
+    def option_specs(cls) -> list[OptionSpec]:
+        hints = typing.get_type_hints(cls.Options)
+        out = []
+        for f in dataclasses.fields(cls.Options):
+            m = f.metadata
+            kind, optional = _kind_of(hints[f.name], m.get("choices"))
+            out.append(OptionSpec(f.name, kind, f.default, m.get("help", ""), optional, m.get("min"), m.get("max"),
+                                  m.get("choices"), m.get("aliases", ()), m.get("cli", True)))
+        return out
 
     @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        return {}
+    def flag(cls, option_name: str) -> str:
+        return f"--{cls.prefix()}-{option_name.replace('_', '-')}"
+
+    @classmethod
+    def negative_flag(cls, option_name: str) -> str:
+        """The flag that turns a bool option off: --<prefix>-no-<name>."""
+        return f"--{cls.prefix()}-no-{option_name.replace('_', '-')}"
 
     @classmethod
     def default_spacing(cls, device: torch.device) -> float:
-        if device.type == "cuda" and cls.default_spacing_mm_gpu is not None:
-            return cls.default_spacing_mm_gpu
-        return cls.default_spacing_mm
+        return cls.caps.spacing_for(device.type)
 
-    def register(self, pair: PairOnGrid, device: torch.device, progress: ProgressFn) -> FieldEstimate:
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The method's entry of ``deepdiffreg methods --json`` (installed models are added by the CLI)."""
+        return {"name": cls.name, "title": cls.title or cls.name, "description": cls.description,
+                "default": bool(cls.default), "learned": cls.caps.learned,
+                "has_inverse": cls.caps.inverse is not None, "default_spacing_mm": cls.caps.spacing_for("cpu"),
+                "caps": cls.caps.to_json(),
+                "options": [{**s.to_json(cls.flag(s.name)),
+                             **({"negative_flag": cls.negative_flag(s.name)} if s.kind == "bool" else {})}
+                            for s in cls.option_specs()],
+                "variants": {k: {o: _jsonable(v) for o, v in opts.items()} for k, opts in cls.variants.items()}}
+
+    # -- option checking: the one place ------------------------------------------------------------------------
+    @classmethod
+    def parse_options(cls, given: dict[str, Any]) -> Any:
+        """Check and convert ``given`` (option name → value; missing ones take their default) into an ``Options``
+        instance. Every problem is a one-line ``BadInput`` naming the flag."""
+        specs = {s.name: s for s in cls.option_specs()}
+        unknown = sorted(set(given) - set(specs))
+        if unknown:
+            raise BadInput(f"{cls.name}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(specs))}")
+        values = {}
+        for name, spec in specs.items():
+            values[name] = _check_value(cls, spec, given[name]) if name in given else spec.default
+        return cls.Options(**values)
+
+    # -- the work ----------------------------------------------------------------------------------------------
+    def estimate(self, pair: PairOnGrid, device: torch.device, progress: ProgressFn) -> FieldEstimate:
         raise NotImplementedError
 
+
+def _check_value(cls: type[Method], spec: OptionSpec, v: Any) -> Any:
+    flag = cls.flag(spec.name)
+
+    def bad(why: str) -> BadInput:
+        return BadInput(f"{flag}: {why} (got {v!r})")
+
+    if v is None:
+        if spec.optional:
+            return None
+        raise bad("a value is required")
+    kind = spec.kind
+    if kind == "bool":
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return v.lower() in ("true", "1", "yes")
+        raise bad("must be true or false")
+    if kind == "choice":
+        if v not in spec.choices:
+            raise bad(f"must be one of {', '.join(map(str, spec.choices))}")
+        return v
+    if kind == "str":
+        if not isinstance(v, str) or not v.strip():
+            raise bad("must be a non-empty text")
+        return v
+    if kind == "int_list":
+        seq = [v] if isinstance(v, (int, float, str)) else list(v)
+        if not seq:
+            raise bad("needs at least one value")
+        out = tuple(_as_int(cls, spec, x, flag) for x in seq)
+        for x in out:
+            _check_range(spec, x, flag, v)
+        return out
+    num = _as_int(cls, spec, v, flag) if kind == "int" else _as_float(v, flag)
+    _check_range(spec, num, flag, v)
+    return num
+
+
+def _as_int(cls, spec, v, flag) -> int:
+    if isinstance(v, bool):
+        raise BadInput(f"{flag}: must be a whole number (got {v!r})")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise BadInput(f"{flag}: must be a whole number (got {v!r})") from None
+    if not math.isfinite(f) or f != int(f):
+        raise BadInput(f"{flag}: must be a whole number (got {v!r})")
+    return int(f)
+
+
+def _as_float(v, flag) -> float:
+    if isinstance(v, bool):
+        raise BadInput(f"{flag}: must be a number (got {v!r})")
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise BadInput(f"{flag}: must be a number (got {v!r})") from None
+    if not math.isfinite(f):
+        raise BadInput(f"{flag}: must be a finite number (got {v!r})")
+    return f
+
+
+def _check_range(spec: OptionSpec, x: float, flag: str, given: Any) -> None:
+    if spec.min is not None and x < spec.min:
+        raise BadInput(f"{flag}: must be at least {spec.min:g} (got {given!r})")
+    if spec.max is not None and x > spec.max:
+        raise BadInput(f"{flag}: must be at most {spec.max:g} (got {given!r})")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the registry
 
 REGISTRY: dict[str, type[Method]] = {}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry (checks its declaration once, at import)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods are called {cls.name!r}: {REGISTRY[cls.name].__qualname__}, {cls.__qualname__}")
+    cls.option_specs()             # fails now, not in front of a user, on an unsupported option type
+    for vname, opts in cls.variants.items():
+        cls.parse_options(opts)    # a variant must be a valid option set
+    if cls.caps.default_align not in ("affine", "rigid", "none"):
+        raise ValueError(f"{cls.name}: default_align must be affine, rigid or none")
     REGISTRY[cls.name] = cls
     return cls
 
 
-def get_method(name: str) -> type[Method]:
-    from . import load_all  # noqa: F401  (fills REGISTRY)
+def all_methods() -> dict[str, type[Method]]:
+    """Every discovered method, by name (see ``methods.load_all``)."""
+    from . import load_all
     load_all()
-    from ..errors import BadInput
-    if name not in REGISTRY:
-        raise BadInput(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
+    return dict(REGISTRY)
+
+
+def get_method(name: str) -> type[Method]:
+    methods = all_methods()
+    if name not in methods:
+        raise BadInput(f"unknown method {name!r}; available: {', '.join(sorted(methods))}")
+    return methods[name]
+
+
+def default_method() -> str:
+    """The name of the method declared ``default = True`` (the first such one, by name)."""
+    names = sorted(n for n, c in all_methods().items() if c.default)
+    if not names:
+        raise RuntimeError("no registration method declares default = True")
+    return names[0]

@@ -6,8 +6,8 @@ so it goes through the same writer, Jacobian and metrics as every other method.
 """
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -15,45 +15,31 @@ import torch
 
 from ..field import invert_fixed_point
 from ..frames import vox_from_lps_disp
-from .base import FieldEstimate, Method, PairOnGrid, register_method
+from .base import Capabilities, FieldEstimate, Method, PairOnGrid, option, register_method
 
 
 @register_method
 class Demons(Method):
     name = "demons"
+    title = "Diffeomorphic demons (SimpleITK)"
     description = "Diffeomorphic demons (SimpleITK), classical reference; CPU only"
-    default_spacing_mm = 2.0
+    caps = Capabilities(learned=False, inverse="numerical", contrasts="same", spacing_mm=(("cpu", 2.0),))
 
-    DEFAULTS = dict(iterations=(100, 60, 30), sigma=1.5)
+    @dataclass
+    class Options:
+        iterations: tuple[int, ...] = option((100, 60, 30), min=0, max=100_000,
+                                             help="iterations per level, coarse to fine")
+        sigma: float = option(1.5, min=0.0, max=100.0, help="field smoothing σ in voxels")
 
-    def __init__(self, **options):
-        super().__init__(**{**self.DEFAULTS, **options})
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("demons options")
-        g.add_argument("--demons-iterations", type=int, nargs="+", default=None,
-                       help="iterations per level, coarse to fine (default 100 60 30)")
-        g.add_argument("--demons-sigma", type=float, default=None, help="field smoothing σ in voxels (default 1.5)")
-
-    @classmethod
-    def options_from_args(cls, args):
-        out = {}
-        if getattr(args, "demons_iterations", None):
-            out["iterations"] = tuple(args.demons_iterations)
-        if getattr(args, "demons_sigma", None) is not None:
-            out["sigma"] = args.demons_sigma
-        return out
-
-    def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
+    def estimate(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         geom = pair.geometry
         to_img = lambda t: geom.apply_to(sitk.GetImageFromArray(t.detach().cpu()[0, 0].numpy().astype(np.float32)))  # noqa: E731
         fixed, moving = to_img(pair.fixed), to_img(pair.moving)
         moving = sitk.HistogramMatching(moving, fixed, 256, 15, True)
-        iters = list(self.options["iterations"])
+        iters = list(self.opts.iterations)
         demons = sitk.DiffeomorphicDemonsRegistrationFilter()
         demons.SetSmoothDisplacementField(True)
-        demons.SetStandardDeviations(self.options["sigma"])
+        demons.SetStandardDeviations(self.opts.sigma)
         demons.SetUseGradientType(demons.Symmetric)
         total = sum(iters)
         done = [0]
@@ -77,6 +63,6 @@ class Demons(Method):
         disp_lps = sitk.GetArrayFromImage(field)
         disp = torch.from_numpy(vox_from_lps_disp(disp_lps, geom)).float()[None]
         inverse = invert_fixed_point(disp, iterations=30)
-        return FieldEstimate(disp, inverse, info={"iterations_per_level": iters, "sigma_vox": self.options["sigma"],
+        return FieldEstimate(disp, inverse, info={"iterations_per_level": iters, "sigma_vox": self.opts.sigma,
                                                   "optimisation_s": round(time.perf_counter() - t0, 2),
                                                   "inverse": "fixed-point inversion (30 iterations)"})

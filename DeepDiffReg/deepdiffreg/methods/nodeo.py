@@ -18,7 +18,7 @@ those pairs are also benchmark pairs (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import math
 import time
 
@@ -30,7 +30,9 @@ import torch.nn.functional as F
 from ..field import invert_fixed_point, jacobian_det, warp
 from ..field.filters import box_mean
 from ..losses import gradient_l2, jacobian_penalty, ncc_loss
-from .base import FieldEstimate, Method, PairOnGrid, register_method
+from dataclasses import dataclass
+
+from .base import Capabilities, FieldEstimate, Method, PairOnGrid, option, register_method
 
 
 PAPER_AXIS_VOXELS = 159.0   # (n − 1) of the paper's 160×192×144 grid axis that h = 0.001 was tuned for
@@ -71,50 +73,35 @@ class VelocityNet(nn.Module):
 @register_method
 class NODEO(Method):
     name = "nodeo"
+    title = "NODEO (neural ODE fitted to this pair)"
     description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~1 min on CPU"
-    learned = False
-    default_spacing_mm = 3.0      # CPU: ~0.25 s per iteration for a 1 mm brain on one core
-    default_spacing_mm_gpu = 2.0
-    has_inverse = True
+    default = True                # no weights, any anatomy and contrast: the safe first choice
+    # CPU: ~0.25 s per iteration for a 1 mm brain on one core at 3 mm; the GPU affords the 2 mm grid
+    caps = Capabilities(learned=False, inverse="numerical", contrasts="different",
+                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)))
+    variants = {"fast": {"iterations": 100}, "accurate": {"iterations": 300}}
 
-    DEFAULTS = dict(iterations=200, time_steps=1, step_size=1e-3, lr=5e-3, ncc_window_mm=9.0, smoothing_mm=15.0,
-                    lambda_jacobian=2.5, lambda_velocity=5e-5, lambda_smooth=0.05, jacobian_threshold=0.5,
-                    width=32, bottleneck=16, seed=0)
+    @dataclass
+    class Options:
+        iterations: int = option(200, min=1, max=100_000, help="optimisation iterations", aliases=("--iterations",))
+        time_steps: int = option(1, min=1, max=1000, help="Euler steps of the ODE", aliases=("--time-steps",))
+        lr: float = option(5e-3, min=0.0, max=10.0, help="Adam learning rate", aliases=("--lr",))
+        step_size: float = option(1e-3, min=0.0, max=1.0, aliases=("--step-size",),
+                                  help="Euler step h in normalised units on a 160-voxel axis (scaled to the working "
+                                       "grid); it scales the velocity, so it acts like a learning rate")
+        ncc_window_mm: float = option(9.0, min=0.1, max=200.0, help="local NCC window, mm", aliases=("--ncc-window-mm",))
+        smoothing_mm: float = option(15.0, min=0.0, max=500.0, help="velocity box-smoothing width, mm",
+                                     aliases=("--smoothing-mm",))
+        lambda_jacobian: float = option(2.5, min=0.0, help="weight of the Jacobian penalty", aliases=("--lambda-jacobian",))
+        lambda_velocity: float = option(5e-5, min=0.0, help="weight of the velocity energy", aliases=("--lambda-velocity",))
+        lambda_smooth: float = option(0.05, min=0.0, help="weight of the field smoothness", aliases=("--lambda-smooth",))
+        jacobian_threshold: float = option(0.5, min=0.0, max=1.0, help="det below which the Jacobian penalty acts")
+        width: int = option(32, min=1, max=512, help="channels of the velocity network")
+        bottleneck: int = option(16, min=1, max=4096, help="rank of the network's dense bottleneck")
+        seed: int = option(0, min=0, help="random seed of the network initialisation", aliases=("--seed",))
 
-    def __init__(self, **options):
-        unknown = set(options) - set(self.DEFAULTS)
-        if unknown:
-            raise TypeError(f"NODEO: unknown options {sorted(unknown)}")
-        super().__init__(**{**self.DEFAULTS, **options})
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("NODEO options")
-        d = cls.DEFAULTS
-        g.add_argument("--iterations", type=int, default=None, help=f"optimisation iterations (default {d['iterations']})")
-        g.add_argument("--time-steps", type=int, default=None, help=f"Euler steps of the ODE (default {d['time_steps']})")
-        g.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default {d['lr']})")
-        g.add_argument("--step-size", type=float, default=None,
-                       help=f"Euler step h in normalised units on a 160-voxel axis (scaled to the working grid); it scales "
-                            f"the velocity, so it acts like a learning rate (default {d['step_size']})")
-        g.add_argument("--ncc-window-mm", type=float, default=None, help=f"local NCC window, mm (default {d['ncc_window_mm']})")
-        g.add_argument("--smoothing-mm", type=float, default=None, help=f"velocity box-smoothing width, mm (default {d['smoothing_mm']})")
-        g.add_argument("--lambda-jacobian", type=float, default=None, help=f"weight of the Jacobian penalty (default {d['lambda_jacobian']})")
-        g.add_argument("--lambda-velocity", type=float, default=None, help=f"weight of the velocity energy (default {d['lambda_velocity']})")
-        g.add_argument("--lambda-smooth", type=float, default=None, help=f"weight of the field smoothness (default {d['lambda_smooth']})")
-        g.add_argument("--seed", type=int, default=None, help="random seed of the network initialisation")
-
-    @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> dict:
-        keys = ("iterations", "time_steps", "lr", "step_size", "ncc_window_mm", "smoothing_mm", "lambda_jacobian",
-                "lambda_velocity", "lambda_smooth", "seed")
-        return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
-
-    def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
-        o = self.options
-        if o["iterations"] < 1 or o["time_steps"] < 1:
-            from ..errors import BadInput
-            raise BadInput("NODEO needs --iterations ≥ 1 and --time-steps ≥ 1")
+    def estimate(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
+        o = dataclasses.asdict(self.opts)
         shape = tuple(pair.fixed.shape[2:])
         spacing = min(pair.geometry.spacing_ijk)
         ncc_win = odd_window(o["ncc_window_mm"], spacing)

@@ -6,9 +6,21 @@ Used by every learned method's ``--refine N`` (off by default); what it did is r
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+from .base import option
+
+
+@dataclass
+class RefineOptions:
+    """The options of test-time refinement; a refinable method's ``Options`` inherits them (and may redeclare
+    ``refine_lr`` with its own default: the step is in the units of what it refines)."""
+    refine: int = option(0, min=0, max=100_000, aliases=("--refine",),
+                         help="test-time refinement: Adam steps on the prediction with the method's own loss (0: off)")
+    refine_lr: float = option(0.05, min=0.0, max=10.0, help="Adam step of the refinement")
 
 
 def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int,

@@ -20,8 +20,9 @@ What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,8 +33,8 @@ from ..field import compose, integrate_ss, resize_disp, resize_image, warp
 from ..io.weights import find_model, load_weights
 from ..losses.kl import laplacian_prec, recon_mse
 from ..nn.vxm_model import build_net, predict_mean, prior_stages, stage_nets, velocity_to_disp
-from .base import FieldEstimate, Method, PairOnGrid, register_method
-from .refine import refine
+from .base import Capabilities, FieldEstimate, Map, Method, PairOnGrid, option, register_method
+from .refine import RefineOptions, refine
 from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
 
 
@@ -76,15 +77,6 @@ def net_grid_shape(shape, m: int) -> tuple[int, int, int]:
     return tuple(max(m, int(round(n / m)) * m) for n in shape)
 
 
-def pad_to_multiple(x: torch.Tensor, m: int) -> tuple[torch.Tensor, list[int]]:
-    """Zero-pad (B, C, D, H, W) at the end of each axis up to a multiple of m; returns (padded, original shape)."""
-    shape = list(x.shape[2:])
-    pads = []
-    for n in reversed(shape):
-        pads += [0, (-n) % m]
-    return (F.pad(x, pads) if any(pads) else x), shape
-
-
 # Adam step of --refine, in ½-grid voxels. Measured on ixi-2 (IXI631 ← IXI633, whole head, v0.4.0, 50 steps):
 # 0.05 → Dice 0.677, 0.082 % folded voxels; 0.025 → 0.673, 0.018 %; 0.0125 → 0.667, 0.001 %. Larger steps overshoot
 # into folding fields that the best-loss rule keeps.
@@ -94,51 +86,32 @@ REFINE_LR = 0.025
 @register_method
 class VxmDiff(Method):
     name = "vxm-diff"
+    title = "VoxelMorph-diff (learned, with uncertainty)"
     description = "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with uncertainty"
-    learned = True
-    default_spacing_mm = 2.0
-    size_multiple = 16
-    has_inverse = True
+    flag_prefix = "vxm"
+    caps = Capabilities(learned=True, inverse="exact", uncertainty=True, contrasts="same",
+                        spacing_mm=(("cpu", 2.0),))
+    variants = {"refine": {"refine": 50}}
 
-    # the one place the defaults live: the CLI, the Slicer module and the benchmark get them from here
-    DEFAULTS: dict[str, Any] = {"model": None, "int_steps": 7, "uncertainty": "laplace", "uncertainty_samples": 8,
-                                "refine": 0, "refine_lr": REFINE_LR, "symmetric": True, "seed": 0}
+    @dataclass
+    class Options(RefineOptions):
+        model: str | None = option(None, help="model id from `deepdiffreg models list` (default: the newest model "
+                                              "of this method)")
+        symmetric: bool = option(True, help="mean of the forward velocity and the negated velocity predicted for the "
+                                            "swapped pair (one more pass); off: the network's forward prediction "
+                                            "only (the paper)")
+        int_steps: int = option(7, min=0, max=20, help="scaling-and-squaring steps (the model was trained with 7)")
+        uncertainty: str = option("laplace", choices=("laplace", "sampled"),
+                                  help="uncertainty map: 'laplace' = posterior of the model's objective for this pair, "
+                                       "'sampled' = the network's own variance head (see methods/vxm_uncertainty.py)")
+        uncertainty_samples: int = option(8, min=0, max=1000, help="velocity samples for --vxm-uncertainty sampled "
+                                                                   "(0: exp(logvar), no sampling)")
+        refine_lr: float = option(REFINE_LR, min=0.0, max=10.0, help="Adam step for --vxm-refine (½-grid voxels)")
+        seed: int = option(0, min=0, help="random seed of the uncertainty samples")
 
-    def __init__(self, **options: Any):
-        super().__init__(**{**self.DEFAULTS, **options})
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        d = cls.DEFAULTS
-        g = parser.add_argument_group("vxm-diff")
-        g.add_argument("--vxm-model", default=None, help="model id from `deepdiffreg models list` "
-                                                         "(default: the newest vxm-diff model)")
-        g.add_argument("--vxm-no-symmetric", dest="vxm_symmetric", action="store_false", default=None,
-                       help="use the network's forward prediction only (the paper); default: the mean of the forward "
-                            "velocity and the negated velocity predicted for the swapped pair (one more pass)")
-        g.add_argument("--vxm-int-steps", type=int, default=None,
-                       help=f"scaling-and-squaring steps (trained with {d['int_steps']})")
-        g.add_argument("--vxm-uncertainty", choices=("laplace", "sampled"), default=None,
-                       help="uncertainty map: 'laplace' = posterior of the model's objective for this pair (default), "
-                            "'sampled' = the network's own variance head (see methods/vxm_uncertainty.py)")
-        g.add_argument("--vxm-uncertainty-samples", type=int, default=None,
-                       help=f"velocity samples for --vxm-uncertainty sampled (0: exp(logvar), no sampling; default "
-                            f"{d['uncertainty_samples']})")
-        g.add_argument("--vxm-refine-lr", type=float, default=None,
-                       help=f"Adam step for --refine (½-grid voxels, default {d['refine_lr']})")
-
-    @classmethod
-    def options_from_args(cls, args: argparse.Namespace) -> dict[str, Any]:
-        given = {"model": getattr(args, "vxm_model", None), "int_steps": getattr(args, "vxm_int_steps", None),
-                 "uncertainty": getattr(args, "vxm_uncertainty", None),
-                 "uncertainty_samples": getattr(args, "vxm_uncertainty_samples", None),
-                 "symmetric": getattr(args, "vxm_symmetric", None), "refine": getattr(args, "refine", None),
-                 "refine_lr": getattr(args, "vxm_refine_lr", None)}
-        return {k: v for k, v in given.items() if v is not None}
-
-    def register(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
+    def estimate(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
-        o = self.options
+        o = dataclasses.asdict(self.opts)
         entry = find_model(o["model"], method=self.name)
         obj = load_weights(entry)
         cfg = dict(obj["config"])
@@ -208,7 +181,7 @@ class VxmDiff(Method):
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
         return FieldEstimate(disp_vox=disp.cpu(), inverse_disp_vox=inv.cpu(),
-                             uncertainty=unc.cpu(), info=info,
+                             maps={"uncertainty": Map(unc.cpu(), "mm", info["uncertainty"])}, info=info,
                              model={"id": entry["id"], "version": entry.get("version"), "sha256": entry["sha256"]})
 
 

@@ -55,7 +55,7 @@ def evaluate_file(weights: Path | None, cache: Path, refine: int = 0, samples: i
             pair = PairOnGrid(p["fixed"], p["moving"], LPS_2MM(tuple(p["fixed"].shape[2:])))
             t0 = time.time()
             est = VxmDiff(refine=refine, uncertainty=uncertainty, uncertainty_samples=samples,
-                          symmetric=symmetric).register(pair, torch.device("cpu"),
+                          symmetric=symmetric).estimate(pair, torch.device("cpu"),
                                                                                 lambda f, m: None)
             sec = time.time() - t0
             fl, ml = p["fixed_labels"], p["moving_labels"]
@@ -64,10 +64,10 @@ def evaluate_file(weights: Path | None, cache: Path, refine: int = 0, samples: i
             d0 = float(np.mean(list(dice_per_label(fl, ml, labels).values())))
             wl, dl, fold_pct, n_folds = _score(est.disp_vox, fl, ml, labels, brain)
             d1 = float(np.mean(list(dl.values())))
-            unc = est.uncertainty[0, 0].numpy()[brain]
+            unc = est.maps["uncertainty"].data[0, 0].numpy()[brain]
             mismatch = (wl != fl)[0, 0].numpy()[brain].astype(np.float64)
             interr = (warp(p["moving"], est.disp_vox) - p["fixed"]).abs()[0, 0].numpy()[brain]
-            unc_full = est.uncertainty[0, 0].numpy()
+            unc_full = est.maps["uncertainty"].data[0, 0].numpy()
             fl_np = fl[0, 0].numpy()
             per = [(1.0 - dl[l], float(unc_full[fl_np == l].mean())) for l in labels if l in dl]
             per_label_corr = _corr(np.array([a for a, _ in per]), np.array([b for _, b in per])) if len(per) > 2 \
@@ -103,7 +103,7 @@ def _demons_row(pair: PairOnGrid, fl, ml, labels, brain) -> dict:
     """The demons method (default settings) on the same pair and grid: Dice over the same labels, folds, time."""
     from ..methods.demons import Demons
     t0 = time.time()
-    est = Demons().register(pair, torch.device("cpu"), lambda f, m: None)
+    est = Demons().estimate(pair, torch.device("cpu"), lambda f, m: None)
     sec = time.time() - t0
     _, dl, fold_pct, _ = _score(est.disp_vox, fl, ml, labels, brain)
     return {"demons_dice": float(np.mean(list(dl.values()))), "demons_fold_pct_brain": fold_pct,
