@@ -28,6 +28,10 @@ def _ratio(v) -> str:
     return _f(v, "{:.2f}×")
 
 
+def ref_header(ref: str) -> str:
+    return f"× {ref} wall"
+
+
 def _stage_cells(p: dict[str, Any]) -> list[str]:
     return [_f(p.get(k), "{:.2f}") for k in (*STAGES, "startup_exit")]
 
@@ -35,7 +39,8 @@ def _stage_cells(p: dict[str, Any]) -> list[str]:
 def render_markdown(result: dict[str, Any], header: str) -> str:
     mi, st = result["machine"], result["settings"]
     ref = st.get("reference")
-    ref_col = f"× {ref} wall" if ref else "× reference wall"
+    ref_col = f" {ref_header(ref)} |" if ref else ""      # the ratio column, only when the reference ran
+    ratio = (lambda v: f" {_ratio(v)} |") if ref else (lambda v: "")  # noqa: E731
     L = [header.rstrip(), "", MARKER, "", f"## Run of {result['date']}", ""]
     L.append(f"- **Machine:** {mi['cpu_model']}, {mi['cpu_count']} cores, {mi['ram_gb']} GB RAM, "
              f"{'GPU ' + mi['cuda'] if mi.get('cuda') else 'no GPU'}; {mi['platform']}; Python {mi['python']}, "
@@ -66,13 +71,13 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
         L.append(f"- **Note:** {note}")
     L += ["", "### Mean over pairs", "",
           "| method | pairs | Dice before | Dice init. align | Dice after | TRE before (mm) | TRE after (mm) | % folded | "
-          f"std log det | wall (s) | {ref_col} | peak RSS max (MB) | ρ_label(unc, err) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          f"std log det | wall (s) |{ref_col} peak RSS max (MB) | ρ_label(unc, err) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else "")]
     for s in result["summary"]:
         L.append(f"| {s['method']} | {s['pairs']} | {_f(s['dice_before'])} | {_f(s['dice_initial_alignment'])} | "
                  f"{_b(s['dice_after'])} | {_f(s['tre_before_mm'], '{:.2f}')} | {_b(s['tre_after_mm'], '{:.2f}')} | "
                  f"{_f(s['percent_folded'], '{:.4f}')} | {_f(s['std_log_det'], '{:.3f}')} | {_f(s['wall_s'], '{:.1f}')} | "
-                 f"{_ratio(s.get('wall_ratio_to_reference'))} | {_f(s['peak_memory_mb_max'], '{:.0f}')} | "
+                 f"{_ratio(s.get('wall_ratio_to_reference')) + ' | ' if ref else ''}{_f(s['peak_memory_mb_max'], '{:.0f}')} | "
                  f"{_f(s['rho_label_mean'], '{:.3f}')} |")
     L += ["", "Dice means are over the pairs with labels, TRE over the pairs with landmarks, the rest over all pairs "
               "the method ran on.", ""]
@@ -80,13 +85,13 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
     for name, pair in result["pairs"].items():
         L += [f"### {name}", "", pair["description"] + ".", "",
               "| method | Dice before | Dice init. align | Dice after | TRE before (mm) | TRE init. align (mm) | "
-              f"TRE after (mm) | % folded | % folded (fg) | std log det | wall (s) | engine (s) | {ref_col} | "
+              f"TRE after (mm) | % folded | % folded (fg) | std log det | wall (s) | engine (s) |{ref_col} "
               "peak RSS (MB) | device | threads |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ref else "")]
         notes = []
         for r in [r for r in result["runs"] if r["pair"] == name]:
             if r["status"] != "ok":
-                L.append(f"| {r['method']} | {r['status']} | | | | | | | | | | | | | | |")
+                L.append(f"| {r['method']} | {r['status']} | | | | | | | | | | | | |" + (" |" if ref else ""))
                 notes.append(f"{r['method']} {r['status']}: {r.get('error') or r.get('reason')}")
                 continue
             d = lambda k: _get(r, "dice", k, "mean")  # noqa: E731
@@ -95,7 +100,7 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
                      f"{_f(t('before'), '{:.2f}')} | {_f(t('initial_alignment'), '{:.2f}')} | "
                      f"{_b(t('after'), '{:.2f}')} | {_f(r['folds']['percent_folded'], '{:.4f}')} | "
                      f"{_f(r['folds']['percent_folded_foreground'], '{:.4f}')} | {_f(r['folds']['std_log_det'])} | "
-                     f"{r['wall_s']:.1f} | {_f(r['engine_s'], '{:.1f}')} | {_ratio(r.get('wall_ratio_to_reference'))} | "
+                     f"{r['wall_s']:.1f} | {_f(r['engine_s'], '{:.1f}')} |{ratio(r.get('wall_ratio_to_reference'))} "
                      f"{_f(_get(r, 'peak_memory_mb', 'cpu'), '{:.0f}')} | {r['device']} | {r['threads']} |")
             de = r.get("displacement_error")
             if de:
@@ -130,9 +135,9 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
           "included), measured by the benchmark; **engine**: report.json `timings_s.total` (a peer: its child's "
           "reading, registration and writing, without start-up and import); **peak RSS**: report.json "
           "`peak_memory_mb.cpu` (maximum resident set of the register process; a peer: of its child process).",
-          f"- **{ref_col}**: the row's wall time divided by {ref or 'the reference peer'}'s on the same pair (mean "
-          "table: mean wall time over the pairs both ran on, divided by the reference's mean over the same pairs); "
-          "below 1 is faster.",
+          *([f"- **{ref_header(ref)}**: the row's wall time divided by {ref}'s on the same pair (mean table: "
+             "mean wall time over the pairs both ran on, divided by the reference's mean over the same pairs); "
+             "below 1 is faster."] if ref else []),
           "- **Stage profile**: seconds per stage of report.json `timings_s` — *load* (reading images, "
           "segmentations, landmarks), *align* (initial alignment), *preprocess* (resampling onto the working grid), "
           "*register* (the network or the optimisation), *write* (the result: field on the fixed grid, Jacobian, "

@@ -54,7 +54,9 @@ def normalise(res: dict[str, Any], method: str) -> dict[str, Any]:
     if "baseline" in res:
         return res
     first = res["pairs"][0] if res.get("pairs") else res.get("summary", {})
-    baseline = next((k[:-len("_dice")] for k in first if k.endswith("_dice") and not k.startswith("dice")), None)
+    with_dice = {k[:-len("_dice")] for k in first if k.endswith("_dice")}
+    with_time = {k[:-len("_seconds")] for k in first if k.endswith("_seconds")}
+    baseline = next(iter(sorted(with_dice & with_time)), None)
 
     def conv(d: dict[str, Any]) -> dict[str, Any]:
         out = {}
