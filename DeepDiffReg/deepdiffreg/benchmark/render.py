@@ -205,7 +205,7 @@ after another, on the same pairs in the same run, and the table is written from 
 numbers of the run (per-point TRE, timings per stage, fold statistics, uncertainty correlation) are in
 `docs/benchmarks.json` beside this file. Reproduce with
 
-    .venv/bin/deepdiffreg benchmark --data ../shared/data --work /tmp/ddr-bench
+    .venv/bin/deepdiffreg benchmark --data ../shared/data --work /tmp/ddr-bench --peers ants-syn
 
 **Pairs.** `ixi-1`, `ixi-2`: two pairs of real IXI T1 brains (2 mm, whole head, each in its own native space, not
 pre-aligned — the engine's affine initial alignment handles it) with their DLMUSE parcellations (131–148 labels); all four
@@ -215,9 +215,28 @@ work folder. `brats-002`: the BraTS-Reg case BraTSReg_002 (T1, follow-up → pre
 
 **Metrics.** Dice before (identity) / after the initial alignment / after registration, landmark TRE, the share of
 folded voxels (det ∇T ≤ 0) and the std of log det on the fixed grid, wall time and peak memory of the register
-process, the device and torch threads used; definitions at the end. The machine line gives the CPU, RAM, torch and
+process, the device and torch threads used; definitions at the end. Each child is started by a small measuring
+process (`benchmark/_measure.py`): Linux keeps a process's peak memory across exec, so a child started straight from
+the benchmark reported the benchmark's own peak as a floor (the 1378 MB of every row in runs before 2026-12-02). The machine line gives the CPU, RAM, torch and
 the load average when the run started: this is a shared 2-core machine on which other work (including background
 training) may run at the same time.
+
+**Peers.** Classical tools run on the same pairs in the same run (`--peers`, default: every installed one;
+install with `pip install -e '.[bench]'`), so each table has their Dice and time beside ours, and every row's wall
+time is also given as a ratio to ANTs SyN's on the same pair (`× ants-syn wall`, below 1 is faster). `ants-syn`:
+antspyx `ants.registration(fixed, moving, type_of_transform="SyN")` with its defaults (Mattes MI affine, then SyN,
+40×20×0 iterations; its random sampling seeded). What each side is given: the same raw pair (each image in its own
+scanner frame, not pre-aligned, no intensity normalisation); our methods bring the engine's affine initial
+alignment, SyN its own affine stage — both inside the timed process, so each wall time is "raw pair in, transform
+and warped image out", Python start-up and imports included. A peer gets the same number of threads as our register
+children (`--threads`, else the engine's default, cores − 1), through `ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`. Its
+Dice, TRE, folds (det ∇T of its transform on the fixed grid, `metrics.jacobian_det_lps`) and displacement error
+are computed from its fixed → moving ITK transform by the benchmark with the engine's metrics code, outside the
+timed process; its *init. align* is its affine stage alone.
+
+**Where the time goes.** The stage profile tables give each run's seconds per stage of report.json `timings_s`
+(load, align, preprocess, register = the network or the optimisation, write) and the start-up/exit time (wall −
+engine); the write stage is split per output when report.json records it (`timings_s.write_parts`).
 
 **Data and attribution.** IXI images: CC BY-SA 3.0, "IXI dataset, brain-development.org". DLMUSE segmentations of
 IXI (CBICA/NiChart_Project): LICENSE-SBIA (distributed with the data as `LICENSE-SBIA.md`). Label maps: SynthSeg
