@@ -142,9 +142,13 @@ def run_peer(pair: dict[str, Any], peer: Peer, out_dir: Path, threads: int) -> d
         return res
     info = json.loads(info_path.read_text())
     t = info["timings_s"]
-    transform = sitk.ReadTransform(str(out_dir / info["files"]["transform"]))
-    ev = analysis.evaluate_transform(pair, {"before": sitk.Transform(), **peer.initial_part(transform),
-                                            "after": transform})
+    try:
+        transform = sitk.ReadTransform(str(out_dir / info["files"]["transform"]))
+        ev = analysis.evaluate_transform(pair, {"before": sitk.Transform(), **peer.initial_part(transform),
+                                                "after": transform})
+    except Exception as e:  # noqa: BLE001 — one peer's unreadable result must not stop the run
+        res.update(status="failed", error=f"scoring its transform failed: {type(e).__name__}: {e}")
+        return res
     res.update(status="ok", out_dir=str(out_dir), device="cpu", threads=info.get("threads"),
                version=info.get("version"), timings_s=t, engine_s=t.get("total"),
                peak_memory_mb={"cpu": m["peak_rss_mb"]},
