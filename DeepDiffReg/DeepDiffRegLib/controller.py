@@ -34,7 +34,7 @@ log = logging.getLogger("DeepDiffReg")
 
 @dataclass
 class RunRequest:
-    method: ddmethods.MethodInfo
+    method: ddmethods.MethodInfo | None                     # None: only install the dependencies
     device: str = "auto"
     preset: str = ddmethods.DEFAULT_PRESET
     options: dict[str, Any] = field(default_factory=dict)   # Advanced values the user set, by option name
@@ -142,14 +142,15 @@ class RunController:
         self._set(ProcessingState.STARTING, ProcessingState.STARTING.label)
         try:
             # options first: a bad value fails before anything is installed or written
-            ddmethods.option_args(request.method, ddmethods.effective_options(request.method, request.preset,
-                                                                               request.options))
+            if request.method is not None:
+                ddmethods.option_args(request.method, ddmethods.effective_options(request.method, request.preset,
+                                                                                   request.options))
             steps = self._install_steps()
             if steps is None:
                 return False
             self.work_dir = tempfile.mkdtemp(prefix="DeepDiffReg-", dir=self.work_root)
             self._steps = steps
-            if steps:
+            if steps or request.method is None:
                 self._set(ProcessingState.INSTALLING, ProcessingState.INSTALLING.label)
                 self._next_step()
             else:
@@ -182,6 +183,9 @@ class RunController:
     def _next_step(self) -> None:
         if not self._steps:
             self._step = self._step_run = None
+            if self.request.method is None:
+                self._finish(ProcessingState.COMPLETED, "The Python packages are installed.")
+                return
             self._set(ProcessingState.STARTING, "Writing the inputs...")
             self._launch()
             return

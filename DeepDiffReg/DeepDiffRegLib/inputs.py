@@ -19,7 +19,7 @@ RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
 def missing_inputs(fixed, moving, fixed_seg=None, moving_seg=None, fixed_landmarks=None, moving_landmarks=None,
-                   method: str | None = "nodeo", known_methods=None) -> list[str]:
+                   method: str | None = None, known_methods=None) -> list[str]:
     """Reasons why Register cannot run yet (empty when it can). One short sentence each."""
     reasons = []
     if fixed is None:
@@ -41,10 +41,11 @@ def missing_inputs(fixed, moving, fixed_seg=None, moving_seg=None, fixed_landmar
         nf, nm = fixed_landmarks.GetNumberOfControlPoints(), moving_landmarks.GetNumberOfControlPoints()
         if nf != nm or nf == 0:
             reasons.append(f"Landmark lists must have the same, non-zero number of points ({nf} vs {nm}).")
-    if not method:
-        reasons.append("Choose a method.")
-    elif known_methods is not None and method not in known_methods:
-        reasons.append(f"Unknown method '{method}'.")
+    if known_methods is not None:  # the method is checked against the engine's list when one is given
+        if not method:
+            reasons.append("Choose a method.")
+        elif method not in known_methods:
+            reasons.append(f"Unknown method '{method}'.")
     return reasons
 
 

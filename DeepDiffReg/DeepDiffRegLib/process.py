@@ -358,3 +358,47 @@ def default_python() -> str:
     import shutil
 
     return shutil.which("PythonSlicer") or sys.executable
+
+
+class BackgroundCommand:
+    """A short command (list methods, import/delete a model, make the sample pair) run off the GUI thread:
+    ``poll()`` returns None while it runs, then ``(returncode, stdout, stderr)``. A start failure (no such
+    program) is reported the same way, with returncode -1. Never raises from ``poll``."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 300.0):
+        self.command = [str(c) for c in command]
+        self.env = env
+        self.timeout_s = timeout_s
+        self._result: tuple[int, str, str] | None = None
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._work, name="DeepDiffReg-command", daemon=True)
+
+    def start(self) -> "BackgroundCommand":
+        self._thread.start()
+        return self
+
+    def _work(self) -> None:
+        try:
+            self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          stdin=subprocess.DEVNULL, env=self.env, text=True, encoding="utf-8",
+                                          errors="replace")
+            out, err = self._proc.communicate(timeout=self.timeout_s)
+            self._result = (self._proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(self._proc.pid, grace_s=1.0)
+            self._result = (-1, "", f"{self.command[2:4]} did not finish within {self.timeout_s:.0f} s")
+        except Exception as e:  # noqa: BLE001 - reported through poll()
+            self._result = (-1, "", f"{type(e).__name__}: {e}")
+
+    def poll(self) -> tuple[int, str, str] | None:
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
+        self._thread.join(timeout)
+        if self._result is None:
+            raise TimeoutError(" ".join(self.command))
+        return self._result
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            kill_process_tree(self._proc.pid, grace_s=1.0)

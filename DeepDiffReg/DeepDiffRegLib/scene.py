@@ -60,7 +60,7 @@ class ResultNodes:
     grid: Any = None               # vtkMRMLModelNode (deformation grid, point scalar "jacobian")
     warped: Any = None             # vtkMRMLScalarVolumeNode, moving resampled onto the fixed grid
     warped_seg: Any = None         # vtkMRMLLabelMapVolumeNode
-    uncertainty: Any = None        # vtkMRMLScalarVolumeNode (vxm-diff only)
+    uncertainty: Any = None        # vtkMRMLScalarVolumeNode (methods that estimate one)
     folds: Any = None              # vtkMRMLSegmentationNode with one segment, only when there are folds
     fold_summary: qa.FoldSummary | None = None
     folder_item: int = 0           # subject hierarchy folder holding the outputs

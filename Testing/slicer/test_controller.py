@@ -245,3 +245,13 @@ def test_real_engine_run_through_the_controller_into_a_scene(tmp_path, mrml, fix
     assert h.ctl.state is ProcessingState.COMPLETED and h.ctl.device == "cpu"
     assert moving.GetParentTransformNode() is res.transform and res.jacobian is not None
     assert h.work_dirs() == []
+
+
+def test_install_only_request(tmp_path):
+    h = Harness(tmp_path, plan=lambda: ddinstall.Plan(torch=False, optional=["psutil>=99"]), env_extra=OFFLINE)
+    assert h.ctl.start(ddcontroller.RunRequest(method=None))
+    assert h.ctl.wait(timeout=120) is ProcessingState.COMPLETED and "installed" in h.ctl.message
+    assert h.work_dirs() == []
+    h = Harness(tmp_path)  # nothing to install: completes at once
+    h.ctl.start(ddcontroller.RunRequest(method=None))
+    assert h.ctl.wait(timeout=10) is ProcessingState.COMPLETED
