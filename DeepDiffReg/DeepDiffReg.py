@@ -35,7 +35,7 @@ class DeepDiffReg(ScriptedLoadableModule):
             "learned methods; the list comes from the installed engine). "
             "The result is a displacement-field transform that Transforms, Segment Editor, Crop Volume and Markups "
             "use as is, with a Jacobian map, fold QA and Dice/TRE when segmentations or landmarks are given. "
-            "See <a href='https://github.com/deepdiffreg/DeepDiffReg/blob/main/docs/slicer-module.md'>the module "
+            "See <a href='https://github.com/deepdiffreg/SlicerDeepDiffReg/blob/main/docs/slicer-module.md'>the module "
             "documentation</a>.")
         self.parent.acknowledgementText = "Registration runs in a child process; PyTorch comes from the PyTorch extension."
         slicer.app.connect("startupCompleted()", registerSampleData)

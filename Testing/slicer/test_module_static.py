@@ -238,3 +238,45 @@ def test_segmentation_export_matches_labels_by_name(mrml, synthetic_result, tmp_
     assert fl.shape == ddscene.volume_array(fixed).shape and ml.shape == ddscene.volume_array(moving).shape
     assert (fl[a] == 1).all() and (fl[b] == 2).all() and (ml[b] == 2).all() and (ml[a] == 1).all()
     assert set(np.unique(ml)) == {0, 1, 2}  # "other" is not exported
+
+
+# Restated from Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json (draft-07): required keys,
+# additionalProperties false, and each property's type / enum / range.
+CATALOG_SCHEMA_V102 = {
+    "required": {"$schema", "category", "scm_url"},
+    "types": {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+              "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
+              "tier": int},
+    "enums": {"scm_type": {"git", "local"}},
+}
+
+
+def test_extensions_index_checks():
+    """LICENSE at the root, a catalog entry valid against schema v1.0.2 and consistent with the CMake metadata,
+    contributors as 'Name (Affiliation)', a repository name with 'Slicer', icon/screenshot URLs that resolve
+    inside this repository (issue 14 item 7)."""
+    assert "Apache License" in open(os.path.join(REPO, "LICENSE")).read()[:200]
+    entry_path = os.path.join(REPO, "Resources", "ExtensionsIndex", "DeepDiffReg.json")
+    entry = json.load(open(entry_path))
+    schema = CATALOG_SCHEMA_V102
+    assert schema["required"] <= set(entry), schema["required"] - set(entry)
+    assert set(entry) <= set(schema["types"]), set(entry) - set(schema["types"])  # additionalProperties false
+    for k, v in entry.items():
+        assert isinstance(v, schema["types"][k]) and not (schema["types"][k] is int and isinstance(v, bool)), k
+        if k in schema["enums"]:
+            assert v in schema["enums"][k], (k, v)
+    assert all(isinstance(d, str) for d in entry["build_dependencies"]) and 1 <= entry.get("tier", 1) <= 5
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    top = open(os.path.join(REPO, "CMakeLists.txt")).read()
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    assert entry["category"] == meta["EXTENSION_CATEGORY"] == "Registration"
+    assert entry["build_dependencies"] == meta["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    repo_name = entry["scm_url"].rstrip("/").removesuffix(".git").split("/")[-1]
+    assert "Slicer" in repo_name
+    for c in meta["EXTENSION_CONTRIBUTORS"].split(","):
+        assert re.fullmatch(r"\s*[^()]+ \([^()]+\)\s*", c), c
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in meta[key].split():
+            assert f"/{repo_name}/" in url and "/main/" in url, url
+            assert os.path.isfile(os.path.join(REPO, url.split("/main/", 1)[1])), url
+    assert repo_name in meta["EXTENSION_HOMEPAGE"]
