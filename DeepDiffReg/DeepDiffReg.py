@@ -7,14 +7,14 @@ child process, and DeepDiffRegLib is imported inside functions.
 import json
 import logging
 import os
-from typing import Annotated
+from typing import Annotated, Union
 
 import ctk
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLModelNode, vtkMRMLNode, vtkMRMLScalarVolumeNode,
-                    vtkMRMLSegmentationNode, vtkMRMLTransformNode)
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLModelNode,
+                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -80,7 +80,7 @@ class DeepDiffRegParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
-    fixedMask: vtkMRMLNode                     # a segmentation or a label map on the fixed image
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # region of interest on the fixed image
     method: str = ""                           # engine method name ("" = the engine's default; never rename)
     preset: str = "balanced"                   # a spacing preset or "variant:<name>" of the method
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
