@@ -131,7 +131,6 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._keptFolder = None
 
     def setup(self):
-        from DeepDiffRegLib import controller as ddcontroller
         from DeepDiffRegLib import models as ddmodels
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepDiffReg.ui"))

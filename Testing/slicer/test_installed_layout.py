@@ -39,7 +39,7 @@ def _env(module_dir, tmp_path):
 
 
 def test_installed_tree_holds_module_engine_ui_and_models(installed):
-    for rel in ("DeepDiffReg.py", "DeepDiffRegLib/process.py",
+    for rel in ("DeepDiffReg.py", "DeepDiffRegLib/process.py", "DeepDiffRegLib/controller.py",
                 "deepdiffreg/__main__.py", "deepdiffreg/watchdog.py", "deepdiffreg/io/weights.py",
                 "Resources/UI/DeepDiffReg.ui", "Resources/Icons/DeepDiffReg.png", "Resources/models/manifest.json"):
         assert (installed / rel).is_file(), rel

@@ -8,15 +8,13 @@ import os
 import sys
 import types
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicer
 
-from conftest import HERE, MODULE_DIR, methods_json_text
-from DeepDiffRegLib import install as ddinstall, methods as ddmethods, models as ddmodels
+from conftest import HERE, MODULE_DIR
+from DeepDiffRegLib import methods as ddmethods, models as ddmodels
 from DeepDiffRegLib import process as ddprocess, sampledata as ddsample, scene as ddscene
-from DeepDiffRegLib.states import ProcessingState
 
 
 @pytest.fixture
