@@ -82,6 +82,7 @@ class RunController:
         self._on_change = on_change
         self.cancel_grace_s = cancel_grace_s
         self.state = ProcessingState.IDLE
+        self._optional_tried = False   # optional packages are offered (and tried) once per session
         self._reset()
 
     def _reset(self) -> None:
@@ -169,8 +170,12 @@ class RunController:
         p = self._plan()
         if p.torch_too_old:
             raise ddinstall.InstallError(ddinstall.torch_too_old_message(p.torch_version or "?"))
+        if self._optional_tried and p.optional:  # declined or failed before: do not ask at every run
+            p = dataclasses.replace(p, optional=[])
         if p.empty:
             return []
+        if p.optional:
+            self._optional_tried = True
         if self._confirm is not None and not self._confirm(p.confirmation_text(), p.describe()):
             if p.torch:
                 self._fail("Registration needs PyTorch. Press Register again to install it, or install it from "

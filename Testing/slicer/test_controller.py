@@ -175,6 +175,8 @@ def test_optional_psutil_install_failure_does_not_block_registration(tmp_path, f
     assert h.ctl.wait(timeout=120) is ProcessingState.COMPLETED, h.ctl.message
     assert any("continuing without it" in line for line in h.logs)
     assert "GB" not in asked[0]  # the 1-3 GB warning is only for torch
+    h.ctl.start(_request(fixture_methods))  # the next run does not ask again (an offline site)
+    assert h.ctl.wait(timeout=60) is ProcessingState.COMPLETED and len(asked) == 1
 
 
 def test_command_has_only_declared_options_that_changed(tmp_path, fixture_methods, synthetic_result):
