@@ -8,8 +8,9 @@ remembered from the last session, see ``DeepDiffReg.py``).
 
 JSON read, per method: ``name``, ``title``, ``description``, ``default`` (bool), ``learned``, ``has_inverse``,
 ``default_spacing_mm``, ``caps`` (dict, kept as is), ``options`` (list of {``name``, ``flag``, ``type`` in
-int|float|bool|str|choice|int_list, ``default``, ``min``, ``max``, ``choices``, ``help``, optional ``flag_false``}),
-``variants`` ({variant: {option name: value}}), ``models`` (list of {``id``, ``version``, ``licence``, ...}).
+int|float|bool|str|choice|int_list, ``default``, ``optional`` (None allowed), ``min``, ``max``, ``choices``,
+``help``, ``negative_flag`` (bool options: the flag that turns it off)}), ``variants`` ({variant: {option name:
+value}}), ``models`` (list of {``id``, ``version``, ``source``, ``path``, ``licence``, ``card``, ...}).
 
 The command line is built from the declared options only, and only for the options the user changed
 (``option_args``): a flag the method does not declare is never added.
@@ -34,7 +35,8 @@ class OptionSpec:
     max: float | None = None
     choices: list[Any] = field(default_factory=list)
     help: str = ""
-    flag_false: str | None = None   # bool options: the flag that turns it off (default: --no-<flag without -->)
+    negative_flag: str | None = None  # bool options: the flag that turns it off
+    optional: bool = False            # None is a valid value (e.g. "the newest model")
 
     @property
     def label(self) -> str:
@@ -90,7 +92,9 @@ class OptionSpec:
         if self.type == "bool":
             if value:
                 return [self.flag]
-            return [self.flag_false or "--no-" + self.flag.lstrip("-")]
+            if not self.negative_flag:
+                raise ValueError(f"{self.name}: the method declares no flag to turn it off")
+            return [self.negative_flag]
         if self.type == "int_list":
             return [self.flag] + [str(int(x)) for x in value]
         if self.type == "float":
@@ -132,7 +136,8 @@ def _option(r: dict[str, Any]) -> OptionSpec:
         t = "str"
     o = OptionSpec(name=str(r["name"]), flag=str(r["flag"]), type=t, default=r.get("default"),
                    min=r.get("min"), max=r.get("max"), choices=list(r.get("choices") or []),
-                   help=str(r.get("help") or ""), flag_false=r.get("flag_false"))
+                   help=str(r.get("help") or ""), negative_flag=r.get("negative_flag"),
+                   optional=bool(r.get("optional", False)))
     if o.type == "choice" and o.default is None and o.choices:
         o.default = o.choices[0]
     return o
@@ -186,13 +191,21 @@ VARIANT_PREFIX = "variant:"
 
 
 def presets_for(method: MethodInfo | None) -> list[tuple[str, str]]:
-    """(key, label) of the presets offered for ``method``: the spacing presets, then its variants."""
-    out = [(k, label) for k, (label, _) in SPACING_PRESETS.items()]
-    if method is not None:
-        for v, opts in method.variants.items():
-            desc = ", ".join(f"{k.replace('_', ' ')} {val}" for k, val in opts.items())
-            out.append((VARIANT_PREFIX + v, f"{v.replace('_', ' ').replace('-', ' ').capitalize()}"
-                                            + (f" ({desc})" if desc else "")))
+    """(key, label) of the presets offered for ``method``: fast / balanced / accurate (working spacing, plus the
+    method's own variant of the same name when it declares one), then its other variants."""
+    def describe(opts: dict[str, Any]) -> str:
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in opts.items())
+
+    variants = method.variants if method is not None else {}
+    out = []
+    for k, (label, _) in SPACING_PRESETS.items():
+        extra = describe(variants.get(k, {}))
+        out.append((k, f"{label[:-1]}, {extra})" if extra and label.endswith(")") else label))
+    for v, opts in variants.items():
+        if v not in SPACING_PRESETS:
+            desc = describe(opts)
+            out.append((VARIANT_PREFIX + v, v.replace("_", " ").replace("-", " ").capitalize()
+                        + (f" ({desc})" if desc else "")))
     return out
 
 
@@ -207,10 +220,11 @@ def preset_spacing_mm(method: MethodInfo | None, preset: str) -> float | None:
 
 
 def preset_options(method: MethodInfo | None, preset: str) -> dict[str, Any]:
-    """Option values a variant preset sets (empty for the spacing presets)."""
-    if method is None or not preset.startswith(VARIANT_PREFIX):
+    """Option values the preset sets: a variant's, or the same-named variant of a spacing preset."""
+    if method is None:
         return {}
-    return dict(method.variants.get(preset[len(VARIANT_PREFIX):], {}))
+    name = preset[len(VARIANT_PREFIX):] if preset.startswith(VARIANT_PREFIX) else preset
+    return dict(method.variants.get(name, {}))
 
 
 def effective_options(method: MethodInfo, preset: str, user_values: dict[str, Any]) -> dict[str, Any]:

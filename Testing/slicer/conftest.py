@@ -146,8 +146,9 @@ METHODS_FIXTURE = os.path.join(HERE, "fixtures", "methods.json")
 
 
 def methods_json_text() -> str:
-    """What ``deepdiffreg methods --json`` prints, for the panel-side tests: a sample of the method-platform
-    schema (fixtures/methods.json) until the engine emits it; switch this one function to the engine's output."""
+    """What ``deepdiffreg methods --json`` prints, for the panel-side tests: fixtures/methods.json is that output
+    of the method-platform engine on main (7a6f687; models' machine paths and training details trimmed), since
+    this branch's engine does not emit options yet. Switch this one function to the engine's own output."""
     with open(METHODS_FIXTURE, encoding="utf-8") as f:
         return f.read()
 

@@ -188,8 +188,8 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
         generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--no-align", "--overwrite",
                    "--fixed-mask"}
         flags = {w for w in cmd if w.startswith("--")} - generic
-        declared = {o.flag for o in req.method.options} | {"--no-" + o.flag[2:] for o in req.method.options
-                                                            if o.type == "bool"}
+        declared = {o.flag for o in req.method.options} | {o.negative_flag for o in req.method.options
+                                                            if o.negative_flag}
         assert flags <= declared, flags - declared
         return cmd
 
@@ -198,13 +198,15 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     assert "--spacing" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast"))
     assert cmd[cmd.index("--spacing") + 1] == "4.5"  # the method's 3 mm x 1.5
+    fast = nodeo.variants["fast"]["iterations"]       # and the method's own "fast" variant
+    assert cmd[cmd.index("--nodeo-iterations") + 1] == str(fast)
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", spacing_mm=2.0))
     assert cmd[cmd.index("--spacing") + 1] == "2"    # the user's spacing wins over the preset
-    cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine50"))
-    assert cmd[cmd.index("--vxm-refine") + 1] == "50"
-    cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine50",
+    cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine"))
+    assert cmd[cmd.index("--vxm-refine") + 1] == str(vxm.variants["refine"]["refine"])
+    cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine",
                                                options={"refine": 0, "symmetric": False, "uncertainty": "sampled"}))
-    assert "--vxm-refine" not in cmd and "--no-vxm-symmetric" in cmd
+    assert "--vxm-refine" not in cmd and "--vxm-no-symmetric" in cmd
     assert cmd[cmd.index("--vxm-uncertainty") + 1] == "sampled"
     cmd = method_words(ddcontroller.RunRequest(demons, options={"iterations": "50 20"}))
     i = cmd.index("--demons-iterations")
@@ -257,3 +259,10 @@ def test_install_only_request(tmp_path):
     h = Harness(tmp_path)  # nothing to install: completes at once
     h.ctl.start(ddcontroller.RunRequest(method=None))
     assert h.ctl.wait(timeout=10) is ProcessingState.COMPLETED
+
+
+def test_bool_option_without_a_negative_flag_cannot_be_turned_off(fixture_methods):
+    spec = ddmethods.OptionSpec(name="flip", flag="--x-flip", type="bool", default=True)
+    with pytest.raises(ValueError):
+        spec.args(False)
+    assert spec.args(True) == ["--x-flip"]

@@ -55,7 +55,7 @@ def test_logic_request_and_a_run_through_export_and_import(module, mrml, synthet
     m = vtkMatrix4x4(); fixed.GetIJKToRASMatrix(m); mask.SetIJKToRASMatrix(m)
     mask.SetAndObserveImageData(fixed.GetImageData())
     method = ddmethods.by_name(fixture_methods, "vxm-diff")
-    p = _params(fixed, moving, method="vxm-diff", preset="variant:refine50", fixedMask=mask,
+    p = _params(fixed, moving, method="vxm-diff", preset="variant:refine", fixedMask=mask,
                 methodOptions=json.dumps({"vxm-diff": {"symmetric": False}, "nodeo": {"iterations": 3}}))
     logic = module.DeepDiffRegLogic()
     req = logic.request(p, method)
@@ -69,7 +69,7 @@ def test_logic_request_and_a_run_through_export_and_import(module, mrml, synthet
     c = logic.makeController()
     res = c.run(req, timeout=60)
     argv = json.load(open(argv_file))
-    assert argv[argv.index("--vxm-refine") + 1] == "50" and "--no-vxm-symmetric" in argv
+    assert argv[argv.index("--vxm-refine") + 1] == "50" and "--vxm-no-symmetric" in argv
     assert "--nodeo-iterations" not in argv and "--fixed-mask" in argv
     assert moving.GetParentTransformNode() is res.transform and p.outputTransform is res.transform
     assert all(n.GetStorageNode() is None for n in res.nodes())  # no link to the deleted temporary files
