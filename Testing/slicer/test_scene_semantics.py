@@ -110,3 +110,15 @@ def test_jacobian_overlay_toggle_and_grid_not_in_3d(mrml, synthetic_result):
     assert not gd.GetVisibility() and not gd.GetVisibility2D()
     ddscene.set_grid_visible(res.grid, True)
     assert gd.GetVisibility() and gd.GetVisibility2D() and not gd.GetVisibility3D()
+
+
+def test_snapshot_keeps_the_users_transform_chain(mrml, synthetic_result):
+    from DeepDiffRegLib import snapshot
+    case = synthetic_result
+    lg, fixed, moving = _load(mrml, case)
+    P = _translation(mrml.scene, "user pre-alignment", (2.0, 0.0, 0.0))
+    moving.SetAndObserveTransformNodeID(P.GetID())
+    res = ddscene.load_result(mrml.scene, case["out_dir"], fixed, moving, logics=lg)
+    img = snapshot.qa_snapshot(mrml.scene, mrml.app_logic, fixed, moving, res, size=48)
+    assert img.shape[0] == 3 * (48 + snapshot.LABEL_H)
+    assert moving.GetParentTransformNode() is P and P.GetParentTransformNode() is res.transform
