@@ -140,3 +140,20 @@ def interior_mask(fixed_img, moving_img, transform, margin=1.0) -> np.ndarray:
     cidx = ((mp - np.array(moving_img.GetOrigin())) @ Dm) / np.array(moving_img.GetSpacing())
     in_moving = np.all((cidx >= margin) & (cidx <= np.array(moving_img.GetSize()) - 1 - margin), -1)
     return in_field & in_moving
+
+
+METHODS_FIXTURE = os.path.join(HERE, "fixtures", "methods.json")
+
+
+def methods_json_text() -> str:
+    """What ``deepdiffreg methods --json`` prints, for the panel-side tests: fixtures/methods.json is that output
+    of the method-platform engine on main (7a6f687; models' machine paths and training details trimmed), since
+    this branch's engine does not emit options yet. Switch this one function to the engine's own output."""
+    with open(METHODS_FIXTURE, encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture
+def fixture_methods():
+    from DeepDiffRegLib import methods as ddmethods
+    return ddmethods.parse_methods_json(methods_json_text())
