@@ -5,6 +5,7 @@ broken CI environment cannot pass silently. Install with ``pip install -e .[test
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -142,15 +143,15 @@ def interior_mask(fixed_img, moving_img, transform, margin=1.0) -> np.ndarray:
     return in_field & in_moving
 
 
-METHODS_FIXTURE = os.path.join(HERE, "fixtures", "methods.json")
 
 
+@functools.lru_cache(maxsize=1)
 def methods_json_text() -> str:
-    """What ``deepdiffreg methods --json`` prints, for the panel-side tests: fixtures/methods.json is that output
-    of the method-platform engine on main (7a6f687; models' machine paths and training details trimmed), since
-    this branch's engine does not emit options yet. Switch this one function to the engine's own output."""
-    with open(METHODS_FIXTURE, encoding="utf-8") as f:
-        return f.read()
+    """What ``deepdiffreg methods --json`` prints — the engine's own output, as the panel reads it."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "deepdiffreg", "methods", "--json"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return out.stdout
 
 
 @pytest.fixture

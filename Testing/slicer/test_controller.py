@@ -242,9 +242,9 @@ def test_real_engine_run_through_the_controller_into_a_scene(tmp_path, mrml, fix
         return ddscene.load_result(mrml.scene, out_dir, fixed, moving, logics=lg)
 
     h = Harness(tmp_path, fake=False, export=export, importer=import_)
-    # --iterations/--ncc-window-mm: test-speed tuning for the 40 mm phantom, passed verbatim
+    # --nodeo-iterations/--nodeo-ncc-window-mm: test-speed tuning for the 40 mm phantom, passed verbatim
     req = ddcontroller.RunRequest(ddmethods.by_name(fixture_methods, "nodeo"), device="cpu", spacing_mm=2.0,
-                                  extra_args=["--iterations", "30", "--ncc-window-mm", "15"])
+                                  extra_args=["--nodeo-iterations", "30", "--nodeo-ncc-window-mm", "15"])
     res = h.ctl.run(req, timeout=300)
     assert h.ctl.state is ProcessingState.COMPLETED and h.ctl.device == "cpu"
     assert moving.GetParentTransformNode() is res.transform and res.jacobian is not None

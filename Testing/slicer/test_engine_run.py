@@ -24,7 +24,7 @@ def _command(inputs, out, iterations=ITERATIONS):
     # brain defaults (3 mm grid on CPU, 9 mm window); threads: the engine's default (one core left free).
     return ddprocess.register_command(sys.executable, inputs["fixed"], inputs["moving"], out, method="nodeo",
                                       device="cpu", spacing_mm=2.0,
-                                      extra=["--iterations", str(iterations), "--ncc-window-mm", "15"])
+                                      extra=["--nodeo-iterations", str(iterations), "--nodeo-ncc-window-mm", "15"])
 
 
 @pytest.fixture(scope="session")

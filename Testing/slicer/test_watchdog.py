@@ -32,7 +32,7 @@ def test_engine_exits_when_its_parent_dies(tmp_path):
     inputs = synthetic.write_engine_inputs(str(tmp_path / "inputs"))
     out = str(tmp_path / "result")
     cmd = ddprocess.register_command(sys.executable, inputs["fixed"], inputs["moving"], out, method="nodeo",
-                                     device="cpu", extra=["--iterations", "1000000"])
+                                     device="cpu", extra=["--nodeo-iterations", "100000"])
     env = dict(os.environ, PYTHONPATH=MODULE_DIR)
     r = subprocess.run([sys.executable, "-c", LAUNCHER, MODULE_DIR, json.dumps(cmd)], env=env, capture_output=True,
                        text=True, timeout=60)
