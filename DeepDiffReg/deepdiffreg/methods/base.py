@@ -244,7 +244,8 @@ class Method:
                 "options": [{**s.to_json(cls.flag(s.name)),
                              **({"negative_flag": cls.negative_flag(s.name)} if s.kind == "bool" else {})}
                             for s in cls.option_specs()],
-                "variants": {k: {o: _jsonable(v) for o, v in opts.items()} for k, opts in cls.variants.items()}}
+                "variants": {k: {o: _jsonable(v) for o, v in opts.items()} for k, opts in cls.variants.items()},
+                "benchmark_variants": list(cls.benchmark_variants)}
 
     # -- option checking: the one place ------------------------------------------------------------------------
     @classmethod
@@ -349,6 +350,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     cls.option_specs()             # fails now, not in front of a user, on an unsupported option type
     for vname, opts in cls.variants.items():
         cls.parse_options(opts)    # a variant must be a valid option set
+    missing = [v for v in cls.benchmark_variants if v not in cls.variants]
+    if missing:
+        raise ValueError(f"{cls.name}: benchmark_variants {missing} are not declared in variants")
     if cls.caps.default_align not in ("affine", "rigid", "none"):
         raise ValueError(f"{cls.name}: default_align must be affine, rigid or none")
     REGISTRY[cls.name] = cls
