@@ -23,9 +23,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     from ..methods.learned import trainable_methods
     methods = trainable_methods()
     p = subparsers.add_parser("train", help="train a learned method (resumable; logs CSV + PNG; publishes to models/)")
-    p.add_argument("--method", required=True, choices=sorted(methods),
+    p.add_argument("--method", default=None, choices=sorted(methods),
                    help="the method to train (the discovered methods that implement the training protocol, "
-                        "methods/learned.py)")
+                        "methods/learned.py); default: the method of the run being resumed or of --init's weights")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, train_log.csv/png, best.pt); "
                                                 "an existing run folder is resumed")
     p.add_argument("--steps", type=int, default=20000, help="total steps (resume continues up to this)")
@@ -108,6 +108,20 @@ def training_options_from_args(args, cls) -> object:
     return cls.parse_train_options(given)
 
 
+def _method_of_run(out: Path, init: str | None) -> str:
+    """The method recorded in a run folder's weights (resuming) or in the --init weights file."""
+    import torch
+
+    from ..errors import BadInput
+    for f in [out / "last.pt", out / "checkpoint.pt"] + ([Path(init)] if init else []):
+        if f.is_file():
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            name = (obj.get("meta") or {}).get("method") or (obj.get("config") or {}).get("method")
+            if name:
+                return name
+    raise BadInput("say which method to train: --method NAME (no run to resume in --out, no --init weights)")
+
+
 def run_train(args) -> int:
     import dataclasses
 
@@ -115,7 +129,7 @@ def run_train(args) -> int:
     from ..methods.learned import get_trainable
     from .loop import TrainSettings, publish, train
 
-    cls = get_trainable(args.method)
+    cls = get_trainable(args.method or _method_of_run(Path(args.out), args.init))
     topts = training_options_from_args(args, cls)
     if args.synthetic:
         from .datasets import synthetic_training_data
