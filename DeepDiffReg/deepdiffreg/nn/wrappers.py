@@ -10,7 +10,8 @@ Deformations:
 - ``SVF(v, steps)``: φ = exp(v), v a stationary velocity on its own (e.g. ½-resolution) grid, integrated by scaling
   and squaring there and resized where it is sampled; the free inverse is exp(−v) (``SVF.inverse``).
 - ``Displacement(u, inverse_u)``: a displacement the network returns directly (e.g. a learned integrator); the
-  inverse only when the network gives one (a forward + backward net).
+  inverse only when the network gives one. ``WithInverse(forward, backward)``: any deformation with the inverse the
+  network computed for it (a forward + backward net; an NSVF integrated both ways).
 - ``Composed(parts, grid)``: φ = parts[0] ∘ parts[1] ∘ … (the last part is applied first to a point), composed on
   ``grid`` and then resized; inverse = parts[-1]⁻¹ ∘ … ∘ parts[0]⁻¹.
 
@@ -103,6 +104,21 @@ class Displacement(Deformation):
 
     def inverse(self) -> "Displacement | None":
         return None if self.inverse_u is None else Displacement(self.inverse_u, self.u, self.info)
+
+
+class WithInverse(Deformation):
+    """A deformation and the inverse a network gives with it (a forward + backward net, an NSVF integrated both
+    ways): ``inverse()`` is ``backward``, not derived."""
+
+    def __init__(self, forward: Deformation, backward: Deformation):
+        self.forward, self.backward = forward, backward
+        self.info = dict(forward.info)
+
+    def disp(self, shape) -> torch.Tensor:
+        return self.forward.disp(shape)
+
+    def inverse(self) -> "WithInverse":
+        return WithInverse(self.backward, self.forward)
 
 
 class Composed(Deformation):
