@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -62,6 +63,14 @@ class LearnedOptions:
 class LearnedMethod(Method):
     """A method whose network comes from a weights file: ``load_network`` finds it (``model``/``weights``
     options), checks its hash, builds the network from the file's config (``build_network``) and loads it."""
+
+    def __init__(self, options: Any = None, **kw: Any):
+        super().__init__(options, **kw)
+        model, weights = getattr(self.opts, "model", None), getattr(self.opts, "weights", None)
+        if model and weights:
+            raise BadInput(f"give {self.flag('model')} or {self.flag('weights')}, not both")
+        if weights and not Path(weights).is_file():
+            raise BadInput(f"{self.flag('weights')}: no such weights file: {weights}")
 
     def load_network(self, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         """(network in eval mode on ``device``, its config, {"id", "version", "sha256"} for report.json)."""
