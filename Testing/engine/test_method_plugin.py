@@ -126,7 +126,7 @@ def _write_pair(folder: Path) -> dict[str, str]:
 
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deepdiffreg", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **env})
+                          encoding="utf-8", errors="replace", timeout=300, env={**os.environ, **env})
 
 
 def test_a_method_from_one_file_trains_publishes_and_registers(tmp_path):

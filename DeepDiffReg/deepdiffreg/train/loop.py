@@ -129,8 +129,9 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     step, best, state = 0, -1.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        config = {**state["config"], "method": method.name}   # the run's own model (stages, channels), whatever
-                                                                 # the CLI says
+        # the run's own model (stages, channels, loss weights), whatever the CLI says; keys a checkpoint written
+        # before they existed lacks (e.g. dice_labels) come from the settings, then the method's defaults
+        config = {**method.default_config(), **settings.model, **state["config"], "method": method.name}
         net = method.build_network(config).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
         net.load_state_dict(state["state_dict"])
@@ -142,8 +143,8 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     else:
         if settings.init:
             obj = torch.load(settings.init, map_location=device, weights_only=True)
-            config = {**obj["config"], **{k: v for k, v in settings.model.items() if k not in method.network_keys},
-                      "method": method.name}
+            config = {**method.default_config(), **obj["config"],
+                      **{k: v for k, v in settings.model.items() if k not in method.network_keys}, "method": method.name}
             net = method.build_network(config).to(device)
             method.init_network(net, obj)
             opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
