@@ -156,3 +156,28 @@ def test_a_method_from_one_file_trains_publishes_and_registers(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["sha256"] == entry["sha256"] and report["model"]["id"] == "toy-svf-test"
     assert report["method_options"]["lr"] == 0.2 and report["method_info"]["refine_steps"] == 2
+
+    # the same one-file method appears everywhere the platform lists methods, with its own flags
+    r = _cli(env, "methods", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    desc = next(m for m in json.loads(r.stdout) if m["name"] == NAME)
+    assert desc["learned"] and desc["trainable"] and desc["models"][0]["id"] == "toy-svf-test"
+    flags = {o["name"]: o["flag"] for o in desc["options"]}
+    assert flags["lr"] == "--toy-svf-lr" and flags["refine_steps"] == "--toy-svf-refine-steps"
+    r = _cli(env, "register", "--help")
+    assert r.returncode == 0 and "--toy-svf-lr" in r.stdout and NAME in r.stdout
+    r = _cli(env, "train", "--help")
+    assert r.returncode == 0 and NAME in r.stdout
+    # the Slicer panel's method list and its command line are built from that JSON
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepDiffReg"))
+    from DeepDiffRegLib import methods as panel_methods
+    info = panel_methods.by_name(panel_methods.parse_methods_json(json.dumps([desc])), NAME)
+    assert info is not None and info.learned
+    assert panel_methods.option_args(info, {"lr": 0.3}) == ["--toy-svf-lr", "0.3"]
+    # and the benchmark runs it as a row of its own (the quick phantom pair, with its installed weights)
+    bench = tmp_path / "bench"
+    r = _cli(env, "benchmark", "--quick", "--methods", NAME, "--work", bench / "work", "--out", bench / "b.md",
+             "--threads", 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((bench / "b.json").read_text())["runs"]
+    assert [row["method"] for row in rows] == [NAME] and rows[0]["status"] == "ok" and rows[0]["dice"]["after"]["mean"] > 0
