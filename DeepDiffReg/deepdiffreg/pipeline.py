@@ -59,6 +59,32 @@ class RegisterRequest:
     grid_lines: int = 16
 
 
+def check_request(req: RegisterRequest) -> None:
+    """Refuse options that are out of range before any file is read (BadInput, one line, exit code 2).
+
+    A zero, negative or NaN ``--spacing`` would otherwise run on some other grid, a negative ``--align-erode-mm``
+    would grow the alignment region instead of eroding it. (Per-method options are checked by the method.)"""
+    def number(value, flag: str, positive: bool) -> None:
+        if value is None:
+            return
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise BadInput(f"{flag} must be a number, got {value!r}") from None
+        if not np.isfinite(v) or (v <= 0 if positive else v < 0):
+            raise BadInput(f"{flag} must be a finite number {'> 0' if positive else '>= 0'} (mm), got {value!r}")
+
+    number(req.spacing_mm, "--spacing", positive=True)
+    number(req.align_erode_mm, "--align-erode-mm", positive=False)
+    if req.align not in ("affine", "rigid", "none"):
+        raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
+    if not isinstance(req.grid_lines, int) or req.grid_lines < 2:
+        raise BadInput(f"grid_lines must be an integer >= 2, got {req.grid_lines!r}")
+    for flag, path in (("--fixed", req.fixed), ("--moving", req.moving), ("--out", req.out_dir)):
+        if not path or not str(path).strip():
+            raise BadInput(f"{flag} is empty")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
@@ -174,10 +200,11 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     reporter = reporter or Reporter(stream=None)
     t_start = time.perf_counter()
     method_cls = get_method(req.method)
-    if req.align not in ("affine", "rigid", "none"):
-        raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
+    check_request(req)
     device = resolve_device(req.device)
-    result_dir = AtomicResultDir(req.out_dir, overwrite=req.overwrite)
+    result_dir = AtomicResultDir(req.out_dir, overwrite=req.overwrite,
+                                 inputs=(req.fixed, req.moving, req.fixed_seg, req.moving_seg, req.fixed_landmarks,
+                                         req.moving_landmarks, req.fixed_mask))
     result_dir.check()  # fail before any work when the output place is unusable
 
     # -- load ---------------------------------------------------------------------------------------------
