@@ -335,11 +335,13 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
 
 def child_environment(module_dir: str, base: dict[str, str] | None = None, device: str = "auto") -> dict[str, str]:
     """Environment for the child: the module folder (which holds the ``deepdiffreg`` package) first on
-    PYTHONPATH, unbuffered output, and no visible GPU when the CPU was chosen."""
+    PYTHONPATH, unbuffered output, the JSON-lines protocol asked for explicitly (``DEEPDIFFREG_JSON=1``; the engine
+    shows a progress bar instead when its stdout is a terminal), and no visible GPU when the CPU was chosen."""
     env = dict(os.environ if base is None else base)
     paths = [module_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != module_dir]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
+    env["DEEPDIFFREG_JSON"] = "1"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env

@@ -263,10 +263,9 @@ class AtomicResultDir:
         if _HELD.get(self.out_dir) is self:
             del _HELD[self.out_dir]
 
-    def __del__(self):
+    def __del__(self):  # a run that failed between check() and writing, once nothing refers to it any more
         try:
-            if self._lock is not None:
-                self._lock.release()
+            self.release()
         except Exception:  # noqa: BLE001 (interpreter teardown)
             pass
 
