@@ -85,6 +85,29 @@ def check_request(req: RegisterRequest) -> None:
             raise BadInput(f"{flag} is empty")
 
 
+def check_inputs(req: RegisterRequest, method_cls) -> None:
+    """The input gate, before any voxel is read: every input's header (io.images.check_header: size, memory,
+    spacing, direction, NIfTI pixdim/qform/sform/file size; DICOM slice sizes), the pairing of optional inputs,
+    the landmark files (three finite coordinates per row, equal counts) and a learned method's weights (present,
+    inside the model folder, sha256). Fails in well under a second with exit code 2, 3 or 6."""
+    if (req.fixed_seg is None) != (req.moving_seg is None):
+        raise BadInput("give both --fixed-seg and --moving-seg, or neither")
+    if (req.fixed_landmarks is None) != (req.moving_landmarks is None):
+        raise BadInput("give both --fixed-landmarks and --moving-landmarks, or neither")
+    for path, what in ((req.fixed, "fixed image"), (req.moving, "moving image"), (req.fixed_seg, "fixed segmentation"),
+                       (req.moving_seg, "moving segmentation"), (req.fixed_mask, "fixed mask")):
+        if path:
+            images.check_header(path, what)
+    if req.fixed_landmarks:
+        n_f = len(images.read_landmarks(req.fixed_landmarks, "fixed landmarks"))
+        n_m = len(images.read_landmarks(req.moving_landmarks, "moving landmarks"))
+        if n_f != n_m:
+            raise BadInput(f"landmark files have different lengths: {n_f} fixed vs {n_m} moving")
+    if getattr(method_cls, "learned", False):
+        from .io.weights import find_model, verify_entry
+        verify_entry(find_model(req.method_options.get("model"), method=req.method))
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
@@ -205,6 +228,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     result_dir = AtomicResultDir(req.out_dir, overwrite=req.overwrite,
                                  inputs=(req.fixed, req.moving, req.fixed_seg, req.moving_seg, req.fixed_landmarks,
                                          req.moving_landmarks, req.fixed_mask))
+    check_inputs(req, method_cls)  # headers, landmarks, weights: before the output is locked or any voxel read
     result_dir.check()  # fail before any work when the output place is unusable
 
     # -- load ---------------------------------------------------------------------------------------------

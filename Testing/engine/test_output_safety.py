@@ -338,3 +338,44 @@ def test_models_import_same_file_twice_and_concurrent_imports(cache):
     assert all(p.wait(timeout=120) == 0 for p in procs)
     ids = {e["id"] for e in json.loads((tmp_path / "cache" / "manifest.json").read_text())["models"]}
     assert ids == {"a", "c0", "c1", "c2", "c3"}
+
+
+def test_tampered_weights_are_refused_before_any_work(pair, tmp_path):
+    bundled = os.path.join(os.path.dirname(__file__), "..", "..", "models")
+    mine = tmp_path / "models"
+    shutil.copytree(bundled, mine)
+    pt = next(mine.glob("*.pt"))
+    data = bytearray(pt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    pt.write_bytes(bytes(data))
+    out = str(tmp_path / "result")
+    res = run_cli("register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--out", out, "--method", "vxm-diff",
+                  env={"DEEPDIFFREG_BUNDLED_MODELS": str(mine), "DEEPDIFFREG_MODELS_DIR": str(tmp_path / "user")})
+    assert_clean_failure(res, ExitCode.MISSING_WEIGHTS, "sha256", out)
+    assert '"stage": "load"' not in res.stdout                        # refused at the gate, before reading images
+
+
+def test_a_signal_between_the_two_renames_cannot_leave_no_result(tmp_path, monkeypatch):
+    """--overwrite moves the old result aside, then the new one in: SIGTERM between the two is held back."""
+    import deepdiffreg.io.result_writer as rw
+    out = str(tmp_path / "result")
+    os.mkdir(out)
+    open(os.path.join(out, "report.json"), "w").write('{"method": "demons", "files": {}}')
+    seen = []
+    old_handler = signal.signal(signal.SIGTERM, lambda *a: seen.append(os.path.isfile(os.path.join(out, "new.txt"))))
+    real_replace = os.replace
+    calls = []
+
+    def replace(a, b):
+        real_replace(a, b)
+        calls.append(b)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)      # arrives after the old result moved aside
+    monkeypatch.setattr(rw.os, "replace", replace)
+    try:
+        with AtomicResultDir(out, overwrite=True) as tmp:
+            open(os.path.join(tmp, "new.txt"), "w").write("new")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+    assert seen == [True]                              # the handler ran only once <out> was complete again
+    assert sorted(os.listdir(tmp_path)) == ["result"]

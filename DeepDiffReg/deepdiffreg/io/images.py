@@ -78,17 +78,16 @@ def _check_geometry(what: str, path: str, spacing, direction) -> None:
                        f"(sheared or scaled axes); resample it onto an orthonormal grid first")
 
 
-def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.Image:
-    """Read a 3D scalar image: any file SimpleITK reads, or a DICOM series folder.
-
-    The header is checked before the voxels are read (dimension, components, memory, spacing, direction, and for
-    NIfTI pixdim, qform/sform agreement and the file size); ``pixel=None`` keeps the stored pixel type."""
+def check_header(path: str, what: str = "image") -> list[str] | None:
+    """Every check that needs only the header, before a voxel is read: exists and readable, 3D scalar, fits in
+    memory, spacing > 0 and orthonormal direction, and for NIfTI pixdim, qform/sform agreement and the file size.
+    Returns the slice files of a DICOM folder (None for a file). Raises BadInput / OutOfMemory (one line)."""
     if not path or not os.path.exists(path):
         raise BadInput(f"{what} not found: {path}")
     try:
         if os.path.isdir(path):
             files = _dicom_files(path, what)
-            sizes = {}
+            sizes: dict[tuple[int, ...], list[str]] = {}
             for f in files:
                 sizes.setdefault(tuple(_file_info(f).GetSize()[:2]), []).append(f)
             if len(sizes) > 1:
@@ -98,29 +97,46 @@ def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.I
             info = _file_info(files[0])
             size = tuple(info.GetSize()[:2]) + (len(files),)
             _check_fits(what, path, size, info.GetNumberOfComponents() * _bytes_of(info.GetPixelID()))
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            image = reader.Execute()
-        else:
-            if not os.access(path, os.R_OK):
-                raise BadInput(f"{what}: cannot read {path}: permission denied")
-            info = _file_info(path)
-            dim = info.GetDimension()
-            if dim != 3:
-                raise BadInput(f"{what} {os.path.basename(path)} is {dim}D; a 3D volume is needed")
-            if info.GetNumberOfComponents() != 1:
-                raise BadInput(f"{what} {os.path.basename(path)} has {info.GetNumberOfComponents()} components per "
-                               "voxel; a scalar volume is needed")
-            _check_fits(what, path, tuple(info.GetSize()), _bytes_of(info.GetPixelID()))
-            check_nifti_header(path, what)
-            _check_geometry(what, path, info.GetSpacing(), info.GetDirection())
-            image = sitk.ReadImage(path)
+            return files
+        if not os.access(path, os.R_OK):
+            raise BadInput(f"{what}: cannot read {path}: permission denied")
+        info = _file_info(path)
+        dim = info.GetDimension()
+        if dim != 3:
+            raise BadInput(f"{what} {os.path.basename(path)} is {dim}D; a 3D volume is needed")
+        if info.GetNumberOfComponents() != 1:
+            raise BadInput(f"{what} {os.path.basename(path)} has {info.GetNumberOfComponents()} components per "
+                           "voxel; a scalar volume is needed")
+        if min(info.GetSize()) < 4:
+            raise BadInput(f"{what} {os.path.basename(path)} has size {tuple(info.GetSize())}: at least 4 voxels per "
+                           "axis are needed")
+        _check_fits(what, path, tuple(info.GetSize()), _bytes_of(info.GetPixelID()))
+        check_nifti_header(path, what)
+        _check_geometry(what, path, info.GetSpacing(), info.GetDirection())
+        return None
     except RegistrationError:
         raise
     except RuntimeError as e:
         raise BadInput(f"{what}: cannot read {path}: {_itk_reason(e)}") from None
     except OSError as e:
         raise BadInput(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.Image:
+    """Read a 3D scalar image: any file SimpleITK reads, or a DICOM series folder (its largest series).
+
+    ``check_header`` runs first (nothing is read that the header already rules out); ``pixel=None`` keeps the
+    stored pixel type."""
+    files = check_header(path, what)
+    try:
+        if files is not None:
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise BadInput(f"{what}: cannot read {path}: {_itk_reason(e)}") from None
     dim = image.GetDimension()
     if dim != 3:
         raise BadInput(f"{what} {os.path.basename(path)} is {dim}D; a 3D volume is needed")
@@ -206,9 +222,21 @@ def _stream_length(path: str, enough: int) -> int:
     return n
 
 
+_NIFTI_OK: set[tuple] = set()   # (path, size, mtime) of files that passed: a .nii.gz is not decompressed twice
+
+
 def check_nifti_header(path: str, what: str) -> None:
     """NIfTI-1 checks ITK does not make (it reads on and gives a wrong image): pixdim ≤ 0 (read as 1 mm, or a
     mirrored image), a qform and an sform that describe different grids, a file shorter than its header says."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key in _NIFTI_OK:
+        return
+    _check_nifti(path, what)
+    _NIFTI_OK.add(key)
+
+
+def _check_nifti(path: str, what: str) -> None:
     got = _nifti_header(path)
     if got is None:
         return

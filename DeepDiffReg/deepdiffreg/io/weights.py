@@ -157,19 +157,31 @@ def find_model(model_id: str | None = None, method: str | None = None) -> dict[s
     return hits[-1]
 
 
-def load_weights(entry: dict[str, Any]) -> dict[str, Any]:
-    """Verify the sha256 and load {"config": dict, "state_dict": {name: tensor}, ...} with weights_only=True."""
+_VERIFIED: dict[tuple, str] = {}   # (path, size, mtime) → sha256 already checked in this process
+
+
+def verify_entry(entry: dict[str, Any]) -> Path:
+    """The weights file of ``entry`` when it exists, lies inside its model folder and matches its sha256 (checked
+    once per process and file version); MissingWeights otherwise. Cheap enough for the input gate (no unpickling)."""
     if not entry.get("path"):
         raise MissingWeights(f"model {entry.get('id')!r}: its manifest entry names a file outside the model folder "
                              f"({entry.get('file')!r}); it is not loaded")
     path = Path(entry["path"])
     if not path.is_file():
         raise MissingWeights(f"weights file for model {entry.get('id')!r} is missing: {path}")
-    digest = sha256_of(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _VERIFIED.get(key) or sha256_of(path)
     if digest != entry.get("sha256"):
         raise MissingWeights(f"weights file {path} fails its sha256 check (expected {str(entry.get('sha256'))[:12]}…, "
                              f"got {digest[:12]}…): the file is corrupt or was replaced")
-    return _load_file(path)
+    _VERIFIED[key] = digest
+    return path
+
+
+def load_weights(entry: dict[str, Any]) -> dict[str, Any]:
+    """Verify the sha256 and load {"config": dict, "state_dict": {name: tensor}, ...} with weights_only=True."""
+    return _load_file(verify_entry(entry))
 
 
 def _load_file(path: Path) -> dict[str, Any]:
