@@ -66,17 +66,16 @@ def _atomic_write(out: str, write, verify=None) -> None:
             verify(tmp)
         os.replace(tmp, out)
     except BaseException as e:
+        full = _no_space(e if isinstance(e, (OSError, RuntimeError)) else RuntimeError(), folder)  # before removing
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full and isinstance(e, (OSError, RuntimeError, BadInput)):
+            raise BadInput(f"no space left on the device while writing {out} (nothing was written)") from None
         if isinstance(e, RegistrationError):
-            if _no_space(None, folder):
-                raise BadInput(f"no space left on the device while writing {out} (nothing was written)") from None
             raise
-        if isinstance(e, (OSError, RuntimeError)):
-            if _no_space(e, folder):
-                raise BadInput(f"no space left on the device while writing {out} (nothing was written)") from None
-            if isinstance(e, RuntimeError):
-                raise BadInput(f"cannot write {out}: {str(e).strip().splitlines()[-1][:200]}") from None
+        if isinstance(e, RuntimeError):
+            raise BadInput(f"cannot write {out}: {str(e).strip().splitlines()[-1][:200]}") from None
+        if isinstance(e, OSError):
             raise BadInput(f"cannot write {out}: {e.strerror or e}") from None
         raise
 

@@ -379,3 +379,30 @@ def test_a_signal_between_the_two_renames_cannot_leave_no_result(tmp_path, monke
         signal.signal(signal.SIGTERM, old_handler)
     assert seen == [True]                              # the handler ran only once <out> was complete again
     assert sorted(os.listdir(tmp_path)) == ["result"]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 256 kB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    mnt = tmp_path / "small_disk"
+    mnt.mkdir()
+    if not ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                  capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_disk_full_through_the_cli(pair, result, full_disk):
+    out = str(full_disk / "sub" / "result")
+    res = _register(pair, out)
+    assert_clean_failure(res, ExitCode.BAD_INPUT, "no space left", out)
+    assert os.listdir(full_disk) == []                                   # not even the parent it created
+    (full_disk / "filler").write_bytes(b"\0" * (230 * 1024))            # apply: room for part of the image only
+    target = full_disk / "on_fixed.nii.gz"
+    res = run_cli("apply", "--result", result, "--image", pair["moving"], "--out", target)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == ExitCode.BAD_INPUT and len(err) == 1 and "no space left" in err[0], res.stderr
+    assert os.listdir(full_disk) == ["filler"]

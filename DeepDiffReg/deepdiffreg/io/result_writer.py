@@ -285,8 +285,8 @@ class AtomicResultDir:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
+            space = _no_space(exc, os.path.dirname(self.out_dir))   # before the partial folder frees its space
             shutil.rmtree(self.tmp, ignore_errors=True)
-            space = _no_space(exc, os.path.dirname(self.out_dir))
             self.release()
             if space and not isinstance(exc, RegistrationError):
                 raise BadInput(f"no space left on the device while writing the result to {self.out_dir} "
