@@ -75,14 +75,14 @@ def _csv(tmp, name, text):
     return str(path)
 
 
-def _dicom_mixed(tmp):
-    folder = tmp / "dicom_mixed"
+def _dicom_mixed(tmp, mixed=True):
+    folder = tmp / ("dicom_mixed" if mixed else "dicom")
     folder.mkdir()
     w = sitk.ImageFileWriter()
     w.KeepOriginalImageUIDOn()
     uid = "1.2.826.0.1.3680043.2.1125.1.654321"
     for k in range(8):
-        n = 40 if k < 6 else 32
+        n = 40 if k < 6 or not mixed else 32
         sl = sitk.Cast(sitk.GetImageFromArray((np.random.default_rng(k).random((1, n, n)) * 1000).astype(np.int16)),
                        sitk.sitkInt16)[:, :, 0]
         for tag, value in (("0008|0060", "MR"), ("0020|000e", uid), ("0020|000d", uid + ".1"),
@@ -124,6 +124,8 @@ ROWS = {
     "directory_landmarks": (lambda p, t: ["--fixed-landmarks", str(t), "--moving-landmarks", p["moving_landmarks"]],
                             ExitCode.BAD_INPUT, "is a folder"),
     "dicom_mixed_slice_sizes": (lambda p, t: ["--moving", _dicom_mixed(t)], ExitCode.BAD_INPUT, "mixes slice sizes"),
+    "huge_header_next_to_a_dicom_folder": (lambda p, t: ["--fixed", _dicom_mixed(t, mixed=False),
+                                                         "--moving", _huge(t)], ExitCode.OUT_OF_MEMORY, "memory"),
     "spacing_zero": (lambda p, t: ["--spacing", "0"], ExitCode.BAD_INPUT, "--spacing"),
     "spacing_negative": (lambda p, t: ["--spacing", "-3"], ExitCode.BAD_INPUT, "--spacing"),
     "spacing_nan": (lambda p, t: ["--spacing", "nan"], ExitCode.BAD_INPUT, "--spacing"),
