@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     msg = " ".join(msg.split())
     if code == ExitCode.ERROR and any("no space left" in ln.lower() for ln in lib.lines):
         msg = f"no space left on the device ({msg})"
+    elif code == ExitCode.ERROR and lib.summary():   # an internal error: what the libraries said may explain it
+        msg = f"{msg} ({lib.summary()})"
     if as_json:
         if lib.lines or lib.warnings:
             Reporter(sys.stdout).info("library output", lines=(lib.lines + lib.warnings)[:20])

@@ -115,7 +115,8 @@ class LibraryOutput:
             self._file = tempfile.TemporaryFile()
             os.dup2(self._file.fileno(), 2)
             self._old_stderr = sys.stderr
-            sys.stderr = open(os.dup(self._saved_fd), "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+            encoding = getattr(sys.stderr, "encoding", None) or "utf-8"   # as before: a C-locale console stays ASCII
+            sys.stderr = open(os.dup(self._saved_fd), "w", buffering=1, encoding=encoding, errors="backslashreplace",
                               closefd=True)
         except (OSError, ValueError, AttributeError):
             self._saved_fd = None

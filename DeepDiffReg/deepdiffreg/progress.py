@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import sys
 import time
 from typing import IO, Any
@@ -26,7 +25,7 @@ def json_safe(obj: Any) -> Any:
     ``json.dumps(..., allow_nan=False)`` writes strict JSON (a bare ``NaN`` is rejected by strict parsers).
     numpy is handled by duck typing: this file has no third-party import."""
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return obj if obj - obj == 0.0 else None      # NaN and ±Inf give NaN here (no math import: see above)
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, dict):

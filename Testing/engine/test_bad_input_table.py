@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import locale
 import os
 import struct
 
@@ -76,6 +77,16 @@ def _csv(tmp, name, text):
 
 
 def _dicom_mixed(tmp, mixed=True):
+    """Eight DICOM slices (two of another size when ``mixed``). GDCM's writer switches the process locale to "C",
+    which would make later subprocess output decode as ASCII in this test process: the locale is restored."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom(tmp, mixed)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom(tmp, mixed):
     folder = tmp / ("dicom_mixed" if mixed else "dicom")
     folder.mkdir()
     w = sitk.ImageFileWriter()

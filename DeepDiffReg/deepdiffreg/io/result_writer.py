@@ -308,10 +308,18 @@ class AtomicResultDir:
         return False
 
     def _renames(self) -> None:
-        sigs = {signal.SIGTERM, signal.SIGINT}
-        blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        """Old result aside, new one in, old one removed — with SIGTERM/SIGINT deferred until both renames are done.
+        (A signal mask would not do: the kernel hands a process signal to any thread that does not block it, e.g. an
+        OpenMP worker, and Python then runs the handler in the main thread between any two bytecodes.) A deferred
+        signal is delivered to the previous handler afterwards."""
+        sigs = (signal.SIGTERM, signal.SIGINT)
+        pending: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main:
+            for s in sigs:
+                previous[s] = signal.getsignal(s)
+                signal.signal(s, lambda signum, frame: pending.append(signum))
         try:
             old = None
             if os.path.isdir(self.out_dir):
@@ -326,8 +334,14 @@ class AtomicResultDir:
             if old:
                 shutil.rmtree(old, ignore_errors=True)
         finally:
-            if blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, sigs)
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if pending:
+            h = previous.get(pending[0])
+            if callable(h):
+                h(pending[0], None)
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def write_displacement_transform(disp_image: sitk.Image, path: str) -> None:
