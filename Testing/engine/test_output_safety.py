@@ -381,16 +381,33 @@ def test_a_signal_between_the_two_renames_cannot_leave_no_result(tmp_path, monke
     assert sorted(os.listdir(tmp_path)) == ["result"]
 
 
+def _tmpfs(mnt, options):
+    mnt.mkdir()
+    if not ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)],
+                                  capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and mount rights)")
+
+
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 256 kB tmpfs (needs root and mount rights; skipped elsewhere)."""
+    """A 256 kB tmpfs."""
     mnt = tmp_path / "small_disk"
-    mnt.mkdir()
-    if not ROOT or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                                  capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here")
+    _tmpfs(mnt, "size=256k")
     try:
         yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_read_only_file_system_is_refused_before_any_work(pair, tmp_path):
+    """Also as root (where folder permissions do not hold): a read-only mount."""
+    mnt = tmp_path / "ro_disk"
+    _tmpfs(mnt, "size=64k,ro")
+    try:
+        out = str(mnt / "result")
+        res = _register(pair, out)
+        assert_clean_failure(res, ExitCode.BAD_INPUT, "not writable", out)
+        assert '"stage": "load"' not in res.stdout
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
 
