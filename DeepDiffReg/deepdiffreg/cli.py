@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .console import LibraryOutput, json_mode, make_reporter
+from .console import LibraryOutput, close_bars, json_mode, make_reporter
 from .errors import BadInput, Cancelled, OutOfMemory, RegistrationError
 from .progress import ExitCode, Reporter
 
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         msg = f"no space left on the device ({msg})"
     elif code == ExitCode.ERROR and lib.summary():   # an internal error: what the libraries said may explain it
         msg = f"{msg} ({lib.summary()})"
+    close_bars()   # a failed run's progress bar must not share its line with the error
     if as_json:
         if lib.lines or lib.warnings:
             Reporter(sys.stdout).info("library output", lines=(lib.lines + lib.warnings)[:20])

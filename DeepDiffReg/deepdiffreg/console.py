@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 import warnings
+import weakref
 from typing import IO, Any
 
 from .progress import Reporter
@@ -37,13 +39,24 @@ def json_mode(flag: bool | None = None, stream: IO[str] | None = None) -> bool:
         return True
 
 
+_ACTIVE: "weakref.WeakSet[HumanReporter]" = weakref.WeakSet()
+
+
+def close_bars() -> None:
+    """Clear every progress bar still drawn (before an error line goes to the terminal)."""
+    for r in list(_ACTIVE):
+        r.close()
+
+
 class HumanReporter(Reporter):
     """Progress bar (tqdm) with the stage name and its message; free text (the summary) printed plainly."""
 
     def __init__(self, stream: IO[str] = sys.stdout):
         super().__init__(stream)
+        _ACTIVE.add(self)
         self._bar = None
         self._plain_last = ""
+        self._drawn = 0.0
         try:
             from tqdm import tqdm
         except ImportError:      # e.g. inside Slicer's Python without tqdm: one plain line per stage
@@ -70,13 +83,12 @@ class HumanReporter(Reporter):
                                    bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         new_stage = stage != self._plain_last
         self._plain_last = stage
-        self._bar.set_description_str(f"{stage:<10} {message[:48]:<48}", refresh=False)
-        step = int(round(1000 * fraction)) - self._bar.n
-        if new_stage:
-            self._bar.n += step
+        now = time.monotonic()
+        if new_stage or now - self._drawn >= 0.2:      # at most five redraws a second, every stage change at once
+            self._bar.set_description_str(f"{stage:<10} {message[:48]:<48}", refresh=False)
+            self._bar.n = max(self._bar.n, int(round(1000 * fraction)))
             self._bar.refresh()
-        elif step > 0:
-            self._bar.update(step)     # redraws at most every mininterval
+            self._drawn = now
 
     def close(self) -> None:
         if self._bar is not None:
