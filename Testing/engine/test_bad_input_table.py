@@ -44,6 +44,13 @@ def _set(fmt, off, *vals):
     return lambda raw: struct.pack_into("<" + fmt, raw, off, *vals)
 
 
+def _sform_column_twice(raw):
+    """qform off, the sform's first column doubled: an sform voxel size that pixdim contradicts."""
+    struct.pack_into("<h", raw, 252, 0)
+    for off in (280, 296, 312):
+        struct.pack_into("<f", raw, off, 2 * struct.unpack_from("<f", raw, off)[0])
+
+
 def _truncate(path, keep=0.5):
     data = open(path, "rb").read()
     open(path, "wb").write(data[:int(len(data) * keep)])
@@ -116,6 +123,8 @@ ROWS = {
                               ExitCode.BAD_INPUT, "pixdim"),
     "nifti_qform_sform_disagree": (_moving(lambda p, t: _nifti(p, t, "qs", _set("f", 292, 55.0))),
                                    ExitCode.BAD_INPUT, "qform and sform"),
+    "nifti_sform_scale_differs_from_pixdim": (
+        _moving(lambda p, t: _nifti(p, t, "sscale", _sform_column_twice)), ExitCode.BAD_INPUT, "sform gives voxel sizes"),
     "nonorthonormal_direction": (_moving(_nonorthonormal_mhd), ExitCode.BAD_INPUT, "non-orthonormal"),
     "truncated_nii": (_moving(lambda p, t: _truncate(_nifti(p, t, "cut", lambda r: None))),
                       ExitCode.BAD_INPUT, "truncated"),

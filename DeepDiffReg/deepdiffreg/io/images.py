@@ -249,6 +249,13 @@ def _check_nifti(path: str, what: str) -> None:
     if not all(np.isfinite(pix)) or min(pix[:min(ndim, 3)]) <= 0:
         raise BadInput(f"{what} {name}: the NIfTI header's voxel size (pixdim) is {tuple(pix[:min(ndim, 3)])}; "
                        "every voxel size must be > 0 (fix the header, e.g. with nibabel or fslorient)")
+    if h["sform_code"] > 0 and ndim >= 3:
+        srow = np.asarray(h["srow"], float).reshape(3, 4)
+        norms = np.linalg.norm(srow[:, :3], axis=0)
+        if not np.all(np.isfinite(srow)) or np.abs(norms - np.asarray(pix)).max() > 1e-3 * max(pix):
+            raise BadInput(f"{what} {name}: the NIfTI sform gives voxel sizes {tuple(np.round(norms, 4).tolist())} but "
+                           f"pixdim says {tuple(round(v, 4) for v in pix)}; which one is right is ambiguous — fix the "
+                           "header")
     if h["qform_code"] > 0 and h["sform_code"] > 0 and ndim >= 3:
         q = _qform_affine(h)
         s4 = np.vstack([np.asarray(h["srow"], float).reshape(3, 4), [0, 0, 0, 1]])
