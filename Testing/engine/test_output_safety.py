@@ -324,7 +324,10 @@ def test_models_delete_never_deletes_outside_the_cache(cache):
 def test_models_import_same_file_twice_and_concurrent_imports(cache):
     tmp_path, env, weights = cache
     f = weights("a.pt")
-    assert run_cli("models", "import", f, "--id", "a", env=env).returncode == 0
+    res = run_cli("models", "import", f, "--id", "a", env=env)
+    assert res.returncode == 0
+    ev = [strict_loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    assert ev[-1]["event"] == "result" and ev[-1]["model"]["id"] == "a"               # a JSON result line
     cached = tmp_path / "cache" / "a.pt"
     res = run_cli("models", "import", cached, "--id", "a", env=env)           # the file already in the cache
     assert res.returncode == 0, res.stderr
