@@ -113,6 +113,30 @@ class FieldOnly(Method):
         return FieldEstimate(disp_vox=_vox(field_u(p), pair.geometry), inverse_disp_vox=_vox(field_w(p), pair.geometry))
 
 
+def own_inverse_grid(work: Geometry) -> Geometry:
+    """A grid of its own for the inverse field: the working box grown by 6 mm on every side, at 2.5 mm."""
+    size = np.asarray(work.size_ijk)
+    extent = (size - 1) * np.asarray(work.spacing_ijk) + 12.0
+    origin = np.asarray(work.origin_lps) - work.direction @ np.full(3, 6.0)
+    n = np.round(extent / 2.5).astype(int) + 1
+    return Geometry(tuple(origin.tolist()), tuple((extent / (n - 1)).tolist()), work.direction_lps,
+                    tuple(int(v) for v in n))
+
+
+@register_method
+class OwnInverseGrid(Method):
+    """Own affine, u on the working grid, w on a grid of its own (FieldEstimate.inverse_geometry)."""
+    name = "_test_own_inverse_grid"
+    description = "test only: the inverse field on its own grid"
+    caps = Capabilities(own_affine=True, spacing_mm=(("cpu", 2.0),))
+
+    def estimate(self, pair, device, progress):
+        g = own_inverse_grid(pair.geometry)
+        return FieldEstimate(disp_vox=_vox(field_u(_grid_points(pair.geometry)), pair.geometry),
+                             inverse_disp_vox=_vox(field_w(_grid_points(g)), g), inverse_geometry=g,
+                             affine_lps=A_METHOD)
+
+
 def use_known_alignment(monkeypatch) -> None:
     """The initial alignment becomes A_INIT (no registration: exact and fast)."""
     monkeypatch.setattr(pipeline, "alignment_mask", lambda fixed, user_mask, erode_mm: (None, "test: known"))

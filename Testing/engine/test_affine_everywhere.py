@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from affine_case import (A_METHOD, a_init_matrix, a_init_transform, a_total, apply, field_u, field_w, outside_points,
-                         register_case, use_known_alignment, write_pair)
+                         own_inverse_grid, register_case, use_known_alignment, write_pair)
 from deepdiffreg.frames import Geometry, displacement_image, lps_from_vox_disp, vox_from_lps_disp
 from deepdiffreg.io.result_writer import deformation_grid_lines
 from deepdiffreg.metrics import jacobian_det_lps
@@ -154,6 +154,30 @@ def test_jacobian_grid_and_warped_follow_the_whole_T(case):
     # folds: none in this smooth map; the report's minimum is the file's
     rep = case["runs"]["_test_affine_field"]["report"]
     assert rep["folds"]["num_folded"] == 0 and rep["folds"]["min_det"] == pytest.approx(float(det.min()), rel=1e-6)
+
+
+def test_an_inverse_on_its_own_grid_is_written_there(case):
+    """FieldEstimate.inverse_geometry: w is written on that grid (padded), not resampled; T⁻¹ = A⁻¹ then w."""
+    d = case["dir"]
+    r = register_case(d, "_test_own_inverse_grid", align="none")
+    inv = sitk.CompositeTransform(sitk.ReadTransform(str(r["out"] / "inverse.h5")))
+    w_field = sitk.DisplacementFieldTransform(inv.GetNthTransform(0)).GetDisplacementField()
+    own = own_inverse_grid(working_grid(case["fixed_img"], 2.0))
+    chain = r["report"]["transform_geometry"]
+    pad = np.asarray(chain["inverse_field_pad_voxels_ijk"])
+    assert w_field.GetSize() == tuple(np.asarray(own.size_ijk) + 2 * pad)
+    np.testing.assert_allclose(w_field.GetSpacing(), own.spacing_ijk, atol=1e-6)
+    np.testing.assert_allclose(w_field.TransformIndexToPhysicalPoint(pad.tolist()), own.origin_lps, atol=1e-6)
+    assert "inverse_consistency_working_grid" not in r["report"]["method_info"]   # not on one grid
+    # T⁻¹(A(x')) = x' + w(x') at the own grid's nodes, beyond the fixed image's box too
+    vox = vox_from_lps_disp(field_w(points_lps(own.reference_image())), own).astype(np.float32)
+    w_nodes = lps_from_vox_disp(vox.astype(np.float64), own).reshape(-1, 3)
+    x = points_lps(own.reference_image()).reshape(-1, 3)
+    sel = np.arange(0, len(x), 7)
+    np.testing.assert_allclose(_map(inv, apply(A_METHOD, x[sel])), x[sel] + w_nodes[sel], atol=1e-6)
+    # and A⁻¹ alone 20 mm beyond its grid
+    far = outside_points(own.reference_image(), 20.0)
+    np.testing.assert_allclose(_map(inv, apply(A_METHOD, far)), far, atol=1e-9)
 
 
 def _old_writer(fixed: sitk.Image, moving: sitk.Image, moving_seg: sitk.Image, align_t, u_w: np.ndarray, geom,
