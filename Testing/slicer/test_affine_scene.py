@@ -14,7 +14,6 @@ import sys
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import slicer
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from conftest import F, REPO, reslice_onto
