@@ -4,20 +4,17 @@ This file stays thin: behaviour lives in DeepDiffRegLib/ (Qt-free, tested agains
 engine in deepdiffreg/ (run in a child process). Nothing heavy is imported here: torch is only ever imported by the
 child process, and DeepDiffRegLib is imported inside functions.
 """
+import json
 import logging
 import os
-import shutil
-import tempfile
-import threading
-import time
-from typing import Annotated
+from typing import Annotated, Union
 
 import ctk
 import qt
 import slicer
 import vtk
-from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLModelNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode,
-                    vtkMRMLTransformNode)
+from slicer import (vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode, vtkMRMLModelNode,
+                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTransformNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -32,14 +29,46 @@ class DeepDiffReg(ScriptedLoadableModule):
         self.parent.title = "DeepDiffReg"
         self.parent.categories = ["Registration"]
         self.parent.dependencies = []
-        self.parent.contributors = ["DeepDiffReg developers"]
+        self.parent.contributors = ["DeepDiffReg developers (DeepDiffReg project)"]
         self.parent.helpText = (
-            "Diffeomorphic deformable registration of a moving volume to a fixed volume (NODEO and learned methods). "
+            "Diffeomorphic deformable registration of a moving volume to a fixed volume (optimisation-based and "
+            "learned methods; the list comes from the installed engine). "
             "The result is a displacement-field transform that Transforms, Segment Editor, Crop Volume and Markups "
             "use as is, with a Jacobian map, fold QA and Dice/TRE when segmentations or landmarks are given. "
-            "See <a href='https://github.com/deepdiffreg/DeepDiffReg/blob/main/docs/slicer-module.md'>the module "
+            "See <a href='https://github.com/deepdiffreg/SlicerDeepDiffReg/blob/main/docs/slicer-module.md'>the module "
             "documentation</a>.")
         self.parent.acknowledgementText = "Registration runs in a child process; PyTorch comes from the PyTorch extension."
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The engine's synthetic head phantom pair in the Sample Data module (made locally on first use)."""
+    try:
+        import SampleData
+        from DeepDiffRegLib import sampledata as ddsample
+    except ImportError:
+        return
+    folder = os.path.join(slicer.app.cachePath, "DeepDiffReg", "sample")
+    paths = ddsample.sample_paths(folder)
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="Registration", sampleName=ddsample.SAMPLE_NAME,
+        thumbnailFileName=os.path.join(MODULE_DIR, "Resources", "Icons", "DeepDiffReg.png"),
+        uris=["file:///" + paths["fixed"].replace(os.sep, "/"), "file:///" + paths["moving"].replace(os.sep, "/")],
+        fileNames=[os.path.basename(paths["fixed"]), os.path.basename(paths["moving"])],
+        nodeNames=[ddsample.NODE_NAMES["fixed"], ddsample.NODE_NAMES["moving"]],
+        customDownloader=loadSamplePair)
+
+
+def loadSamplePair(source=None):
+    """Make the phantom pair (a few seconds, no download) and load it; returns the fixed and moving nodes."""
+    from DeepDiffRegLib import sampledata as ddsample
+    folder = os.path.join(slicer.app.cachePath, "DeepDiffReg", "sample")
+    with slicer.util.tryWithErrorDisplay("Could not make the DeepDiffReg sample pair.", waitCursor=True):
+        paths = ddsample.ensure_sample_pair(folder, DeepDiffRegLogic.python(), DeepDiffRegLogic.environment("cpu"))
+        fixed = slicer.util.loadVolume(paths["fixed"], {"name": ddsample.NODE_NAMES["fixed"]})
+        moving = slicer.util.loadVolume(paths["moving"], {"name": ddsample.NODE_NAMES["moving"]})
+        return [fixed, moving]
+    return []
 
 
 # -- parameters ------------------------------------------------------------------------------------------------
@@ -51,11 +80,11 @@ class DeepDiffRegParameterNode:
     movingSegmentation: vtkMRMLSegmentationNode
     fixedLandmarks: vtkMRMLMarkupsFiducialNode
     movingLandmarks: vtkMRMLMarkupsFiducialNode
-    method: str = "nodeo"                      # engine method name (stored by name; never rename)
-    preset: Annotated[str, Choice(["fast", "balanced", "accurate"])] = "balanced"
+    fixedMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]  # region of interest on the fixed image
+    method: str = ""                           # engine method name ("" = the engine's default; never rename)
+    preset: str = "balanced"                   # a spacing preset or "variant:<name>" of the method
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
-    refineSteps: Annotated[int, WithinRange(0, 1000)] = 0           # learned methods: test-time refinement
-    nodeoIterations: Annotated[int, WithinRange(0, 10000)] = 0      # 0 = the preset's / method's default
+    methodOptions: str = "{}"                  # JSON {method name: {option name: value the user set}}
     workingSpacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0 = the preset's / method's default
     initialAlignment: bool = True
     keepTemporaryFiles: bool = False
@@ -66,47 +95,75 @@ class DeepDiffRegParameterNode:
     outputWarped: vtkMRMLScalarVolumeNode
 
 
+SETTINGS_PREFIX = "DeepDiffReg/"
+REMEMBERED = ("method", "preset", "device", "methodOptions", "workingSpacingMm", "initialAlignment",
+              "keepTemporaryFiles")
+
+
+def user_options(p) -> dict:
+    try:
+        value = json.loads(p.methodOptions or "{}")
+    except ValueError:
+        value = {}
+    return value if isinstance(value, dict) else {}
+
+
 # -- widget ----------------------------------------------------------------------------------------------------
 class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin: the run lifecycle is DeepDiffRegLib.controller.RunController; this class maps it onto widgets."""
+
     POLL_MS = 200
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
         self.logic = None
+        self.controller = None
         self._parameterNode = None
         self._guiObserver = None
-        self._run = None          # DeepDiffRegLib.process.EngineProcess of the current run
-        self._runInfo = None      # dict: work dir, out dir, options of the current run
         self._result = None       # DeepDiffRegLib.scene.ResultNodes of the last import
-        self._state = None
-        self._methods = []
+        self._methods = []        # DeepDiffRegLib.methods.MethodInfo, from `deepdiffreg methods --json`
+        self._methodsError = ""
+        self._listing = None      # BackgroundCommand listing the methods
+        self._modelCommand = None  # BackgroundCommand importing/deleting a model
+        self._optionWidgets = {}
+        self._lastState = None
+        self._keptFolder = None
 
     def setup(self):
-        from DeepDiffRegLib import methods as ddmethods
-        from DeepDiffRegLib.states import ProcessingState
+        from DeepDiffRegLib import models as ddmodels
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepDiffReg.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DeepDiffRegLogic()
+        self.controller = self.logic.makeController(
+            confirm=lambda msg, details: slicer.util.confirmOkCancelDisplay(msg, detailedText=details),
+            on_log=self._appendLog, on_change=self._render)
 
-        self._methods = list(ddmethods.STATIC_METHODS)
-        self._fillMethods()
-        for key, p in ddmethods.PRESETS.items():
-            self.ui.presetComboBox.addItem(p["label"], key)
         for label, key in (("Automatic (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")):
             self.ui.deviceComboBox.addItem(label, key)
-        self.ui.methodComboBox.currentIndexChanged.connect(self._onComboChanged)
-        self.ui.presetComboBox.currentIndexChanged.connect(self._onComboChanged)
-        self.ui.deviceComboBox.currentIndexChanged.connect(self._onComboChanged)
+        self.ui.modelsTable.setHorizontalHeaderLabels(list(ddmodels.COLUMNS))
+        self.ui.methodComboBox.currentIndexChanged.connect(self._onMethodChanged)
+        self.ui.presetComboBox.currentIndexChanged.connect(self._onPresetChanged)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self._onDeviceChanged)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.centreWorstFoldButton.connect("clicked(bool)", self.onCentreWorstFold)
         self.ui.showTransformGridCheckBox.connect("toggled(bool)", self.onShowTransformGrid)
+        self.ui.showJacobianCheckBox.connect("toggled(bool)", self.onShowJacobian)
+        self.ui.showGridCheckBox.connect("toggled(bool)", self.onShowGrid)
+        self.ui.openResultFolderButton.connect("clicked(bool)", self.onOpenResultFolder)
         self.ui.saveTransformButton.connect("clicked(bool)", self.onSaveTransform)
         self.ui.hardenButton.connect("clicked(bool)", self.onHarden)
         self.ui.refreshMethodsButton.connect("clicked(bool)", self.onRefreshMethods)
+        self.ui.resetOptionsButton.connect("clicked(bool)", self.onResetOptions)
+        self.ui.importModelButton.connect("clicked(bool)", self.onImportModel)
+        self.ui.deleteModelButton.connect("clicked(bool)", self.onDeleteModel)
+        self.ui.modelLicenceButton.connect("clicked(bool)", self.onModelLicence)
+        self.ui.openModelsFolderButton.connect("clicked(bool)", self.onOpenModelsFolder)
+        for name in ("showJacobianCheckBox", "showGridCheckBox"):
+            getattr(self.ui, name).checked = self._setting(name, True)
 
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
@@ -114,33 +171,73 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self._methods = self._rememberedMethods()
         self.initializeParameterNode()
-        self._setState(ProcessingState.IDLE)
+        self._fillMethods()
+        self._render(self.controller)
+        self.onRefreshMethods()  # in the background: the panel stays usable
 
     def cleanup(self):
         self.removeObservers()
-        if self._run is not None and self._run.running:
-            self._run.cancel()
+        if self.controller is not None and self.controller.busy:
+            self.controller.cancel()
+        for cmd in (self._listing, self._modelCommand):
+            if cmd is not None:
+                cmd.cancel()
         self._timer.stop()
 
     def enter(self):
         self.initializeParameterNode()
 
     def exit(self):
+        self._saveSettings()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._guiObserver)
             self._guiObserver = None
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event):
+        if self.controller is not None:
+            self.controller.scene_closed()  # cancels a run; its results never go into the next scene
+        self._result = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
             self.initializeParameterNode()
 
+    # -- parameter node and remembered settings ------------------------------------------------------------
+    @staticmethod
+    def _setting(name, default):
+        value = qt.QSettings().value(SETTINGS_PREFIX + name)
+        if value is None:
+            return default
+        if isinstance(default, bool):
+            return str(value).lower() in ("true", "1")
+        try:
+            return type(default)(value)
+        except (TypeError, ValueError):
+            return default
+
+    def _saveSettings(self):
+        p = self._parameterNode
+        if p is None:
+            return
+        s = qt.QSettings()
+        for name in REMEMBERED:
+            s.setValue(SETTINGS_PREFIX + name, getattr(p, name))
+        for name in ("showJacobianCheckBox", "showGridCheckBox"):
+            s.setValue(SETTINGS_PREFIX + name, getattr(self.ui, name).checked)
+
     def initializeParameterNode(self):
-        self.setParameterNode(self.logic.getParameterNode())
+        p = self.logic.getParameterNode()
+        if not p.method:  # a fresh parameter node: start from what this user chose last time
+            for name in REMEMBERED:
+                try:
+                    setattr(p, name, self._setting(name, getattr(p, name)))
+                except Exception:  # noqa: BLE001 - a stale setting (e.g. an old choice) is ignored
+                    pass
+        self.setParameterNode(p)
         if not self._parameterNode.fixedVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first:
@@ -157,159 +254,312 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._syncCombosFromParameters()
             self._checkCanApply()
 
-    # -- combos (method/preset/device carry an item key, so they are synced by hand) ---------------------------
-    def _fillMethods(self):
-        self.ui.methodComboBox.blockSignals(True)
-        self.ui.methodComboBox.clear()
-        for m in self._methods:
-            self.ui.methodComboBox.addItem(m.name, m.name)
-        self.ui.methodComboBox.blockSignals(False)
-
-    def _syncCombosFromParameters(self):
-        p = self._parameterNode
-        for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.presetComboBox, p.preset),
-                             (self.ui.deviceComboBox, p.device)):
-            i = combo.findData(value)
-            if i >= 0 and combo.currentIndex != i:
-                combo.setCurrentIndex(i)
-        self._updateMethodInfo()
-
-    def _onComboChanged(self, _index=None):
-        if not self._parameterNode:
-            return
-        self._parameterNode.method = self.ui.methodComboBox.currentData or "nodeo"
-        self._parameterNode.preset = self.ui.presetComboBox.currentData or "balanced"
-        self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
-        self._updateMethodInfo()
-
-    def _updateMethodInfo(self):
+    # -- methods (from the engine), presets and advanced options -------------------------------------------
+    def _rememberedMethods(self):
         from DeepDiffRegLib import methods as ddmethods
-        m = ddmethods.by_name(self._methods, self.ui.methodComboBox.currentData or "")
-        self.ui.methodDescriptionLabel.text = m.description if m else ""
-        self.ui.modelLabel.text = m.model_text if m else ""
-        self.ui.refineStepsSpinBox.enabled = bool(m and m.learned)
-        self.ui.nodeoIterationsSpinBox.enabled = bool(m and m.name == "nodeo")
+        try:
+            return ddmethods.parse_methods_json(self._setting("methodsJson", "") or "[]")
+        except (ValueError, KeyError):
+            return []
 
     def onRefreshMethods(self):
         from DeepDiffRegLib import methods as ddmethods, process as ddprocess
-        with slicer.util.tryWithErrorDisplay("Could not list the engine's methods.", waitCursor=True):
-            env = ddprocess.child_environment(MODULE_DIR, slicer.util.startupEnvironment())
-            self._methods = ddmethods.refresh_from_engine(ddprocess.default_python(), env)
-            self._fillMethods()
+        if self._listing is not None and self._listing.poll() is None:
+            return
+        self.ui.refreshMethodsButton.enabled = False
+        self._listing = ddprocess.BackgroundCommand(ddmethods.methods_command(self.logic.python()),
+                                                    env=self.logic.environment(), timeout_s=120).start()
+        self._timer.start()
+
+    def _pollListing(self):
+        from DeepDiffRegLib import methods as ddmethods
+        done = self._listing.poll()
+        if done is None:
+            return
+        self._listing = None
+        self.ui.refreshMethodsButton.enabled = True
+        code, out, err = done
+        try:
+            if code != 0:
+                raise ValueError((err or out).strip().splitlines()[-1] if (err or out).strip() else f"exit {code}")
+            methods = ddmethods.parse_methods_json(out)
+        except (ValueError, KeyError, IndexError) as e:
+            self._methodsError = str(e)
+            self._appendLog(f"Could not list the engine's methods: {e}")
+            self._checkCanApply()
+            return
+        self._methodsError = ""
+        self._methods = methods
+        qt.QSettings().setValue(SETTINGS_PREFIX + "methodsJson", out)
+        self._fillMethods()
+        self._checkCanApply()
+
+    def _fillMethods(self):
+        from DeepDiffRegLib import methods as ddmethods, models as ddmodels
+        combo = self.ui.methodComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for m in self._methods:
+            combo.addItem(m.title, m.name)
+            combo.setItemData(combo.count - 1, m.description, qt.Qt.ToolTipRole)
+        combo.blockSignals(False)
+        p = self._parameterNode
+        if p is not None and not ddmethods.by_name(self._methods, p.method):
+            default = ddmethods.default_method(self._methods)
+            if default is not None:
+                p.method = default.name
+        rows = ddmodels.model_rows(self._methods)
+        t = self.ui.modelsTable
+        t.setRowCount(len(rows))
+        for i, row in enumerate(rows):
+            for j, v in enumerate(row["cells"]):
+                t.setItem(i, j, qt.QTableWidgetItem(v))
+        self._modelRows = rows
+        self._syncCombosFromParameters()
+
+    def _currentMethod(self):
+        from DeepDiffRegLib import methods as ddmethods
+        return ddmethods.by_name(self._methods, self._parameterNode.method if self._parameterNode else None)
+
+    def _syncCombosFromParameters(self):
+        from DeepDiffRegLib import methods as ddmethods
+        p = self._parameterNode
+        if p is None:
+            return
+        i = self.ui.methodComboBox.findData(p.method)
+        if i >= 0 and self.ui.methodComboBox.currentIndex != i:
+            self.ui.methodComboBox.blockSignals(True)
+            self.ui.methodComboBox.setCurrentIndex(i)
+            self.ui.methodComboBox.blockSignals(False)
+        m = self._currentMethod()
+        combo = self.ui.presetComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for key, label in ddmethods.presets_for(m):
+            combo.addItem(label, key)
+        j = combo.findData(p.preset)
+        combo.setCurrentIndex(j if j >= 0 else max(0, combo.findData(ddmethods.DEFAULT_PRESET)))
+        combo.blockSignals(False)
+        k = self.ui.deviceComboBox.findData(p.device)
+        if k >= 0:
+            self.ui.deviceComboBox.setCurrentIndex(k)
+        self.ui.methodDescriptionLabel.text = m.description if m else ""
+        self.ui.modelLabel.text = m.model_text if m else ""
+        self._buildOptionWidgets(m)
+
+    def _onMethodChanged(self, _index=None):
+        if self._parameterNode is not None:
+            self._parameterNode.method = self.ui.methodComboBox.currentData or ""
             self._syncCombosFromParameters()
 
-    # -- Register / Cancel ---------------------------------------------------------------------------------------
+    def _onPresetChanged(self, _index=None):
+        if self._parameterNode is not None:
+            self._parameterNode.preset = self.ui.presetComboBox.currentData or "balanced"
+            self._buildOptionWidgets(self._currentMethod())
+
+    def _onDeviceChanged(self, _index=None):
+        if self._parameterNode is not None:
+            self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def _buildOptionWidgets(self, m):
+        """One widget per option the method declares; showing the preset's variant value or the default."""
+        from DeepDiffRegLib import methods as ddmethods
+        layout = self.ui.methodOptionsWidget.layout()
+        while layout.rowCount() > 0:
+            layout.removeRow(0)
+        self._optionWidgets = {}
+        if m is None or self._parameterNode is None:
+            return
+        values = {**ddmethods.preset_options(m, self._parameterNode.preset),
+                  **user_options(self._parameterNode).get(m.name, {})}
+        for o in m.options:
+            value = values.get(o.name, o.default)
+            if o.type == "int":
+                w = qt.QSpinBox()
+                w.setRange(int(o.min if o.min is not None else -2 ** 31), int(o.max if o.max is not None else 2 ** 31 - 1))
+                w.value = int(value or 0)
+                w.valueChanged.connect(lambda v, o=o: self._setOption(o, v))
+            elif o.type == "float":
+                w = qt.QDoubleSpinBox()
+                w.decimals = 6
+                w.setRange(float(o.min if o.min is not None else -1e9), float(o.max if o.max is not None else 1e9))
+                w.value = float(value or 0.0)
+                w.valueChanged.connect(lambda v, o=o: self._setOption(o, v))
+            elif o.type == "bool":
+                w = qt.QCheckBox()
+                w.checked = bool(value)
+                w.toggled.connect(lambda v, o=o: self._setOption(o, v))
+            elif o.type == "choice":
+                w = qt.QComboBox()
+                for c in o.choices:
+                    w.addItem(str(c), c)
+                w.setCurrentIndex(max(0, w.findData(value)))
+                w.currentIndexChanged.connect(lambda i, o=o, w=w: self._setOption(o, w.itemData(i)))
+            else:  # str, int_list
+                w = qt.QLineEdit()
+                w.text = " ".join(str(v) for v in value) if isinstance(value, list) else ("" if value is None else str(value))
+                w.editingFinished.connect(lambda o=o, w=w: self._setOption(o, w.text or None))
+            w.toolTip = o.help + (f" (default {o.default})" if o.default is not None else "")
+            layout.addRow(o.label + ":", w)
+            self._optionWidgets[o.name] = w
+
+    def _setOption(self, spec, value):
+        from DeepDiffRegLib import methods as ddmethods
+        p, m = self._parameterNode, self._currentMethod()
+        if p is None or m is None:
+            return
+        opts = user_options(p)
+        mine = dict(opts.get(m.name, {}))
+        try:
+            value = spec.coerce(value)
+        except ValueError as e:
+            self.ui.statusLabel.text = str(e)
+            return
+        base = ddmethods.preset_options(m, p.preset).get(spec.name, spec.default)  # what runs if untouched
+        if value == (spec.coerce(base) if base is not None else None):
+            mine.pop(spec.name, None)
+        else:
+            mine[spec.name] = value
+        opts[m.name] = mine
+        p.methodOptions = json.dumps(opts, sort_keys=True)
+
+    def onResetOptions(self):
+        p, m = self._parameterNode, self._currentMethod()
+        if p is not None and m is not None:
+            opts = user_options(p)
+            opts.pop(m.name, None)
+            p.methodOptions = json.dumps(opts, sort_keys=True)
+            self._buildOptionWidgets(m)
+
+    # -- Register / Cancel ---------------------------------------------------------------------------------
+    def _needsInstallOnly(self):
+        return not self._methods and not self.logic.plan().empty
+
     def _checkCanApply(self, caller=None, event=None):
         from DeepDiffRegLib import inputs as ddinputs
-        if self._state is not None and self._state.busy:
+        if self.controller is None or self.controller.busy:
             return
         p = self._parameterNode
         if p is None:
             return
-        reasons = ddinputs.missing_inputs(p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
-                                          p.fixedLandmarks, p.movingLandmarks, p.method,
-                                          [m.name for m in self._methods])
+        warnings = ddinputs.transform_warnings(p.fixedVolume, p.movingVolume)
+        self.ui.transformWarningLabel.text = "\n".join(warnings)
+        self.ui.transformWarningLabel.visible = bool(warnings)
+        if self._needsInstallOnly():
+            self.ui.registerButton.text = "Install PyTorch"
+            self.ui.registerButton.enabled = True
+            self.ui.registerButton.toolTip = "PyTorch is not installed yet; the methods are listed once it is."
+            self.ui.statusLabel.text = self.controller.message or "Press Install PyTorch to set up the engine."
+            return
+        self.ui.registerButton.text = "Register"
+        if not self._methods:
+            reasons = ["The engine has not listed its methods yet" + (f" ({self._methodsError})"
+                                                                      if self._methodsError else "") +
+                       "; press Refresh."]
+        else:
+            reasons = ddinputs.missing_inputs(p.fixedVolume, p.movingVolume, p.fixedSegmentation,
+                                              p.movingSegmentation, p.fixedLandmarks, p.movingLandmarks, p.method,
+                                              [m.name for m in self._methods])
         self.ui.registerButton.enabled = not reasons
         self.ui.registerButton.toolTip = "\n".join(reasons) if reasons else "Register the moving volume to the fixed one."
-        self.ui.statusLabel.text = " ".join(reasons) if reasons else "Ready."
+        # the last run's message (Done in 42 s / the error / Cancelled) stays until the inputs need attention
+        self.ui.statusLabel.text = " ".join(reasons) if reasons else (self.controller.message or "Ready.")
 
-    def _setState(self, state, message=None):
-        from DeepDiffRegLib.states import ProcessingState
-        self._state = state
-        self.ui.registerButton.text = state.button_text
-        self.ui.registerButton.enabled = state is not ProcessingState.CANCEL_REQUESTED
-        self.ui.statusLabel.text = message or state.label
-        self.ui.progressBar.visible = state.busy
+    def _render(self, c):
+        from DeepDiffRegLib.states import ProcessingState, stage_label
+        busy = c.busy
+        self.ui.registerButton.text = c.state.button_text
+        self.ui.registerButton.enabled = c.state is not ProcessingState.CANCEL_REQUESTED
+        self.ui.progressBar.visible = busy
+        if busy:
+            self.ui.statusLabel.text = c.message
+            self.ui.progressBar.value = int(round(100 * c.progress))
+            dev = f" on {c.device}" if c.device else ""
+            self.ui.progressBar.setFormat(f"{stage_label(c.stage)} %p% - {c.elapsed():.0f} s{dev}")
+            self.ui.deviceUsedLabel.text = c.device or "(not reported yet)"
         for w in (self.ui.inputsCollapsibleButton, self.ui.methodCollapsibleButton, self.ui.outputsCollapsibleButton,
-                  self.ui.advancedCollapsibleButton):
-            w.enabled = not state.busy
-        if not state.busy:
+                  self.ui.advancedCollapsibleButton, self.ui.modelsCollapsibleButton):
+            w.enabled = not busy
+        if not busy:
             self._checkCanApply()
 
     def onRegisterButton(self):
-        if self._state is not None and self._state.busy:
-            self.onCancel()
-        else:
-            self.startRun()
-
-    def startRun(self, device=None):
-        from DeepDiffRegLib.states import ProcessingState
-        from DeepDiffRegLib import install as ddinstall
-        p = self._parameterNode
+        if self.controller.busy:
+            self.controller.cancel()
+            return
         self.ui.logTextEdit.clear()
-        self._setState(ProcessingState.STARTING)
-        slicer.app.processEvents()
+        self._saveSettings()
         try:
-            ddinstall.ensure_dependencies(
-                lambda msg, details: slicer.util.confirmOkCancelDisplay(msg, detailedText=details),
-                python=self.logic.python(), env=self.logic.environment(device or p.device))
-        except ddinstall.InstallError as e:
-            self._setState(ProcessingState.FAILED, str(e))
-            slicer.util.errorDisplay(str(e))
-            if e.restart_required and slicer.util.confirmYesNoDisplay("Restart Slicer now?"):
-                slicer.util.restart()
+            if self._needsInstallOnly():
+                request = self.logic.installRequest()
+            else:
+                request = self.logic.request(self._parameterNode, self._currentMethod())
+        except ValueError as e:
+            self.ui.statusLabel.text = f"Cannot register: {e}"
             return
-        try:
-            self._run, self._runInfo = self.logic.start(p, device=device, onText=self._appendLog)
-        except Exception as e:  # noqa: BLE001 - shown to the user with the traceback in the log
-            logging.exception("DeepDiffReg: could not start")
-            self._setState(ProcessingState.FAILED, f"Could not start: {e}")
-            slicer.util.errorDisplay(f"Could not start the registration: {e}")
-            return
-        self._appendLog("$ " + " ".join(self._run.command))
-        self.ui.progressBar.value = 0
-        self._setState(ProcessingState.RUNNING)
-        self._timer.start()
+        self._startRequest(request)
 
-    def onCancel(self):
-        from DeepDiffRegLib.states import ProcessingState
-        if self._run is None:
-            return
-        self._setState(ProcessingState.CANCEL_REQUESTED)
-        threading.Thread(target=self._run.cancel, daemon=True).start()  # may wait for the grace period; no Qt
+    def _startRequest(self, request):
+        self._lastState = None
+        self.controller.start(request)
+        self._timer.start()
+        self._poll()
 
     def _appendLog(self, text):
         self.ui.logTextEdit.appendPlainText(text)
 
     def _poll(self):
-        from DeepDiffRegLib.states import ProcessingState, stage_label
-        st = self._run.poll()
-        if not st.finished:
-            self.ui.progressBar.value = int(round(100 * st.progress))
-            dev = f" on {st.device}" if st.device else ""
-            self.ui.progressBar.setFormat(f"{stage_label(st.stage)} %p% - {self._run.elapsed():.0f} s{dev}")
-            self.ui.deviceUsedLabel.text = st.device or "(not reported yet)"
-            return
-        self._timer.stop()
-        info = self._runInfo
         try:
-            if st.ok:
-                self._setState(ProcessingState.IMPORTING)
-                slicer.app.processEvents()
-                self._result = self.logic.importResults(st.result["out_dir"], self._parameterNode)
-                self._showResults()
-                self._setState(ProcessingState.COMPLETED,
-                               f"Done in {self._run.elapsed():.0f} s on {st.device or '?'}.")
-            elif st.cancelled:
-                self._setState(ProcessingState.CANCELLED)
-            else:
-                self._setState(ProcessingState.FAILED, st.error_text())
-                if st.offer_cpu_retry and slicer.util.confirmYesNoDisplay(st.error_text() + "\n\nRetry on the CPU?"):
-                    self.logic.cleanup(info)
-                    self.startRun(device="cpu")
-                    return
-                slicer.util.errorDisplay(st.error_text(), detailedText=self._run.log_tail(40))
-        finally:
-            if self._run is not None and not self._run.running:
-                self.logic.cleanup(info)
+            self._pollOnce()
+        except Exception:  # noqa: BLE001 - a display error must never stop the timer's bookkeeping
+            logging.exception("DeepDiffReg: panel update failed")
 
-    # -- results / QA / export -------------------------------------------------------------------------------
+    def _pollOnce(self):
+        if self._listing is not None:
+            self._pollListing()
+        if self._modelCommand is not None:
+            self._pollModelCommand()
+        c = self.controller
+        c.poll()
+        if c.busy or self._listing is not None or self._modelCommand is not None:
+            self._render(c)
+        else:
+            self._timer.stop()
+        if c.state.final and self._lastState is not c.state and c.request is not None:
+            self._lastState = c.state
+            self._render(c)
+            self._finished(c)
+        elif c.busy:
+            self._lastState = None
+
+    def _finished(self, c):
+        """Once per run: show results or say what went wrong (the status line keeps the message)."""
+        from DeepDiffRegLib.states import ProcessingState
+        self._keptFolder = c.work_dir if (c.request and c.request.keep_temporary_files) else None
+        self.ui.openResultFolderButton.enabled = bool(self._keptFolder and os.path.isdir(self._keptFolder))
+        if c.state is ProcessingState.COMPLETED:
+            if c.request.method is None:  # the install-only run: now the engine can list its methods
+                self.onRefreshMethods()
+                return
+            self._result = c.result
+            self._showResults()
+            for w in self._result.warnings:
+                self._appendLog(w)
+        elif c.state is ProcessingState.FAILED:
+            if c.offer_cpu_retry and slicer.util.confirmYesNoDisplay(c.message + "\n\nRetry on the CPU?"):
+                self._startRequest(c.request.with_device("cpu"))
+                return
+            slicer.util.errorDisplay(c.message, detailedText=c.details or None)
+            if c.restart_required and slicer.util.confirmYesNoDisplay("Restart Slicer now?"):
+                slicer.util.restart()
+
+    # -- results / QA / export -----------------------------------------------------------------------------
     def _showResults(self):
         from DeepDiffRegLib import qa
         r = self._result
         self.ui.foldLabel.text = r.fold_summary.text() if r.fold_summary else "No Jacobian."
         self.ui.centreWorstFoldButton.enabled = bool(r.fold_summary and r.fold_summary.has_folds)
-        self.ui.summaryLabel.text = "\n".join(qa.report_summary_lines(r.report))
+        self.ui.summaryLabel.text = "\n".join(qa.report_summary_lines(r.report) + list(r.warnings))
         rows = qa.metrics_table(r.report)
         t = self.ui.metricsTable
         t.setRowCount(len(rows))
@@ -318,8 +568,30 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 t.setItem(i, j, qt.QTableWidgetItem(v))
         t.visible = bool(rows)
         self.ui.resultsCollapsibleButton.collapsed = False
+        self.onShowJacobian(self.ui.showJacobianCheckBox.checked)
+        self.onShowGrid(self.ui.showGridCheckBox.checked)
+
+    def onShowJacobian(self, on):
+        from DeepDiffRegLib import scene as ddscene
         p = self._parameterNode
-        slicer.util.setSliceViewerLayers(background=p.movingVolume, foreground=p.fixedVolume, foregroundOpacity=0.5)
+        if self._result is None or p is None:
+            return
+        if on and self._result.jacobian is not None:
+            slicer.util.setSliceViewerLayers(background=p.movingVolume)
+            ddscene.set_jacobian_overlay(slicer.mrmlScene, self._result.jacobian, True)
+        else:
+            ddscene.set_jacobian_overlay(slicer.mrmlScene, self._result.jacobian, False)
+            slicer.util.setSliceViewerLayers(background=p.movingVolume, foreground=p.fixedVolume,
+                                             foregroundOpacity=0.5)
+
+    def onShowGrid(self, on):
+        from DeepDiffRegLib import scene as ddscene
+        if self._result is not None:
+            ddscene.set_grid_visible(self._result.grid, on)
+
+    def onOpenResultFolder(self):
+        if self._keptFolder and os.path.isdir(self._keptFolder):
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(self._keptFolder))
 
     def onCentreWorstFold(self):
         from DeepDiffRegLib import scene as ddscene
@@ -353,10 +625,68 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             done = ddscene.harden(slicer.mrmlScene, self._result.transform, nodes)
             self.ui.statusLabel.text = f"Hardened on {len(done)} node(s)."
 
+    # -- models --------------------------------------------------------------------------------------------
+    def _selectedModel(self):
+        rows = getattr(self, "_modelRows", [])
+        i = self.ui.modelsTable.currentRow()
+        return rows[i] if 0 <= i < len(rows) else None
+
+    def _runModelCommand(self, command, what):
+        from DeepDiffRegLib import process as ddprocess
+        if self._modelCommand is not None:
+            return
+        self._appendLog("$ " + " ".join(command))
+        self._modelCommand = ddprocess.BackgroundCommand(command, env=self.logic.environment(), timeout_s=300).start()
+        self._modelWhat = what
+        self.ui.modelsCollapsibleButton.enabled = False
+        self._timer.start()
+
+    def _pollModelCommand(self):
+        done = self._modelCommand.poll()
+        if done is None:
+            return
+        self._modelCommand = None
+        self.ui.modelsCollapsibleButton.enabled = True
+        code, out, err = done
+        self._appendLog((out + err).strip())
+        if code != 0:
+            slicer.util.errorDisplay(f"Could not {self._modelWhat}.", detailedText=(err or out).strip())
+        self.onRefreshMethods()
+
+    def onImportModel(self):
+        from DeepDiffRegLib import models as ddmodels
+        path = qt.QFileDialog.getOpenFileName(None, "Import DeepDiffReg weights", "", "Weights (*.pt *.pth)")
+        if path:
+            self._runModelCommand(ddmodels.import_command(self.logic.python(), path), "import the weights")
+
+    def onDeleteModel(self):
+        from DeepDiffRegLib import models as ddmodels
+        row = self._selectedModel()
+        if row is None:
+            return
+        if not row["deletable"]:
+            slicer.util.infoDisplay("Models bundled with the extension cannot be deleted.")
+            return
+        if slicer.util.confirmOkCancelDisplay(f"Delete the model {row['id']} ({row['path']})?"):
+            self._runModelCommand(ddmodels.delete_command(self.logic.python(), row["id"]), "delete the model")
+
+    def onModelLicence(self):
+        row = self._selectedModel()
+        if row is not None:
+            card = os.path.join(os.path.dirname(row["path"]), row["card"]) if row["card"] else ""
+            slicer.util.infoDisplay(f"{row['id']}: {row['cells'][4]}", detailedText=f"Model card: {card}" if card else None)
+
+    def onOpenModelsFolder(self):
+        from DeepDiffRegLib import models as ddmodels
+        folder = ddmodels.user_models_dir(self.logic.environment())
+        os.makedirs(folder, exist_ok=True)
+        qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(folder))
+
 
 # -- logic -----------------------------------------------------------------------------------------------------
 class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
-    """Callable without the widget (scripts, tests): ``register(...)`` blocks, ``start(...)`` does not."""
+    """Callable without the widget (scripts, tests): ``register(p)`` blocks; the widget drives the same
+    ``RunController`` with a timer."""
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -374,29 +704,42 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
         from DeepDiffRegLib import process as ddprocess
         return ddprocess.child_environment(MODULE_DIR, slicer.util.startupEnvironment(), device)
 
-    def start(self, p, device=None, onText=None, onEvent=None):
-        """Export inputs to a temporary folder and start the engine. Returns (EngineProcess, run info)."""
-        from DeepDiffRegLib import inputs as ddinputs, methods as ddmethods, process as ddprocess
-        device = device or p.device
-        preset = ddmethods.PRESETS.get(p.preset, ddmethods.PRESETS[ddmethods.DEFAULT_PRESET])
-        work = tempfile.mkdtemp(prefix="DeepDiffReg-", dir=slicer.app.temporaryPath)
-        files = ddinputs.export_inputs(os.path.join(work, "inputs"), p.fixedVolume, p.movingVolume,
-                                       p.fixedSegmentation, p.movingSegmentation, p.fixedLandmarks,
-                                       p.movingLandmarks)
-        out = os.path.join(work, "result")
-        cmd = ddprocess.register_command(
-            self.python(), files["fixed"], files["moving"], out, method=p.method, device=device,
-            fixed_seg=files.get("fixed_seg"), moving_seg=files.get("moving_seg"),
-            fixed_landmarks=files.get("fixed_landmarks"), moving_landmarks=files.get("moving_landmarks"),
-            iterations=p.nodeoIterations or preset["iterations"] or None,
-            spacing_mm=p.workingSpacingMm or preset["spacing_mm"] or None,
-            refine=p.refineSteps or preset["refine"] or None, align=p.initialAlignment)
-        run = ddprocess.EngineProcess(cmd, env=self.environment(device), on_text=onText, on_event=onEvent).start()
-        logging.info("DeepDiffReg: started %s", " ".join(cmd))
-        return run, {"work_dir": work, "out_dir": out, "keep": p.keepTemporaryFiles, "started": time.time()}
+    @staticmethod
+    def plan():
+        from DeepDiffRegLib import install as ddinstall
+        return ddinstall.plan()
 
-    def importResults(self, out_dir, p):
+    def makeController(self, confirm=None, on_log=None, on_change=None):
+        from DeepDiffRegLib import controller as ddcontroller
+        return ddcontroller.RunController(self.python(), self.environment, slicer.app.temporaryPath,
+                                          self.exportInputs, self.importResults, confirm_install=confirm,
+                                          on_log=on_log, on_change=on_change)
+
+    @staticmethod
+    def installRequest():
+        from DeepDiffRegLib import controller as ddcontroller
+        return ddcontroller.RunRequest(method=None)
+
+    @staticmethod
+    def request(p, method):
+        from DeepDiffRegLib import controller as ddcontroller
+        if method is None:
+            raise ValueError(f"unknown method {p.method!r}")
+        return ddcontroller.RunRequest(method=method, device=p.device, preset=p.preset,
+                                       options=dict(user_options(p).get(method.name, {})),
+                                       spacing_mm=p.workingSpacingMm or None, align=p.initialAlignment,
+                                       keep_temporary_files=p.keepTemporaryFiles, context=p)
+
+    @staticmethod
+    def exportInputs(folder, request):
+        from DeepDiffRegLib import inputs as ddinputs
+        p = request.context
+        return ddinputs.export_inputs(folder, p.fixedVolume, p.movingVolume, p.fixedSegmentation,
+                                      p.movingSegmentation, p.fixedLandmarks, p.movingLandmarks, p.fixedMask)
+
+    def importResults(self, out_dir, request):
         from DeepDiffRegLib import scene as ddscene
+        p = request.context
         outputs = {k: getattr(p, a) for k, a in (("transform", "outputTransform"), ("inverse", "outputInverse"),
                                                   ("jacobian", "outputJacobian"), ("grid", "outputGrid"),
                                                   ("warped", "outputWarped")) if getattr(p, a) is not None}
@@ -418,24 +761,25 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
                 slicer.mrmlScene.RemoveNode(sn)
         return res
 
-    @staticmethod
-    def cleanup(info):
-        """Remove the temporary inputs and results unless the user keeps them."""
-        if info and not info.get("keep"):
-            shutil.rmtree(info["work_dir"], ignore_errors=True)
-        elif info:
-            logging.info("DeepDiffReg: temporary files kept in %s", info["work_dir"])
+    def methods(self, timeout_s=120):
+        """The engine's method list (blocking; scripts)."""
+        from DeepDiffRegLib import methods as ddmethods, process as ddprocess
+        code, out, err = ddprocess.BackgroundCommand(ddmethods.methods_command(self.python()),
+                                                     env=self.environment()).start().wait(timeout_s)
+        if code != 0:
+            raise RuntimeError(f"could not list the engine's methods: {(err or out).strip()}")
+        return ddmethods.parse_methods_json(out)
 
     def register(self, p, device=None, timeout_s=3600):
-        """Blocking run + import (scripts, tests). Returns ResultNodes; raises RuntimeError on failure."""
-        run, info = self.start(p, device=device)
-        try:
-            st = run.wait(timeout=timeout_s)
-            if not st.ok:
-                raise RuntimeError(f"{st.error_text()}\n{run.log_tail(20)}")
-            return self.importResults(st.result["out_dir"], p)
-        finally:
-            self.cleanup(info)
+        """Blocking run + import (scripts, tests). Returns ResultNodes; raises RuntimeError on failure and
+        TimeoutError (with the engine stopped) after ``timeout_s``."""
+        from DeepDiffRegLib import methods as ddmethods
+        methods = self.methods()
+        method = ddmethods.by_name(methods, p.method) or (None if p.method else ddmethods.default_method(methods))
+        request = self.request(p, method)
+        if device:
+            request = request.with_device(device)
+        return self.makeController().run(request, timeout=timeout_s)
 
 
 # -- test ------------------------------------------------------------------------------------------------------
@@ -460,7 +804,7 @@ class DeepDiffRegTest(ScriptedLoadableModuleTest):
     def test_ModuleLoads(self):
         logic = DeepDiffRegLogic()
         p = logic.getParameterNode()
-        self.assertEqual(p.method, "nodeo")
+        self.assertEqual(p.preset, "balanced")
         from DeepDiffRegLib import inputs as ddinputs
         self.assertTrue(ddinputs.missing_inputs(None, None))
 

@@ -10,12 +10,16 @@ import numpy as np
 
 import slicer
 from vtkmodules.vtkCommonCore import vtkStringArray
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+from .scene import user_chain_top
 
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
 def missing_inputs(fixed, moving, fixed_seg=None, moving_seg=None, fixed_landmarks=None, moving_landmarks=None,
-                   method: str | None = "nodeo", known_methods=None) -> list[str]:
+                   method: str | None = None, known_methods=None) -> list[str]:
     """Reasons why Register cannot run yet (empty when it can). One short sentence each."""
     reasons = []
     if fixed is None:
@@ -37,21 +41,71 @@ def missing_inputs(fixed, moving, fixed_seg=None, moving_seg=None, fixed_landmar
         nf, nm = fixed_landmarks.GetNumberOfControlPoints(), moving_landmarks.GetNumberOfControlPoints()
         if nf != nm or nf == 0:
             reasons.append(f"Landmark lists must have the same, non-zero number of points ({nf} vs {nm}).")
-    if not method:
-        reasons.append("Choose a method.")
-    elif known_methods is not None and method not in known_methods:
-        reasons.append(f"Unknown method '{method}'.")
+    if known_methods is not None:  # the method is checked against the engine's list when one is given
+        if not method:
+            reasons.append("Choose a method.")
+        elif method not in known_methods:
+            reasons.append(f"Unknown method '{method}'.")
     return reasons
 
 
 def write_volume(volume_node, path: str) -> str:
-    """Write the voxels with their own geometry (a parent transform is not applied: the result replaces it)."""
+    """Write the voxels with their own geometry (parent transforms not applied; see ``write_volume_in_world``)."""
     sn = slicer.vtkMRMLVolumeArchetypeStorageNode()
     sn.SetFileName(path)
     sn.SetUseCompression(False)
     if not sn.WriteData(volume_node):
         raise RuntimeError(f"could not write {volume_node.GetName()} to {path}")
     return path
+
+
+def write_volume_in_world(volume_node, path: str) -> str:
+    """Write the volume as the user sees it: through its own parent transforms (hardened on a temporary clone;
+    a linear chain only changes the geometry, a non-linear one resamples), but never through the result transform
+    of an earlier DeepDiffReg run, which the new result replaces. Without a transform of the user's: the voxels
+    as they are."""
+    top, above = user_chain_top(volume_node)
+    if top is volume_node:
+        return write_volume(volume_node, path)
+    scene = volume_node.GetScene()
+    if above is not None:
+        top.SetAndObserveTransformNodeID(None)
+    clone = scene.AddNewNodeByClass(volume_node.GetClassName(), "__DeepDiffReg_export__")
+    try:
+        m = vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(m)
+        clone.SetIJKToRASMatrix(m)
+        img = vtkImageData()
+        img.DeepCopy(volume_node.GetImageData())
+        clone.SetAndObserveImageData(img)
+        clone.SetAndObserveTransformNodeID(volume_node.GetParentTransformNode().GetID())
+        logic = slicer.vtkSlicerTransformLogic()
+        logic.SetMRMLScene(scene)
+        if not logic.hardenTransform(clone):
+            raise RuntimeError(f"could not apply the parent transform of {volume_node.GetName()}")
+        return write_volume(clone, path)
+    finally:
+        for n in (clone.GetDisplayNode(), clone.GetStorageNode(), clone):
+            if n is not None:
+                scene.RemoveNode(n)
+        if above is not None:
+            top.SetAndObserveTransformNodeID(above.GetID())
+
+
+def transform_warnings(fixed, moving) -> list[str]:
+    """What the user should know about parent transforms before a run (shown on the panel, not blocking)."""
+    out = []
+    if fixed is not None:
+        top, _ = user_chain_top(fixed)
+        if top is not fixed:
+            out.append(f"The fixed volume is under the transform '{fixed.GetParentTransformNode().GetName()}': the "
+                       "registration uses its voxels in their own frame, and the results are placed under that "
+                       "transform.")
+    if moving is not None:
+        top, _ = user_chain_top(moving)
+        if top is not moving:
+            out.append("The moving volume is registered as transformed by its parent transform, which is kept.")
+    return out
 
 
 def segment_names(seg_node) -> list[str]:
@@ -105,11 +159,22 @@ def write_landmarks(markups_node, path: str) -> str:
 
 
 def export_inputs(work_dir: str, fixed, moving, fixed_seg=None, moving_seg=None, fixed_landmarks=None,
-                  moving_landmarks=None) -> dict[str, str]:
-    """Write every selected input into ``work_dir``; returns the engine's argument values by name."""
+                  moving_landmarks=None, fixed_mask=None) -> dict[str, str]:
+    """Write every selected input into ``work_dir``; returns the engine's argument values by name.
+
+    The fixed volume is written in its own frame (the results are placed under its parent transform), the moving
+    volume through its own parent transforms (``write_volume_in_world``). ``fixed_mask``: a segmentation (all
+    its segments, on the fixed grid) or a label map / scalar volume (non-zero voxels) restricting the similarity.
+    """
     os.makedirs(work_dir, exist_ok=True)
     files = {"fixed": write_volume(fixed, os.path.join(work_dir, "fixed.nrrd")),
-             "moving": write_volume(moving, os.path.join(work_dir, "moving.nrrd"))}
+             "moving": write_volume_in_world(moving, os.path.join(work_dir, "moving.nrrd"))}
+    if fixed_mask is not None:
+        path = os.path.join(work_dir, "fixed_mask.nrrd")
+        if fixed_mask.IsA("vtkMRMLSegmentationNode"):
+            files["fixed_mask"] = write_segmentation(fixed_mask, segment_names(fixed_mask), fixed, path)
+        else:
+            files["fixed_mask"] = write_volume(fixed_mask, path)
     if fixed_seg is not None and moving_seg is not None:
         names = common_segment_names(fixed_seg, moving_seg)
         files["fixed_seg"] = write_segmentation(fixed_seg, names, fixed, os.path.join(work_dir, "fixed_seg.nrrd"))

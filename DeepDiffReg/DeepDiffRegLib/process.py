@@ -297,20 +297,18 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-NON_LEARNED_METHODS = ("nodeo", "demons")  # optimise on the pair: no --refine
-
-
 # -- building the command line -------------------------------------------------------------------------------
-def register_command(python: str, fixed: str, moving: str, out_dir: str, method: str = "nodeo",
-                     device: str = "auto", fixed_seg: str | None = None, moving_seg: str | None = None,
+def register_command(python: str, fixed: str, moving: str, out_dir: str, method: str, device: str = "auto",
+                     fixed_seg: str | None = None, moving_seg: str | None = None,
                      fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
-                     iterations: int | None = None, spacing_mm: float | None = None, align: bool = True,
-                     refine: int | None = None, overwrite: bool = True, threads: int | None = None,
+                     fixed_mask: str | None = None, spacing_mm: float | None = None, align: bool = True,
+                     method_args: Sequence[str] = (), overwrite: bool = True, threads: int | None = None,
                      extra: Sequence[str] = ()) -> list[str]:
-    """``[python, -m, deepdiffreg, register, ...]`` as documented in conventions.md (the engine CLI).
+    """``[python, -m, deepdiffreg, register, ...]`` (the engine CLI, see the README).
 
-    ``iterations`` is NODEO's option and ``refine`` (test-time refinement steps) applies to learned methods only;
-    each is passed only where it applies. Temporary files (the exported inputs) belong to the caller.
+    Only the engine's generic options are spelled here; everything method-specific comes in ``method_args``,
+    built by ``methods.option_args`` from the options the method declares in ``methods --json`` (so a flag the
+    method does not declare is never passed). Temporary files (the exported inputs) belong to the caller.
     """
     cmd = [python, "-m", "deepdiffreg", "register", "--fixed", fixed, "--moving", moving, "--method", method,
            "--out", out_dir, "--device", device]
@@ -318,14 +316,13 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
         cmd += ["--fixed-seg", fixed_seg, "--moving-seg", moving_seg]
     if fixed_landmarks and moving_landmarks:
         cmd += ["--fixed-landmarks", fixed_landmarks, "--moving-landmarks", moving_landmarks]
-    if iterations is not None and iterations > 0 and method == "nodeo":
-        cmd += ["--nodeo-iterations", str(int(iterations))]
-    if refine is not None and refine > 0 and method not in NON_LEARNED_METHODS:
-        cmd += ["--refine", str(int(refine))]
+    if fixed_mask:
+        cmd += ["--fixed-mask", fixed_mask]
     if spacing_mm is not None and spacing_mm > 0:
         cmd += ["--spacing", f"{float(spacing_mm):g}"]
     if not align:
         cmd.append("--no-align")
+    cmd += [str(a) for a in method_args]
     if overwrite:
         cmd.append("--overwrite")
     if threads:
@@ -333,10 +330,21 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
     return cmd + list(extra)
 
 
-def child_environment(module_dir: str, base: dict[str, str] | None = None, device: str = "auto") -> dict[str, str]:
+WATCH_PID_ENV = "DEEPDIFFREG_WATCH_PID"  # read by deepdiffreg/watchdog.py: the child ends when this pid is gone
+
+
+def child_environment(module_dir: str, base: dict[str, str] | None = None, device: str = "auto",
+                      watch_pid: int | None = None) -> dict[str, str]:
     """Environment for the child: the module folder (which holds the ``deepdiffreg`` package) first on
-    PYTHONPATH, unbuffered output, and no visible GPU when the CPU was chosen."""
+    PYTHONPATH, unbuffered output, no visible GPU when the CPU was chosen, and the pid of this process for the
+    engine's parent watchdog (a child whose Slicer died stops instead of running on; ``watch_pid=0`` turns it
+    off)."""
     env = dict(os.environ if base is None else base)
+    pid = os.getpid() if watch_pid is None else watch_pid
+    if pid:
+        env[WATCH_PID_ENV] = str(pid)
+    else:
+        env.pop(WATCH_PID_ENV, None)
     paths = [module_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != module_dir]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
@@ -350,3 +358,47 @@ def default_python() -> str:
     import shutil
 
     return shutil.which("PythonSlicer") or sys.executable
+
+
+class BackgroundCommand:
+    """A short command (list methods, import/delete a model, make the sample pair) run off the GUI thread:
+    ``poll()`` returns None while it runs, then ``(returncode, stdout, stderr)``. A start failure (no such
+    program) is reported the same way, with returncode -1. Never raises from ``poll``."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 300.0):
+        self.command = [str(c) for c in command]
+        self.env = env
+        self.timeout_s = timeout_s
+        self._result: tuple[int, str, str] | None = None
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._work, name="DeepDiffReg-command", daemon=True)
+
+    def start(self) -> "BackgroundCommand":
+        self._thread.start()
+        return self
+
+    def _work(self) -> None:
+        try:
+            self._proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          stdin=subprocess.DEVNULL, env=self.env, text=True, encoding="utf-8",
+                                          errors="replace")
+            out, err = self._proc.communicate(timeout=self.timeout_s)
+            self._result = (self._proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(self._proc.pid, grace_s=1.0)
+            self._result = (-1, "", f"{self.command[2:4]} did not finish within {self.timeout_s:.0f} s")
+        except Exception as e:  # noqa: BLE001 - reported through poll()
+            self._result = (-1, "", f"{type(e).__name__}: {e}")
+
+    def poll(self) -> tuple[int, str, str] | None:
+        return self._result
+
+    def wait(self, timeout: float | None = None) -> tuple[int, str, str]:
+        self._thread.join(timeout)
+        if self._result is None:
+            raise TimeoutError(" ".join(self.command))
+        return self._result
+
+    def cancel(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            kill_process_tree(self._proc.pid, grace_s=1.0)

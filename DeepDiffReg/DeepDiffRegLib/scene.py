@@ -4,8 +4,14 @@ The result contract is in conventions.md: ``transform.h5`` is T (fixed point -> 
 composite of an affine A and a displacement field u on the (padded) fixed grid, T(x) = A(x + u(x)). Slicer loads
 it as one transform node (a ``vtkMRMLTransformNode`` holding a general transform, not necessarily a
 ``vtkMRMLGridTransformNode``) whose TransformFromParent is T, so making it the moving volume's parent shows the
-moving volume aligned to the fixed one. ``inverse.h5`` is the moving -> fixed map for models, markups and
-segmentations defined on the moving image. Everything RAS lives here; the engine is LPS.
+moving volume aligned to the fixed one; its grid part is interpolated linearly, as ITK does.
+
+Which node for which object (measured in a real MRML scene, Testing/slicer/test_scene_synthetic.py): a node placed
+under a transform node is moved by its *TransformToParent*, the inverse of TransformFromParent. So markups, models
+and segmentations **drawn on the moving image go under the forward transform** (the same node as the moving volume)
+to be shown in fixed space; objects **drawn on the fixed image go under the inverse** (``inverse.h5``,
+T^-1(y) = A^-1(y) + w(A^-1(y))) to be shown in moving space. Outside Slicer (ITK, ``deepdiffreg apply --points``)
+it is the other way round: T^-1 maps moving-space points to fixed space. Everything RAS lives here; the engine is LPS.
 
 The same function runs inside Slicer (``slicer.mrmlScene``, the module logics) and in tests against a bare
 ``vtkMRMLScene`` from the ``slicer-core`` wheel.
@@ -48,17 +54,20 @@ class ResultNodes:
 
     result_dir: str
     report: dict[str, Any]
-    transform: Any = None          # vtkMRMLTransformNode (affine + grid), FromParent = T (fixed -> moving)
-    inverse: Any = None            # vtkMRMLTransformNode (grid + affine), FromParent = T^-1 (moving -> fixed)
+    transform: Any = None          # vtkMRMLTransformNode (affine + grid), FromParent = T (fixed -> moving): parent
+                                   # of the moving volume and of anything drawn on the moving image
+    inverse: Any = None            # vtkMRMLTransformNode (grid + affine), FromParent = T^-1: parent of objects
+                                   # drawn on the fixed image, to show them in moving space
     jacobian: Any = None           # vtkMRMLScalarVolumeNode on the fixed grid
     grid: Any = None               # vtkMRMLModelNode (deformation grid, point scalar "jacobian")
     warped: Any = None             # vtkMRMLScalarVolumeNode, moving resampled onto the fixed grid
     warped_seg: Any = None         # vtkMRMLLabelMapVolumeNode
-    uncertainty: Any = None        # vtkMRMLScalarVolumeNode (vxm-diff only)
+    uncertainty: Any = None        # vtkMRMLScalarVolumeNode (methods that estimate one)
     folds: Any = None              # vtkMRMLSegmentationNode with one segment, only when there are folds
     fold_summary: qa.FoldSummary | None = None
     folder_item: int = 0           # subject hierarchy folder holding the outputs
     attributes: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # e.g. how existing parent transforms were kept
 
     def nodes(self) -> list:
         return [n for n in (self.transform, self.inverse, self.jacobian, self.grid, self.warped, self.warped_seg,
@@ -230,6 +239,7 @@ def setup_grid_display(scene, grid_node) -> None:
     dn.SetColor(1.0, 1.0, 0.0)
     dn.SetLineWidth(1.5)
     dn.SetVisibility2D(True)
+    dn.SetVisibility3D(False)  # in the slice views only; a 3-D lattice hides everything else in the 3-D view
     pd = grid_node.GetPolyData()
     if pd is not None and pd.GetPointData().GetArray("jacobian") is not None:
         dn.SetActiveScalarName("jacobian")
@@ -417,13 +427,97 @@ def load_result(scene, result_dir: str, fixed_node=None, moving_node=None, *, lo
     for n in res.nodes():
         set_attributes(n, attrs)
 
+    if fixed_node is not None:
+        place_under_fixed_parent(fixed_node, [n for n in res.nodes() if n is not t and n is not res.inverse], t)
     if apply_to_moving and moving_node is not None:
-        moving_node.SetAndObserveTransformNodeID(t.GetID())
+        res.warnings += attach_to_moving(moving_node, t, fixed_node)
 
     if folder:
         res.folder_item = study_folder(scene, fixed_node, f"DeepDiffReg {prefix}")
         place_in_folder(scene, res.folder_item, res.nodes())
     return res
+
+
+def is_result_transform(node) -> bool:
+    """A transform node written by a DeepDiffReg run (it carries the provenance attributes)."""
+    return node is not None and node.GetAttribute(ATTRIBUTE_PREFIX + "method") is not None
+
+
+def user_chain_top(node):
+    """The highest node of ``node``'s parent-transform chain below any DeepDiffReg result transform: ``node``
+    itself when it has no transform of the user's. Returns (top, what sits above it: a result transform or None).
+    The inputs are exported through exactly this chain (``inputs.write_volume_in_world``)."""
+    cur = node
+    while True:
+        parent = cur.GetParentTransformNode()
+        if parent is None or is_result_transform(parent):
+            return cur, parent
+        cur = parent
+
+
+def _ancestors(node) -> set:
+    out, cur = set(), node.GetParentTransformNode() if node is not None else None
+    while cur is not None:
+        out.add(cur.GetID())
+        cur = cur.GetParentTransformNode()
+    return out
+
+
+def attach_to_moving(moving_node, transform_node, fixed_node=None) -> list[str]:
+    """Make the moving volume show aligned to the fixed one, keeping the user's own transforms.
+
+    The engine registered the moving image *through* its parent transforms (world coordinates, see
+    ``inputs.export_inputs``), so T belongs above them: the top of the user's chain observes T (a result
+    transform of an earlier run there is replaced). A chain shared with the fixed volume cannot take T without
+    moving the fixed volume too: then the moving volume's parent is replaced and a warning says so.
+    """
+    top, _ = user_chain_top(moving_node)
+    if top is moving_node:
+        moving_node.SetAndObserveTransformNodeID(transform_node.GetID())
+        return []
+    if fixed_node is not None and top.GetID() in _ancestors(fixed_node):
+        moving_node.SetAndObserveTransformNodeID(transform_node.GetID())
+        return [f"The moving and fixed volumes share the parent transform '{top.GetName()}'; the moving volume's "
+                f"parent was replaced by the registration result."]
+    top.SetAndObserveTransformNodeID(transform_node.GetID())
+    return [f"The moving volume's own transform '{top.GetName()}' is kept: it now sits under the registration "
+            f"result (the registration was computed on the moving volume as transformed)."]
+
+
+def place_under_fixed_parent(fixed_node, nodes, transform_node) -> None:
+    """Outputs on the fixed grid go where the fixed volume is shown: under the fixed volume's parent transform (the
+    engine saw the fixed voxels in their own frame), and so does the result transform itself."""
+    parent = fixed_node.GetParentTransformNode()
+    if parent is None:
+        return
+    transform_node.SetAndObserveTransformNodeID(parent.GetID())
+    for n in nodes:
+        if n.IsA("vtkMRMLTransformableNode") and n is not transform_node:
+            n.SetAndObserveTransformNodeID(parent.GetID())
+
+
+def set_jacobian_overlay(scene, jacobian_node, on: bool = True, opacity: float = 0.4) -> int:
+    """Show (or hide) the Jacobian map as the foreground layer of every slice view; returns the views changed."""
+    n = 0
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        c = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        if on and jacobian_node is not None:
+            c.SetForegroundVolumeID(jacobian_node.GetID())
+            c.SetForegroundOpacity(opacity)
+        elif jacobian_node is not None and c.GetForegroundVolumeID() == jacobian_node.GetID():
+            c.SetForegroundVolumeID(None)
+        n += 1
+    return n
+
+
+def set_grid_visible(grid_node, on: bool, in_3d: bool = False) -> None:
+    """The deformation grid model in the slice views (and in 3-D only when asked)."""
+    if grid_node is None or grid_node.GetDisplayNode() is None:
+        return
+    dn = grid_node.GetDisplayNode()
+    dn.SetVisibility(on)
+    dn.SetVisibility2D(on)
+    dn.SetVisibility3D(on and in_3d)
 
 
 def centre_on_worst_fold(result: ResultNodes, slice_nodes) -> tuple[float, float, float] | None:

@@ -146,7 +146,7 @@ def qa_snapshot(scene, app_logic, fixed, moving, result: "ddscene.ResultNodes", 
                 grid_spacing_mm: float | None = None) -> np.ndarray:
     """Render the 3 x 3 QA panel from nodes already in ``scene`` (moving under ``result.transform``).
 
-    The temporary slice nodes are removed again, and the moving volume's parent transform restored.
+    The temporary slice nodes are removed again, and the moving volume's transform chain restored.
     Returns the RGB image; writes it to ``path`` when given.
     """
     if center_ras is None:
@@ -157,7 +157,10 @@ def qa_snapshot(scene, app_logic, fixed, moving, result: "ddscene.ResultNodes", 
     tdn = result.transform.GetDisplayNode()
     old_spacing = tdn.GetGridSpacingMm()
     tdn.SetGridSpacingMm(grid_spacing_mm or max(2.0, round(fov / 16.0)))
-    parent = moving.GetParentTransformNode()
+    # the moving volume's own transforms (kept under the result, scene.attach_to_moving) stay in both rows; only
+    # the link from the top of that chain to the result is cut for "before"
+    top, _ = ddscene.user_chain_top(moving)
+    saved = top.GetParentTransformNode()
     created = []
     rows = []
     try:
@@ -171,13 +174,13 @@ def qa_snapshot(scene, app_logic, fixed, moving, result: "ddscene.ResultNodes", 
                      ("moving registered + det J (blue<1<red) + grid", moving, result.jacobian,
                       result.transform, False)]
         for title, bg, fg, grid, unregistered in row_specs:
-            moving.SetAndObserveTransformNodeID(None if unregistered else result.transform.GetID())
+            top.SetAndObserveTransformNodeID(None if unregistered else result.transform.GetID())
             panels = [render_slice(sl, sn, bg, fg, jacobian_opacity, o, center_ras, fov, grid, fixed)
                       for (sl, sn), o in zip(logics, ORIENTATIONS)]
             row = np.concatenate([np.pad(p, ((0, 0), (0, 2), (0, 0))) for p in panels], 1)
             rows.append(_with_label(row, title))
     finally:
-        moving.SetAndObserveTransformNodeID(parent.GetID() if parent is not None else None)
+        top.SetAndObserveTransformNodeID(saved.GetID() if saved is not None else None)
         tdn.SetGridSpacingMm(old_spacing)
         for n in created:
             if n is not None and n.GetScene() is scene:

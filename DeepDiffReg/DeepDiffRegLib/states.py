@@ -1,7 +1,9 @@
 """Processing states of the Register button / panel (MONAIAuto3DSeg-style state machine).
 
-Idle -> Starting (installing dependencies, writing inputs) -> Running (child process) -> Importing (results into
-the scene) -> Completed | Failed | Cancelled; CancelRequested sits between Running and Cancelled.
+Idle -> Starting (checking options and dependencies, writing inputs) [-> Installing (child processes)] ->
+Running (child process) -> Importing (results into the scene) -> Completed | Failed | Cancelled; CancelRequested
+sits between Installing/Running and Cancelled. Every path ends in one of the three final states, whose message
+stays on the panel (``controller.RunController``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import enum
 class ProcessingState(enum.Enum):
     IDLE = "idle"
     STARTING = "starting"
+    INSTALLING = "installing"
     RUNNING = "running"
     CANCEL_REQUESTED = "cancel_requested"
     IMPORTING = "importing"
@@ -25,8 +28,12 @@ class ProcessingState(enum.Enum):
     @property
     def busy(self) -> bool:
         """True while a run is under way (the Register button shows Cancel)."""
-        return self in (ProcessingState.STARTING, ProcessingState.RUNNING, ProcessingState.CANCEL_REQUESTED,
-                        ProcessingState.IMPORTING)
+        return self in (ProcessingState.STARTING, ProcessingState.INSTALLING, ProcessingState.RUNNING,
+                        ProcessingState.CANCEL_REQUESTED, ProcessingState.IMPORTING)
+
+    @property
+    def final(self) -> bool:
+        return self in (ProcessingState.COMPLETED, ProcessingState.FAILED, ProcessingState.CANCELLED)
 
     @property
     def button_text(self) -> str:
@@ -38,6 +45,7 @@ class ProcessingState(enum.Enum):
 STATE_LABELS = {
     ProcessingState.IDLE: "Ready",
     ProcessingState.STARTING: "Starting (checking dependencies, writing inputs)...",
+    ProcessingState.INSTALLING: "Installing Python packages...",
     ProcessingState.RUNNING: "Registering...",
     ProcessingState.CANCEL_REQUESTED: "Cancelling...",
     ProcessingState.IMPORTING: "Loading results into the scene...",

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         code, msg = ExitCode.OUT_OF_MEMORY, "out of CPU memory; retry with a coarser --spacing"
     except Exception as e:  # noqa: BLE001 — the last line of defence: one line, not a traceback
-        import torch
-        if isinstance(e, torch.OutOfMemoryError):
+        from .compat import is_out_of_memory
+        if is_out_of_memory(e):
             code, msg = OutOfMemory.code, "out of GPU memory; retry with --device cpu or a coarser --spacing"
         else:
             if debug:

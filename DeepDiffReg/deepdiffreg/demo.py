@@ -11,7 +11,7 @@ from .progress import Reporter
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="register a generated sample pair and print where the outputs are")
     p.add_argument("--out", default="demo-output", help="folder for the sample data and the result (default demo-output)")
-    p.add_argument("--method", default="nodeo", help="registration method (default nodeo)")
+    p.add_argument("--method", default=None, help="registration method (default: the engine's default method)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_demo)
 
@@ -21,12 +21,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .pipeline import RegisterRequest, register, summary_of
     from .sample_data import make_pair
 
+    from .methods.base import default_method
+
     set_threads(default_threads())
+    method = args.method or default_method()
     data_dir = os.path.join(args.out, "sample-data")
     print(f"Generating the sample pair (synthetic head phantom) in {data_dir} ...", flush=True)
     paths = make_pair(data_dir)
     result = os.path.join(args.out, "result")
-    req = RegisterRequest(paths["fixed"], paths["moving"], args.method, result, device=args.device,
+    req = RegisterRequest(paths["fixed"], paths["moving"], method, result, device=args.device,
                           fixed_seg=paths["fixed_seg"], moving_seg=paths["moving_seg"], overwrite=True)
     report = register(req, Reporter(sys.stdout))
     s = summary_of(report)

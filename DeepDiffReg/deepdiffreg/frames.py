@@ -44,12 +44,6 @@ class Geometry:
         m[:3, 3] = self.origin_lps
         return m
 
-    def ras_from_ijk_matrix(self) -> np.ndarray:
-        """What Slicer calls IJKToRAS."""
-        f = np.eye(4)
-        f[:3, :3] = RAS_FROM_LPS
-        return f @ self.lps_from_ijk_matrix()
-
     def apply_to(self, image: sitk.Image) -> sitk.Image:
         image.SetOrigin(self.origin_lps)
         image.SetSpacing(self.spacing_ijk)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +114,30 @@ def _fold_region(det: np.ndarray, fixed: sitk.Image, user_fg: sitk.Image | None)
     return foreground_mask(fixed)
 
 
+def _peak_cpu_memory_mb() -> float | None:
+    """Peak resident memory of this process in MB, on every platform (None when it cannot be told).
+
+    POSIX: ``getrusage`` ru_maxrss, which Linux gives in KiB and macOS in bytes. Windows (no ``resource``
+    module): psutil's ``peak_wset`` when psutil is installed, else None.
+    """
+    try:
+        import resource  # POSIX only: imported here so that the engine loads on Windows
+    except ImportError:
+        resource = None
+    if resource is not None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return round(rss / (2 ** 20 if sys.platform == "darwin" else 1024.0), 1)
+    try:
+        import psutil
+        info = psutil.Process().memory_info()
+        peak = getattr(info, "peak_wset", None) or info.rss
+        return round(peak / 2 ** 20, 1)
+    except Exception:  # noqa: BLE001 - psutil absent or the call unsupported: no number rather than a failure
+        return None
+
+
 def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"cpu": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1)}
+    out = {"cpu": _peak_cpu_memory_mb()}
     if device.type == "cuda":
         out["gpu"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return out

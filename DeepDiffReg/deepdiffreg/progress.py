@@ -30,10 +30,6 @@ class ExitCode(enum.IntEnum):
     MISSING_WEIGHTS = 6    # model weights absent or failing their sha256 check
 
 
-# Stage names in the order a register run goes through them (a method may skip some).
-STAGES = ("load", "preprocess", "align", "register", "refine", "write", "done")
-
-
 class Reporter:
     """Writes protocol lines. ``stream=None`` makes a silent reporter (library use, tests)."""
 

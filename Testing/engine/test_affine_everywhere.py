@@ -281,7 +281,7 @@ def test_itk_reads_the_same_maps(case, tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ants") is None,
-                    reason="ANTsPy is not installed (pip install -e '.[interop]'); the SimpleITK checks above read "
+                    reason="ANTsPy is not installed (pip install -e '.[bench]'); the SimpleITK checks above read "
                            "the same files")
 def test_ants_reads_the_same_maps(case):
     """ANTs (antsApplyTransformsToPoints: the transforms used to warp images, applied to fixed-space points) maps

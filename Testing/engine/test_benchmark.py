@@ -1,5 +1,8 @@
-"""`deepdiffreg benchmark`: the --quick run through the CLI (real register child processes on a generated phantom),
-the vxm-diff skip note, one-line errors, and the uncertainty-vs-error correlation on constructed maps."""
+"""`deepdiffreg benchmark` (package deepdiffreg/benchmark/): the --quick run through the CLI (real register child
+processes on a generated phantom), rows from the method registry (a plugin method in a test file becomes rows),
+the skip note of learned methods without weights, one-line errors, the peers path (ANTs SyN, when antspyx is
+installed), the peers' metrics against the register command's, the stage profile, the peak-memory measurement, and
+the uncertainty-vs-error correlation on constructed maps."""
 from __future__ import annotations
 
 import json
@@ -55,8 +58,9 @@ def test_quick_benchmark_writes_real_numbers(quick):
 
     md = out.read_text()
     assert "## Run of" in md and "**Machine:**" in md and "load average" in md
+    pair_table = md.split("### quick-phantom", 1)[1].split("###", 1)[0]
     for m, row in runs.items():
-        line = next(l for l in md.splitlines() if l.startswith(f"| {m} | 0.") or l.startswith(f"| {m} | 1."))
+        line = next(l for l in pair_table.splitlines() if l.startswith(f"| {m} | 0.") or l.startswith(f"| {m} | 1."))
         cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
         # method, Dice before / init / after, TRE before / init / after, % folded, % fg, std log det, wall, engine, MB
         nums = [float(c) for c in cells[1:12]]
@@ -65,6 +69,20 @@ def test_quick_benchmark_writes_real_numbers(quick):
         assert cells[12] == f"{row['peak_memory_mb']['cpu']:.0f}" and cells[13] == "cpu" and int(cells[14]) >= 1
     summary = md.split("### Mean over pairs", 1)[1].split("###", 1)[0]
     assert re.search(r"\| nodeo \| 1 \| 0\.\d{3} \| 0\.\d{3} \| \*\*0\.\d{3}\*\*", summary)
+    assert "× ants-syn wall" not in md          # no peer ran: no ratio column
+    # the stage profile: every engine stage of report.json, start-up/exit = wall − engine
+    profile = md.split("### Stage profile (mean over pairs, s)", 1)[1].split("###", 1)[0]
+    for s in data["summary"]:
+        st = s["stages_s"]
+        assert set(st) >= {"load", "align", "preprocess", "register", "write", "startup_exit"}, st
+        assert st["register"] > 0 and st["startup_exit"] > 0
+        assert sum(st[k] for k in ("load", "align", "preprocess", "register", "write")) == pytest.approx(
+            s["engine_s"], abs=0.05)
+        line = next(l for l in profile.splitlines() if l.startswith(f"| {s['method']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[4]) == pytest.approx(st["register"], abs=0.006)
+        assert float(cells[-1]) == pytest.approx(s["wall_s"], abs=0.006)
+    assert "### Stage profile per pair (s)" in md
 
 
 def test_render_only_keeps_numbers_and_the_edited_header(quick):
@@ -80,17 +98,22 @@ def test_render_only_keeps_numbers_and_the_edited_header(quick):
     assert again.split("<!-- everything below", 1)[1] == body
 
 
-def test_vxm_rows_skipped_with_a_note_without_weights(tmp_path):
+def test_learned_rows_skipped_with_a_note_without_weights(tmp_path):
+    """Every learned method of the registry (and its benchmark variants) is skipped, with a note, when no weights
+    are installed; the run itself succeeds."""
+    from deepdiffreg.benchmark.rows import all_rows
+    learned = [r.label for r in all_rows() if r.cls.caps.learned]
+    assert "vxm-diff" in learned and "vxm-diff+refine" in learned
     empty = tmp_path / "no-models"
     empty.mkdir()
     out = tmp_path / "b.md"
-    r = run_cli("benchmark", "--quick", "--methods", "vxm-diff", "vxm-diff+refine", "--work",
+    r = run_cli("benchmark", "--quick", "--methods", *learned, "--work",
                 tmp_path / "w", "--out", out, timeout=180,
                 env={"DEEPDIFFREG_BUNDLED_MODELS": str(empty), "DEEPDIFFREG_MODELS_DIR": str(empty)})
     assert r.returncode == 0, r.stdout + r.stderr
     data = json.loads(out.with_suffix(".json").read_text())
     status = {x["method"]: x["status"] for x in data["runs"]}
-    assert status == {"vxm-diff": "skipped", "vxm-diff+refine": "skipped"}
+    assert status == {label: "skipped" for label in learned}
     assert any("vxm-diff rows skipped" in n for n in data["notes"])
     assert "vxm-diff rows skipped" in out.read_text()
 
@@ -98,6 +121,8 @@ def test_vxm_rows_skipped_with_a_note_without_weights(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (("--data", "/nonexistent/shared/data", "--pairs", "ixi-1"), "data folder not found"),
     (("--quick", "--methods", "no-such-method"), "unknown benchmark method"),
+    (("--quick", "--methods", "nodeo+no-such-variant"), "has no variant"),
+    (("--quick", "--peers", "no-such-peer"), "unknown peer"),
     (("--quick", "--pairs", "no-such-pair"), "unknown pair"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, words):
@@ -175,3 +200,200 @@ def test_displacement_error_against_a_known_map(tmp_path):
     same, _ = displacement_error(pair, tmp_path, {"files": {"transform": "true.h5"}})
     off, err = displacement_error(pair, tmp_path, {"files": {"transform": "est.h5"}})
     assert same["mean_mm"] < 1e-9 and abs(off["mean_mm"] - 5.0) < 1e-6 and err.shape == geom.shape_kji
+
+
+# --------------------------------------------------------------------------------------------------------------
+# rows from the registry
+
+PLUGIN = """
+from dataclasses import dataclass
+
+import torch
+
+from deepdiffreg.methods.base import Capabilities, FieldEstimate, Method, option, register_method
+
+
+@register_method
+class ToyShift(Method):
+    name = "toy-shift"
+    description = "test method: a constant displacement along the first array axis"
+    caps = Capabilities(learned=False, inverse="exact", spacing_mm=(("cpu", 3.0),))
+    variants = {"big": {"shift": 0.5}, "fast": {"shift": 0.1}}
+    benchmark_variants = ("big",)
+
+    @dataclass
+    class Options:
+        shift: float = option(0.2, min=-5.0, max=5.0, help="voxels")
+        lr: float = option(1e-3, min=0.0, help="a learning rate (unused)")
+
+    def estimate(self, pair, device, progress):
+        u = torch.zeros((1, 3) + tuple(pair.fixed.shape[2:]))
+        u[:, 0] = self.opts.shift
+        return FieldEstimate(u, -u, info={"lr": self.opts.lr})
+"""
+
+
+def test_a_plugin_method_becomes_benchmark_rows(tmp_path):
+    """A method defined in one file (options including `lr`, a variant it marks for the benchmark) is listed by
+    `benchmark --methods` without any edit elsewhere, and its rows run with its own prefixed flags."""
+    plugin = tmp_path / "toy_shift_plugin.py"
+    plugin.write_text(PLUGIN)
+    env = {"DEEPDIFFREG_PLUGINS": str(plugin)}
+    out = tmp_path / "b.md"
+    r = run_cli("benchmark", "--quick", "--methods", "toy-shift", "toy-shift+big", "--work", tmp_path / "w",
+                "--out", out, timeout=180, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [x["method"] for x in data["runs"]] == ["toy-shift", "toy-shift+big"]
+    assert all(x["status"] == "ok" for x in data["runs"]), data["runs"]
+    args = data["settings"]["method_args"]
+    assert args["toy-shift"] == ["--method", "toy-shift", "--toy-shift-shift", "0.1", "--spacing", "3"]  # its fast
+    assert args["toy-shift+big"][:4] == ["--method", "toy-shift", "--toy-shift-shift", "0.5"]
+    opts = {x["method"]: x["method_options"] for x in data["runs"]}
+    assert opts["toy-shift"]["shift"] == 0.1 and opts["toy-shift+big"]["shift"] == 0.5
+    assert "`toy-shift+big` = `--method toy-shift --toy-shift-shift 0.5 --spacing 3`" in out.read_text()
+    # the default rows: the plugin and its benchmark variant, with the built-in methods
+    code = ("from deepdiffreg.benchmark.rows import all_rows, default_rows; "
+            "print([r.label for r in all_rows()]); print([r.label for r in default_rows(True)])")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env})
+    assert p.returncode == 0, p.stderr
+    every, quick = (eval(line) for line in p.stdout.strip().splitlines())
+    assert every[0] == "nodeo" and "toy-shift" in every and every[every.index("toy-shift") + 1] == "toy-shift+big"
+    assert every.index("vxm-diff") > every.index("toy-shift")          # learned methods after the others
+    assert "toy-shift" in quick and "vxm-diff" not in quick and "toy-shift+big" not in quick
+
+
+def test_no_method_name_in_the_benchmark_package():
+    """The benchmark names no method: rows, quick settings and skip rules come from the registry."""
+    from pathlib import Path
+
+    import deepdiffreg.benchmark as bench
+    from deepdiffreg.methods.base import all_methods
+    names = list(all_methods())
+    for f in Path(bench.__file__).parent.glob("*.py"):
+        text = f.read_text()
+        for n in names:
+            assert not re.search(rf"[\"'`]{re.escape(n)}[\"'`+ ]", text), (f.name, n)
+
+
+def test_declared_benchmark_variants_exist():
+    from deepdiffreg.benchmark.rows import benchmark_variants
+    from deepdiffreg.methods.base import all_methods
+    for cls in all_methods().values():
+        for v in benchmark_variants(cls):
+            assert v in cls.variants
+
+
+# --------------------------------------------------------------------------------------------------------------
+# measurement and analysis
+
+def test_peak_memory_of_a_child_is_its_own(tmp_path):
+    """Linux keeps a process's peak RSS across exec: a child spawned by a large parent would report the parent's
+    peak. runner.spawn measures through a small parent, so a trivial child reports its own few MB."""
+    from deepdiffreg.benchmark.runner import spawn
+    big = np.ones(400 * 2 ** 20 // 8)           # 400 MB touched in this (the benchmark's) process
+    m = spawn([sys.executable, "-c", "pass"], tmp_path / "child.log")
+    del big
+    assert m["exit_code"] == 0 and 0 < m["wall_s"] < 30
+    assert 1 < m["peak_rss_mb"] < 100, m
+    m = spawn([sys.executable, "-c", "import numpy; a = numpy.ones(200 * 2**20 // 8); raise SystemExit(3)"],
+              tmp_path / "child2.log")
+    assert m["exit_code"] == 3 and 200 < m["peak_rss_mb"] < 350, m
+
+
+def test_stage_profile_reads_parts_of_a_stage():
+    from deepdiffreg.benchmark.analysis import stage_profile
+    flat = {"timings_s": {"load": 0.1, "align": 1.0, "preprocess": 0.2, "register": 3.0, "write": 2.0,
+                          "total": 6.3}, "engine_s": 6.3, "wall_s": 8.0}
+    p = stage_profile(flat)
+    assert p["register"] == 3.0 and p["startup_exit"] == pytest.approx(1.7) and "parts" not in p
+    parts = {"jacobian.nii.gz": 0.4, "grid.vtk": 0.6, "transform.h5": 1.0}
+    p = stage_profile({**flat, "timings_s": {**flat["timings_s"], "write_parts": parts}})
+    assert p["write"] == 2.0 and p["parts"] == {"write": parts}
+    nested = {**flat, "timings_s": {**flat["timings_s"], "write": {"total": 2.0, **parts}}}
+    p = stage_profile(nested)
+    assert p["write"] == 2.0 and p["parts"]["write"] == parts
+
+
+def test_validation_result_is_read_method_neutrally():
+    """The training evaluator's result (baseline keys prefixed with the baseline's name) → the neutral form the
+    table is written from; an earlier run's JSON gives the same table."""
+    from deepdiffreg.benchmark.validation import normalise, render
+    row = {"pair": "p1", "dice_affine": 0.5, "dice_after": 0.6, "fold_pct_brain": 0.0, "seconds": 0.9,
+           "demons_dice": 0.58, "demons_fold_pct_brain": 0.0, "demons_seconds": 4.8,
+           "corr_unc_label_mismatch": 0.07, "corr_unc_per_label_1_minus_dice": 0.33}
+    res = {"weights": "w v1", "pairs": [row], "summary": {k: v for k, v in row.items() if k != "pair"}}
+    v = normalise(res, "vxm-diff")
+    assert v["baseline"] == "demons" and v["pairs"][0]["baseline_dice"] == 0.58 and v["pairs"][0]["dice"] == 0.6
+    md = "\n".join(render(v))
+    assert "(vxm-diff vs demons, same run)" in md
+    assert "| p1 | 0.500 | 0.600 | 0.580 | 0.0000 | 0.0000 | 0.9 | 4.8 | 0.070 | 0.330 |" in md
+
+
+def test_peer_metrics_match_the_register_command(tmp_path):
+    """analysis.evaluate_transform (what a peer's transform is scored with) gives the numbers the register command
+    computes for the same transform: Dice, TRE; folds of an affine = none, std log det 0."""
+    import SimpleITK as sitk
+
+    from deepdiffreg.benchmark.analysis import evaluate_transform
+    from deepdiffreg.benchmark.pairs import _quick_pair
+    from deepdiffreg.io.images import read_image, read_landmarks, read_segmentation
+    from deepdiffreg.pipeline import evaluate_transforms
+    pair = _quick_pair(tmp_path)
+    t = sitk.AffineTransform(3)
+    t.SetMatrix([1.02, 0.01, 0, 0, 0.98, 0, 0, 0, 1.0])
+    t.SetTranslation([2.0, -1.0, 0.5])
+    ours = evaluate_transform(pair, {"before": sitk.Transform(), "after": t})
+    fixed, moving = read_image(pair["fixed"]), read_image(pair["moving"])
+    ref = evaluate_transforms({"before": sitk.Transform(), "after": t}, fixed,
+                              read_segmentation(pair["fixed_seg"], fixed, "f"),
+                              read_segmentation(pair["moving_seg"], moving, "m"),
+                              read_landmarks(pair["fixed_landmarks"], "f"), read_landmarks(pair["moving_landmarks"], "m"))
+    for k in ("before", "after"):
+        assert ours["dice"][k]["mean"] == pytest.approx(ref["dice"][k]["mean"], abs=1e-12)
+        assert ours["tre_mm"][k]["mean"] == pytest.approx(ref["tre_mm"][k]["mean"], abs=1e-9)
+    assert ours["folds"]["percent_folded"] == 0.0
+    assert ours["folds"]["min_det"] == pytest.approx(1.02 * 0.98, abs=1e-4) and ours["folds"]["std_log_det"] < 1e-4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peers
+
+def _antspyx_or_skip():
+    import importlib.util
+    if importlib.util.find_spec("ants") is None:
+        pytest.skip("antspyx is not installed (optional benchmark extra: pip install -e '.[bench]'); "
+                    "the peers path is not tested here")
+
+
+def test_ants_syn_peer_runs_beside_our_methods(tmp_path):
+    """`--peers ants-syn` runs ANTs SyN on the same pair in the same run: its Dice/TRE/folds come from its
+    transform through the engine's metrics, its own affine is its init. align, every row's wall time is also a
+    ratio to SyN's, and its stages are in the profile."""
+    _antspyx_or_skip()
+    out = tmp_path / "b.md"
+    r = run_cli("benchmark", "--quick", "--methods", "demons", "--peers", "ants-syn", "--work", tmp_path / "w",
+                "--out", out, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(out.with_suffix(".json").read_text())
+    runs = {x["method"]: x for x in data["runs"]}
+    assert set(runs) == {"demons", "ants-syn"} and data["settings"]["reference"] == "ants-syn"
+    syn = runs["ants-syn"]
+    assert syn["status"] == "ok" and syn["kind"] == "peer", syn
+    d, t = syn["dice"], syn["tre_mm"]
+    assert d["before"]["mean"] == pytest.approx(runs["demons"]["dice"]["before"]["mean"], abs=1e-9)  # same pair
+    assert d["after"]["mean"] > d["before"]["mean"] + 0.2 and d["initial_alignment"]["mean"] > d["before"]["mean"]
+    assert t["after"]["mean"] < t["before"]["mean"]
+    assert 0.0 <= syn["folds"]["percent_folded"] < 1.0 and syn["folds"]["std_log_det"] > 0
+    assert syn["wall_ratio_to_reference"] == 1.0 and syn["threads"] >= 1
+    assert runs["demons"]["wall_ratio_to_reference"] == pytest.approx(runs["demons"]["wall_s"] / syn["wall_s"],
+                                                                       rel=1e-3)
+    assert syn["timings_s"]["register"] > 0 and syn["wall_s"] > syn["engine_s"] > 0
+    assert 50 < syn["peak_memory_mb"]["cpu"] < 2000
+    md = out.read_text()
+    assert "× ants-syn wall" in md and "**Peer `ants-syn`:**" in md
+    line = next(l for l in md.split("### quick-phantom", 1)[1].splitlines() if l.startswith("| demons |"))
+    cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+    assert cells[12] == f"{runs['demons']['wall_ratio_to_reference']:.2f}×"
+    assert any(l.startswith("| quick-phantom | ants-syn |") for l in md.splitlines())

@@ -5,6 +5,7 @@ broken CI environment cannot pass silently. Install with ``pip install -e .[test
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import types
@@ -140,3 +141,20 @@ def interior_mask(fixed_img, moving_img, transform, margin=1.0) -> np.ndarray:
     cidx = ((mp - np.array(moving_img.GetOrigin())) @ Dm) / np.array(moving_img.GetSpacing())
     in_moving = np.all((cidx >= margin) & (cidx <= np.array(moving_img.GetSize()) - 1 - margin), -1)
     return in_field & in_moving
+
+
+
+
+@functools.lru_cache(maxsize=1)
+def methods_json_text() -> str:
+    """What ``deepdiffreg methods --json`` prints — the engine's own output, as the panel reads it."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-m", "deepdiffreg", "methods", "--json"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    return out.stdout
+
+
+@pytest.fixture
+def fixture_methods():
+    from DeepDiffRegLib import methods as ddmethods
+    return ddmethods.parse_methods_json(methods_json_text())

@@ -23,8 +23,8 @@ def _command(inputs, out, iterations=ITERATIONS):
     # The phantom is 40 mm of smooth blobs: a 2 mm working grid and a 15 mm NCC window suit it better than the
     # brain defaults (3 mm grid on CPU, 9 mm window); threads: the engine's default (one core left free).
     return ddprocess.register_command(sys.executable, inputs["fixed"], inputs["moving"], out, method="nodeo",
-                                      device="cpu", iterations=iterations, spacing_mm=2.0,
-                                      extra=["--ncc-window-mm", "15"])
+                                      device="cpu", spacing_mm=2.0,
+                                      extra=["--nodeo-iterations", str(iterations), "--nodeo-ncc-window-mm", "15"])
 
 
 @pytest.fixture(scope="session")

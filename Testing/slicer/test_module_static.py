@@ -114,8 +114,13 @@ def test_ui_matches_widget_and_parameter_node():
     cls = next(n for n in _tree(MODULE_FILE).body if isinstance(n, ast.ClassDef) and n.name == "DeepDiffRegParameterNode")
     fields = {s.target.id for s in cls.body if isinstance(s, ast.AnnAssign)}
     assert params <= fields, params - fields
-    assert {"fixedVolume", "movingVolume", "outputTransform", "outputJacobian", "outputGrid", "outputWarped",
-            "outputInverse", "refineSteps", "nodeoIterations", "workingSpacingMm"} <= params
+    assert {"fixedVolume", "movingVolume", "fixedMask", "outputTransform", "outputJacobian", "outputGrid",
+            "outputWarped", "outputInverse", "workingSpacingMm"} <= params
+    # method options are built from the engine's declaration, not written into the panel
+    assert {"refineSteps", "nodeoIterations"}.isdisjoint(params | fields)
+    assert "methodOptionsLayout" in {lay.get("name") for lay in root.iter("layout")}
+    tips = " ".join(p.find("string").text or "" for p in root.iter("property") if p.get("name") == "toolTip")
+    assert "drawn on the FIXED image under this node" in tips  # the inverse's use in Slicer (issue 14 item 4)
 
 
 def test_build_files_and_icons():
@@ -133,24 +138,58 @@ def test_build_files_and_icons():
         assert r.GetOutput().GetDimensions()[:2] == (128, 128), p
 
 
-def test_install_plan_never_touches_simpleitk():
+def test_install_plan_checks_torch_version_and_never_touches_simpleitk():
     from DeepDiffRegLib import install
     p = install.plan(lambda name: None)
-    assert p.torch and any(r.startswith("psutil") for r, _ in p.pip)
-    assert not any(re.match(r"(?i)(simpleitk|numpy|vtk|torch)", r) for r, _ in p.pip)
-    assert install.plan(lambda name: {"torch": "2.13.0", "psutil": "7.0.0"}.get(name)).empty
+    assert p.torch and any(r.startswith("psutil") for r in p.optional) and not p.torch_too_old
+    steps = install.install_steps(p, "PythonSlicer")
+    words = [w for s in steps for w in s.command]
+    assert not any(re.match(r"(?i)(simpleitk|numpy|vtk)\b", w) for w in words)
+    assert [s.required for s in steps if "psutil" in " ".join(s.command)] == [False]  # psutil is best effort
+    assert all(s.command[0] == "PythonSlicer" for s in steps)  # child processes: nothing imported into Slicer
+    assert install.plan(lambda name: {"torch": "2.13.0+cpu", "psutil": "7.0.0"}.get(name)).empty
     assert not install.plan(lambda name: {"torch": "2.13.0", "psutil": "5.0.0"}.get(name)).empty  # too old
+    old = install.plan(lambda name: {"torch": "2.0.1", "psutil": "7.0.0"}.get(name))
+    assert old.torch_too_old and not old.torch and not old.empty
+    try:
+        install.install_steps(old, "py")
+        raise AssertionError("an old torch must not be silently kept or replaced")
+    except install.InstallError as e:
+        assert "2.0.1" in str(e) and "PyTorch Utils" in str(e)
+    assert "GB" in install.plan(lambda name: None).confirmation_text()
+    assert "GB" not in install.plan(lambda name: {"torch": "2.13.0"}.get(name)).confirmation_text()
     assert install.check_torch_numpy(sys.executable) is None  # this venv: torch + numpy load together
+    # PyTorchUtils' installTorch/torchInstalled import torch into Slicer: the module never calls them
+    src = open(os.path.join(MODULE_DIR, "DeepDiffRegLib", "install.py")).read()
+    assert "installTorch(" not in src and "torchInstalled(" not in src and "import PyTorchUtils" not in src
 
 
-def test_methods_table_parses_engine_json():
+def test_methods_json_parsing_and_no_method_names_on_the_slicer_side(fixture_methods):
     from DeepDiffRegLib import methods
-    rows = [{"name": "vxm-diff", "description": "VoxelMorph-diff", "learned": True,
-             "models": [{"id": "vxm-diff-brain", "version": "1.0.0"}]}]
-    m = methods.parse_methods_json(json.dumps(rows))[0]
-    assert m.learned and m.model_text == "model vxm-diff-brain v1.0.0"
-    assert methods.by_name(methods.STATIC_METHODS, "nodeo").model_text.startswith("no trained weights")
-    assert methods.refresh_from_engine("/nonexistent/python")[0].name == "nodeo"  # falls back to the table
+    names = [m.name for m in fixture_methods]
+    assert len(names) == 3 and methods.default_method(fixture_methods).default
+    learned = [m for m in fixture_methods if m.learned][0]
+    assert learned.model_text.startswith("model ") and learned.variants and learned.caps
+    optim = [m for m in fixture_methods if not m.learned][0]
+    assert optim.model_text.startswith("no trained weights") and optim.options and optim.title != optim.name
+    assert [k for k, _ in methods.presets_for(learned)][-1].startswith(methods.VARIANT_PREFIX)
+    try:
+        methods.parse_methods_json("not json")
+        raise AssertionError("bad JSON must raise")
+    except ValueError:
+        pass
+    assert not hasattr(methods, "STATIC_METHODS")  # no static copy of the engine's registry
+    # no method name literal in the Slicer-side code (issue 10 items 1 and 6): the fixture's and the engine's
+    from deepdiffreg.methods import load_all
+    from deepdiffreg.methods.base import REGISTRY
+    load_all()
+    lib = os.path.join(MODULE_DIR, "DeepDiffRegLib")
+    for path in [MODULE_FILE] + [os.path.join(lib, f) for f in os.listdir(lib) if f.endswith(".py")]:
+        for node in ast.walk(_tree(path)):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                for name in set(names) | set(REGISTRY):
+                    assert not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", node.value, re.I), \
+                        (path, node.lineno, node.value[:80])
 
 
 def test_missing_inputs_and_landmark_export(mrml, tmp_path):
@@ -199,3 +238,45 @@ def test_segmentation_export_matches_labels_by_name(mrml, synthetic_result, tmp_
     assert fl.shape == ddscene.volume_array(fixed).shape and ml.shape == ddscene.volume_array(moving).shape
     assert (fl[a] == 1).all() and (fl[b] == 2).all() and (ml[b] == 2).all() and (ml[a] == 1).all()
     assert set(np.unique(ml)) == {0, 1, 2}  # "other" is not exported
+
+
+# Restated from Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json (draft-07): required keys,
+# additionalProperties false, and each property's type / enum / range.
+CATALOG_SCHEMA_V102 = {
+    "required": {"$schema", "category", "scm_url"},
+    "types": {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
+              "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str, "enabled": bool,
+              "tier": int},
+    "enums": {"scm_type": {"git", "local"}},
+}
+
+
+def test_extensions_index_checks():
+    """LICENSE at the root, a catalog entry valid against schema v1.0.2 and consistent with the CMake metadata,
+    contributors as 'Name (Affiliation)', a repository name with 'Slicer', icon/screenshot URLs that resolve
+    inside this repository (issue 14 item 7)."""
+    assert "Apache License" in open(os.path.join(REPO, "LICENSE")).read()[:200]
+    entry_path = os.path.join(REPO, "Resources", "ExtensionsIndex", "DeepDiffReg.json")
+    entry = json.load(open(entry_path))
+    schema = CATALOG_SCHEMA_V102
+    assert schema["required"] <= set(entry), schema["required"] - set(entry)
+    assert set(entry) <= set(schema["types"]), set(entry) - set(schema["types"])  # additionalProperties false
+    for k, v in entry.items():
+        assert isinstance(v, schema["types"][k]) and not (schema["types"][k] is int and isinstance(v, bool)), k
+        if k in schema["enums"]:
+            assert v in schema["enums"][k], (k, v)
+    assert all(isinstance(d, str) for d in entry["build_dependencies"]) and 1 <= entry.get("tier", 1) <= 5
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    top = open(os.path.join(REPO, "CMakeLists.txt")).read()
+    meta = dict(re.findall(r'set\((EXTENSION_\w+) "([^"]*)"\)', top))
+    assert entry["category"] == meta["EXTENSION_CATEGORY"] == "Registration"
+    assert entry["build_dependencies"] == meta["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+    repo_name = entry["scm_url"].rstrip("/").removesuffix(".git").split("/")[-1]
+    assert "Slicer" in repo_name
+    for c in meta["EXTENSION_CONTRIBUTORS"].split(","):
+        assert re.fullmatch(r"\s*[^()]+ \([^()]+\)\s*", c), c
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in meta[key].split():
+            assert f"/{repo_name}/" in url and "/main/" in url, url
+            assert os.path.isfile(os.path.join(REPO, url.split("/main/", 1)[1])), url
+    assert repo_name in meta["EXTENSION_HOMEPAGE"]

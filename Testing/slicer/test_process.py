@@ -87,15 +87,20 @@ def test_exit_code_mapping_and_states():
 
 
 def test_register_command_and_environment(tmp_path):
-    cmd = ddprocess.register_command("py", "f.nrrd", "m.nrrd", str(tmp_path), method="nodeo", device="cpu",
-                                     fixed_seg="fs.nrrd", moving_seg="ms.nrrd", iterations=30, spacing_mm=2.0,
-                                     align=False, refine=5)
+    cmd = ddprocess.register_command("py", "f.nrrd", "m.nrrd", str(tmp_path), method="any-method", device="cpu",
+                                     fixed_seg="fs.nrrd", moving_seg="ms.nrrd", spacing_mm=2.0, align=False,
+                                     fixed_mask="mask.nrrd", method_args=["--any-method-steps", "30"])
     assert cmd[:4] == ["py", "-m", "deepdiffreg", "register"]
-    for a, b in (("--fixed", "f.nrrd"), ("--moving", "m.nrrd"), ("--method", "nodeo"), ("--device", "cpu"),
-                 ("--iterations", "30"), ("--spacing", "2"), ("--fixed-seg", "fs.nrrd")):
+    for a, b in (("--fixed", "f.nrrd"), ("--moving", "m.nrrd"), ("--method", "any-method"), ("--device", "cpu"),
+                 ("--any-method-steps", "30"), ("--spacing", "2"), ("--fixed-seg", "fs.nrrd"),
+                 ("--fixed-mask", "mask.nrrd")):
         assert cmd[cmd.index(a) + 1] == b
-    assert "--no-align" in cmd and "--refine" not in cmd and "--fixed-landmarks" not in cmd
-    cmd = ddprocess.register_command("py", "f", "m", "o", method="vxm-diff", iterations=30, refine=5)
-    assert "--iterations" not in cmd and cmd[cmd.index("--refine") + 1] == "5"
+    assert "--no-align" in cmd and "--fixed-landmarks" not in cmd
+    # nothing method-specific is added by the runner itself
+    cmd = ddprocess.register_command("py", "f", "m", "o", method="any-method")
+    assert [w for w in cmd if w.startswith("--")] == ["--fixed", "--moving", "--method", "--out", "--device",
+                                                      "--overwrite"]
     env = ddprocess.child_environment("/mod", {"PYTHONPATH": "/a"}, device="cpu")
     assert env["PYTHONPATH"].split(os.pathsep) == ["/mod", "/a"] and env["CUDA_VISIBLE_DEVICES"] == "-1"
+    assert env[ddprocess.WATCH_PID_ENV] == str(os.getpid())
+    assert ddprocess.WATCH_PID_ENV not in ddprocess.child_environment("/mod", {}, watch_pid=0)

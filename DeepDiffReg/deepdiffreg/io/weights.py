@@ -1,4 +1,5 @@
-"""The models registry: bundled weights in ``models/`` (manifest.json) plus a visible user cache.
+"""The models registry: bundled weights (manifest.json; ``models/`` in the repository, the module's
+``Resources/models`` in an installed Slicer extension, see ``bundled_dir``) plus a visible user cache.
 
 Manifest entry (one per weights file)::
 
@@ -24,11 +25,24 @@ import torch
 
 from ..errors import BadInput, MissingWeights
 
-BUNDLED_DIR = Path(__file__).resolve().parents[3] / "models"   # <repo>/models
+_PKG = Path(__file__).resolve().parents[1]                      # .../deepdiffreg
+# Where the bundled models are, first match (a folder holding manifest.json) wins:
+BUNDLED_CANDIDATES = (
+    _PKG / "models",                                             # next to the package (a wheel's package data)
+    _PKG.parent / "Resources" / "models",                        # installed Slicer extension: the module's resources
+    _PKG.parents[1] / "models",                                  # the repository: <repo>/models
+)
+BUNDLED_DIR = BUNDLED_CANDIDATES[-1]
 
 
 def bundled_dir() -> Path:
-    return Path(os.environ.get("DEEPDIFFREG_BUNDLED_MODELS", BUNDLED_DIR))
+    """``$DEEPDIFFREG_BUNDLED_MODELS``, else the first of ``BUNDLED_CANDIDATES`` with a manifest.json (in the
+    installed extension, ``lib/Slicer-X.Y/qt-scripted-modules/Resources/models``, which the module's CMake
+    installs), else the repository's ``models/``."""
+    env = os.environ.get("DEEPDIFFREG_BUNDLED_MODELS")
+    if env:
+        return Path(env)
+    return next((c for c in BUNDLED_CANDIDATES if (c / "manifest.json").is_file()), BUNDLED_DIR)
 
 
 def user_dir() -> Path:

@@ -8,7 +8,9 @@ A method is one class in one file of this package (plus its network in ``nn/``).
 - ``Options``: a dataclass of typed options, each made with ``option(default, help=..., min=..., max=...)``.
   From it come the CLI flags (``--<flag_prefix>-<name>``), the JSON schema, the Slicer panel's advanced options
   and the one place where values are checked (``parse_options``);
-- ``variants``: named option sets (benchmark rows, panel presets), e.g. ``{"refine": {"refine": 50}}``.
+- ``variants``: named option sets (benchmark rows, panel presets), e.g. ``{"refine": {"refine": 50}}``;
+  ``benchmark_variants``: the names of those that ``deepdiffreg benchmark`` runs as rows of their own (besides the
+  defaults), e.g. ``("refine",)``; ``--quick`` uses a variant named ``fast`` when there is one.
 
 The pipeline (pipeline.py) hands ``estimate`` a ``PairOnGrid``: fixed and (initially aligned) moving images on one
 working grid, intensities in [0, 1]. The method returns a ``FieldEstimate``: a voxel displacement u on that grid
@@ -186,6 +188,7 @@ class Method:
     default: ClassVar[bool] = False          # the method a user gets without --method (exactly one)
     caps: ClassVar[Capabilities] = Capabilities()
     variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    benchmark_variants: ClassVar[tuple[str, ...]] = ()   # names of ``variants`` that get their own benchmark row
 
     @dataclass
     class Options:

@@ -92,6 +92,7 @@ class VxmDiff(Method):
     caps = Capabilities(learned=True, inverse="exact", uncertainty=True, contrasts="same",
                         spacing_mm=(("cpu", 2.0),))
     variants = {"refine": {"refine": 50}}
+    benchmark_variants = ("refine",)   # the benchmark's vxm-diff+refine row
 
     @dataclass
     class Options(RefineOptions):

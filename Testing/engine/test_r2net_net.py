@@ -1,0 +1,80 @@
+"""R2Net's network pieces (nn/r2net.py) against the spec's numbers (shared docs, seeds-r2net-nodeo.md Part A)."""
+from __future__ import annotations
+
+import torch
+
+from deepdiffreg.losses import jacobian_penalty
+from deepdiffreg.nn.r2net import LCBlock, LCIntegrator, MSR2Net, R2Net, R2NetUNet, chunk_slices, merge_chunks
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_parameter_counts_match_the_released_configuration():
+    # spec A2.2: U-Net 231,427 + v0 head 243; one LC block 252; NSVF ≈ 233,434, SVF ≈ 231,922
+    u = R2NetUNet()
+    assert n_params(u) - u.v0.weight.numel() == 231_427 and u.v0.weight.numel() == 243
+    assert n_params(LCBlock()) == 252
+    assert n_params(R2Net(stationary=False)) == 233_434 and n_params(R2Net(stationary=True)) == 231_922
+
+
+def test_lc_block_is_lipschitz_and_bounded():
+    torch.manual_seed(0)
+    blk = LCBlock().train()
+    x = torch.randn(1, 3, 12, 12, 12)
+    for _ in range(30):                        # power iterations converge during training passes
+        blk(x)
+    blk.eval()
+    for conv in (blk.conv3, blk.conv1):
+        w = conv.weight.detach().reshape(conv.weight.shape[0], -1)   # the matrix SN normalises
+        assert torch.linalg.matrix_norm(w, ord=2) <= 1.0 + 1e-3
+    with torch.no_grad():
+        y = blk(10 * torch.randn(1, 3, 8, 8, 8))
+    assert y.abs().max() < 0.5 + 1e-6          # tanh × 0.5: at most half a voxel per step
+    # residual branch contracts: |F(a) − F(b)| ≤ 0.5·L·|a − b| with L ≤ 1 up to the reshaped-norm approximation
+    a, b = torch.randn(1, 3, 8, 8, 8), torch.randn(1, 3, 8, 8, 8)
+    with torch.no_grad():
+        ratio = (blk(a) - blk(b)).norm() / (a - b).norm()
+    assert ratio < 1.0
+
+
+def test_svf_shares_one_block_and_nsvf_has_one_per_step():
+    svf, nsvf = LCIntegrator(7, stationary=True), LCIntegrator(7, stationary=False)
+    assert len(svf.blocks) == 1 and len(nsvf.blocks) == 7
+    v0 = torch.zeros(1, 3, 6, 6, 6)
+    with torch.no_grad():
+        assert torch.allclose(svf.eval()(v0), torch.zeros_like(v0))   # no velocity, no motion
+
+
+def test_chunks_cover_the_grid_with_the_stated_overlap_and_merge_back_exactly():
+    shape = (21, 16, 33)
+    slices = chunk_slices(shape, k=2, overlap=2)
+    assert len(slices) == 8
+    for axis in range(3):
+        spans = sorted({(s[axis].start, s[axis].stop) for s in slices})
+        assert spans[0][0] == 0 and spans[-1][1] == shape[axis]
+        assert spans[0][1] - spans[1][0] == 2            # neighbours overlap by 2 voxels
+    field = torch.randn(1, 3, *shape)
+    parts = [field[(slice(None), slice(None), *s)] for s in slices]
+    assert torch.allclose(merge_chunks(parts, slices, shape), field)
+
+
+def test_ms_r2net_runs_on_any_grid_and_starts_as_the_mean_of_both_branches():
+    torch.manual_seed(0)
+    ms = MSR2Net(R2Net(), R2Net()).eval()
+    mov, fix = torch.rand(1, 1, 20, 18, 26), torch.rand(1, 1, 20, 18, 26)
+    with torch.no_grad():
+        v1, v2 = ms.phase1_velocities(mov, fix)
+        fused = ms.fuse(torch.cat([v1, v2], 1))
+        disp = ms(mov, fix)
+    assert v1.shape == v2.shape == disp.shape == (1, 3, 20, 18, 26)
+    assert torch.allclose(fused, 0.5 * (v1 + v2), atol=1e-6)
+
+
+def test_folding_loss_uses_the_true_determinant():
+    # spec A3: the reference code evaluates det(2I + ∇u) and has a cofactor typo; ours is det(I + ∇u)
+    k = torch.arange(10.0).view(1, 1, 10, 1, 1).expand(1, 1, 10, 10, 10)
+    fold = torch.cat([-2.0 * k, torch.zeros_like(k), torch.zeros_like(k)], 1)   # ∂u_0/∂x_0 = −2: det = −1
+    assert torch.isclose(jacobian_penalty(fold, threshold=0.0, squared=False), torch.tensor(1.0))
+    assert jacobian_penalty(torch.zeros(1, 3, 6, 6, 6), threshold=0.0, squared=False) == 0

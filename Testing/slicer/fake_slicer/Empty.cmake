@@ -1,0 +1,1 @@
+# intentionally empty (stand-in for Slicer's extension config / CPack includes)
