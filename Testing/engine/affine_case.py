@@ -11,7 +11,8 @@ import torch
 
 from deepdiffreg import pipeline
 from deepdiffreg.frames import Geometry, vox_from_lps_disp
-from deepdiffreg.methods.base import Capabilities, FieldEstimate, Method, get_method, register_method
+from deepdiffreg.methods import base
+from deepdiffreg.methods.base import Capabilities, FieldEstimate, Method, get_method
 
 from synth import blank, from_array, points_lps
 
@@ -76,7 +77,6 @@ def _grid_points(geom: Geometry) -> np.ndarray:
     return points_lps(geom.reference_image())
 
 
-@register_method
 class AffineOnly(Method):
     """A method that returns only its own affine (zero field, zero inverse field)."""
     name = "_test_affine_only"
@@ -88,7 +88,6 @@ class AffineOnly(Method):
         return FieldEstimate(disp_vox=torch.zeros(shape), inverse_disp_vox=torch.zeros(shape), affine_lps=A_METHOD)
 
 
-@register_method
 class AffineAndField(Method):
     """Own affine and the known fields u, w sampled on the working grid."""
     name = "_test_affine_field"
@@ -101,7 +100,6 @@ class AffineAndField(Method):
                              affine_lps=A_METHOD)
 
 
-@register_method
 class FieldOnly(Method):
     """The known fields without an affine of its own (the writer must give today's numbers)."""
     name = "_test_field_only"
@@ -123,7 +121,6 @@ def own_inverse_grid(work: Geometry) -> Geometry:
                     tuple(int(v) for v in n))
 
 
-@register_method
 class OwnInverseGrid(Method):
     """Own affine, u on the working grid, w on a grid of its own (FieldEstimate.inverse_geometry)."""
     name = "_test_own_inverse_grid"
@@ -135,6 +132,17 @@ class OwnInverseGrid(Method):
         return FieldEstimate(disp_vox=_vox(field_u(_grid_points(pair.geometry)), pair.geometry),
                              inverse_disp_vox=_vox(field_w(_grid_points(g)), g), inverse_geometry=g,
                              affine_lps=A_METHOD)
+
+
+TEST_METHODS = (AffineOnly, AffineAndField, FieldOnly, OwnInverseGrid)
+
+
+def use_test_methods(monkeypatch) -> None:
+    """The test methods are in the registry only while ``monkeypatch`` is in effect (other tests list the
+    registry: a method without options must not be in it for the whole session)."""
+    for cls in TEST_METHODS:
+        cls.option_specs()
+        monkeypatch.setitem(base.REGISTRY, cls.name, cls)
 
 
 def use_known_alignment(monkeypatch) -> None:

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from affine_case import (A_METHOD, a_init_matrix, a_init_transform, a_total, apply, field_u, field_w, outside_points,
-                         own_inverse_grid, register_case, use_known_alignment, write_pair)
+                         own_inverse_grid, register_case, use_known_alignment, use_test_methods, write_pair)
 from deepdiffreg.frames import Geometry, displacement_image, lps_from_vox_disp, vox_from_lps_disp
 from deepdiffreg.io.result_writer import deformation_grid_lines
 from deepdiffreg.metrics import jacobian_det_lps
@@ -28,14 +28,16 @@ from synth import points_lps
 def case(tmp_path_factory):
     """One pair, registered by the affine-only, affine + field and field-only test methods (known A_init)."""
     mp = pytest.MonkeyPatch()
-    use_known_alignment(mp)
+    use_test_methods(mp)
     try:
-        d = tmp_path_factory.mktemp("affine")
-        pair = write_pair(d)
-        runs = {m: register_case(d, m) for m in ("_test_affine_only", "_test_affine_field", "_test_field_only")}
+        with mp.context() as align_mp:
+            use_known_alignment(align_mp)
+            d = tmp_path_factory.mktemp("affine")
+            pair = write_pair(d)
+            runs = {m: register_case(d, m) for m in ("_test_affine_only", "_test_affine_field", "_test_field_only")}
+        yield {**pair, "runs": runs, "dir": d}
     finally:
         mp.undo()
-    return {**pair, "runs": runs, "dir": d}
 
 
 def _read(case, method, key="transform"):

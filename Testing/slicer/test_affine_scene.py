@@ -27,6 +27,7 @@ from DeepDiffRegLib import scene as ddscene  # noqa: E402
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     mp = pytest.MonkeyPatch()
+    affine_case.use_test_methods(mp)
     affine_case.use_known_alignment(mp)
     try:
         d = tmp_path_factory.mktemp("affine_scene")
