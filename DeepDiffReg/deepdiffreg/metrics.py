@@ -1,4 +1,4 @@
-"""Evaluation metrics: Dice per label, fold statistics, landmark TRE, inverse consistency.
+"""Evaluation metrics: Dice per label, fold statistics, landmark TRE, inverse consistency, correlations.
 
 Everything here is numpy on arrays already on a common grid (labels) or in LPS mm (points, fields).
 """
@@ -106,3 +106,26 @@ def inverse_consistency_vox(disp_vox: torch.Tensor, inverse_disp_vox: torch.Tens
     m = [max(1, int(0.1 * n)) for n in mag.shape]
     inner = mag[m[0]:-m[0], m[1]:-m[1], m[2]:-m[2]]
     return {"mean_vox": float(inner.mean()), "max_vox": float(inner.max())}
+
+
+def rankdata(x: np.ndarray) -> np.ndarray:
+    """Average ranks from 1 (ties share their mean rank), as scipy.stats.rankdata."""
+    x = np.asarray(x, float).ravel()
+    order = np.argsort(x, kind="mergesort")
+    _, start, counts = np.unique(x[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.repeat(start + (counts - 1) / 2.0 + 1.0, counts)
+    return ranks
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two equally long arrays; nan when either is constant."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    a, b = a - a.mean(), b - b.mean()
+    den = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of the average ranks, ties handled as scipy does)."""
+    return pearson(rankdata(a), rankdata(b))

@@ -389,13 +389,14 @@ if __name__ == "__main__" and "--regen" in sys.argv:
 def test_vxm_result_does_not_depend_on_the_array_orientation():
     """The same physical pair stored in LPS order and in a sagittal (PSR-like) order gives the same field."""
     _bundled_vxm()
-    from deepdiffreg.methods.vxm_diff import VxmDiff, canonical_axes, disp_from_canonical, to_canonical
+    from deepdiffreg.methods.vxm_diff import VxmDiff
+    from deepdiffreg.nn.grid import canonical_axes, disp_from_canonical, to_canonical
     p = fixture_input((32, 32, 32))
     lps = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (32, 32, 32))
     psr = (0, 0, -1, 1, 0, 0, 0, 1, 0)
     src, flip = canonical_axes(np.asarray(psr, float).reshape(3, 3))
     # arrays in the PSR order are the canonical arrays pushed through the inverse of to_canonical
-    from deepdiffreg.methods.vxm_diff import to_canonical_inverse_scalar
+    from deepdiffreg.nn.grid import from_canonical as to_canonical_inverse_scalar
     f2 = to_canonical_inverse_scalar(p["fixed"], src, flip)
     m2 = to_canonical_inverse_scalar(p["moving"], src, flip)
     assert torch.equal(to_canonical(f2, src, flip), p["fixed"])

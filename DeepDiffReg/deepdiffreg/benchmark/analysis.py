@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import rankdata as _rankdata, spearman  # noqa: F401  (re-exported by the package)
+
 ERROR_SIGMA_MM = 2.0          # smoothing of the local error maps for the uncertainty correlation
 MAX_CORR_VOXELS = 400_000     # voxels sampled (seeded) for the rank correlation
 # Stages of report.json ``timings_s`` in run order (pipeline.py); "register" is the network / optimisation.
@@ -98,23 +100,6 @@ UNCERTAINTY_DEFINITION = (
     f"Gaussian of σ {ERROR_SIGMA_MM:g} mm; ρ_intensity — |fixed − warped| after scaling each image to [0, 1] by its "
     f"0.5/99.5 percentiles in the region, smoothed the same way. u_ratio = mean uncertainty where the labels disagree "
     "/ where they agree. Positive values mean the map is higher where the registration error is higher.")
-def _rankdata(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), as scipy.stats.rankdata."""
-    order = np.argsort(x, kind="mergesort")
-    _, start, counts = np.unique(x[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.repeat(start + (counts - 1) / 2.0 + 1.0, counts)
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = _rankdata(np.asarray(a, float)), _rankdata(np.asarray(b, float))
-    ra -= ra.mean()
-    rb -= rb.mean()
-    den = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / den) if den > 0 else float("nan")
-
-
 def uncertainty_vs_error(pair: dict[str, Any], out_dir: Path, report: dict,
                          displacement_err: np.ndarray | None = None) -> dict[str, Any]:
     import SimpleITK as sitk

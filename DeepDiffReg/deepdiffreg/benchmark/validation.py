@@ -18,13 +18,11 @@ from ..methods.base import Method
 
 def _evaluate(cls: type[Method], cache: Path) -> dict[str, Any]:
     """Run the training evaluator for ``cls`` (installed weights, default options) and the classical reference
-    on the validation pairs of ``cache``. Re-point this at the generic evaluator when it lands."""
-    from ..train import evaluate_vxm as ev
-    evaluated = {c.name for c in vars(ev).values()
-                 if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.caps.learned}
-    if cls.name not in evaluated:
-        return {"skipped": f"the training evaluator does not evaluate {cls.name} yet"}
-    return normalise(ev.evaluate_file(None, cache, demons=True), cls.name)
+    methods (``caps.reference``) on the validation pairs of ``cache``."""
+    from ..methods.base import all_methods
+    from ..train.validate import evaluate_method
+    refs = tuple(n for n, c in sorted(all_methods().items()) if c.caps.reference and not c.caps.learned)
+    return normalise(evaluate_method(cls.name, None, cache, compare=refs), cls.name)
 
 
 def compare(cls: type[Method], cache: str | None, threads: int | None) -> dict[str, Any]:

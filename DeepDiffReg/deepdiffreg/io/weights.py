@@ -87,8 +87,18 @@ def list_models() -> list[dict[str, Any]]:
     return out
 
 
-def find_model(model_id: str | None = None, method: str | None = None) -> dict[str, Any]:
-    """The entry with ``model_id``, or (None) the newest-listed model for ``method`` (user models win)."""
+def find_model(model_id: str | None = None, method: str | None = None, file: str | Path | None = None
+               ) -> dict[str, Any]:
+    """The entry with ``model_id``, or (None) the newest-listed model for ``method`` (user models win).
+
+    ``file``: a weights file outside the registry (e.g. a training run's best.pt): an entry for it with its own
+    sha256 (so ``load_weights`` reads it like any model and the report records what was run), id = its stem."""
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise MissingWeights(f"no such weights file: {path}")
+        return {"id": path.stem, "method": method, "version": "file", "file": path.name, "sha256": sha256_of(path),
+                "source": "file", "path": str(path)}
     models = list_models()
     if model_id:
         hits = [m for m in models if m.get("id") == model_id]

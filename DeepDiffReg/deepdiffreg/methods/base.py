@@ -95,6 +95,8 @@ class Capabilities:
     spacing_mm: tuple[tuple[str, float], ...] = (("cpu", 2.0),)  # working spacing per device type ("cpu" fallback)
     contrasts: str = "same"            # "same": intensity similarity (MSE/demons); "different": local NCC/MI-like
     bytes_per_working_voxel: int = 1000  # peak memory of ``estimate`` per working-grid voxel (estimate)
+    reference: bool = False            # a classical reference the learned methods are compared with on the
+                                       # training validation pairs (the benchmark's validation table)
 
     def spacing_for(self, device_type: str) -> float:
         table = dict(self.spacing_mm)
@@ -238,13 +240,14 @@ class Method:
     def describe(cls) -> dict[str, Any]:
         """The method's entry of ``deepdiffreg methods --json`` (installed models are added by the CLI)."""
         return {"name": cls.name, "title": cls.title or cls.name, "description": cls.description,
-                "default": bool(cls.default), "learned": cls.caps.learned,
+                "default": bool(cls.default), "learned": cls.caps.learned, "trainable": _trainable(cls),
                 "has_inverse": cls.caps.inverse is not None, "default_spacing_mm": cls.caps.spacing_for("cpu"),
                 "caps": cls.caps.to_json(),
                 "options": [{**s.to_json(cls.flag(s.name)),
                              **({"negative_flag": cls.negative_flag(s.name)} if s.kind == "bool" else {})}
                             for s in cls.option_specs()],
-                "variants": {k: {o: _jsonable(v) for o, v in opts.items()} for k, opts in cls.variants.items()}}
+                "variants": {k: {o: _jsonable(v) for o, v in opts.items()} for k, opts in cls.variants.items()},
+                "benchmark_variants": list(cls.benchmark_variants)}
 
     # -- option checking: the one place ------------------------------------------------------------------------
     @classmethod
@@ -263,6 +266,11 @@ class Method:
     # -- the work ----------------------------------------------------------------------------------------------
     def estimate(self, pair: PairOnGrid, device: torch.device, progress: ProgressFn) -> FieldEstimate:
         raise NotImplementedError
+
+
+def _trainable(cls: type[Method]) -> bool:
+    from .learned import is_trainable
+    return bool(is_trainable(cls))
 
 
 def _check_value(cls: type[Method], spec: OptionSpec, v: Any) -> Any:
@@ -349,6 +357,9 @@ def register_method(cls: type[Method]) -> type[Method]:
     cls.option_specs()             # fails now, not in front of a user, on an unsupported option type
     for vname, opts in cls.variants.items():
         cls.parse_options(opts)    # a variant must be a valid option set
+    missing = [v for v in cls.benchmark_variants if v not in cls.variants]
+    if missing:
+        raise ValueError(f"{cls.name}: benchmark_variants {missing} are not declared in variants")
     if cls.caps.default_align not in ("affine", "rigid", "none"):
         raise ValueError(f"{cls.name}: default_align must be affine, rigid or none")
     REGISTRY[cls.name] = cls

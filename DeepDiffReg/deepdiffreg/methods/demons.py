@@ -23,7 +23,8 @@ class Demons(Method):
     name = "demons"
     title = "Diffeomorphic demons (SimpleITK)"
     description = "Diffeomorphic demons (SimpleITK), classical reference; CPU only"
-    caps = Capabilities(learned=False, inverse="numerical", contrasts="same", spacing_mm=(("cpu", 2.0),))
+    caps = Capabilities(learned=False, inverse="numerical", contrasts="same", spacing_mm=(("cpu", 2.0),),
+                        reference=True)   # fast enough to run beside the learned methods on the validation pairs
 
     @dataclass
     class Options:

@@ -1,11 +1,10 @@
 """VoxelMorph-diff (Dalca et al., MedIA 2019): a U-Net predicts a Gaussian over a stationary velocity field on the
 ½-resolution grid; at test time the mean μ is integrated (scaling and squaring, 7 steps) and upsampled.
 
-What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field/):
-- orientation: the network was trained on LPS-aligned arrays; the working grid keeps the fixed image's direction,
-  so the pair is permuted/flipped to the nearest LPS axis order and the field is mapped back;
-- the pair is resampled (same box) to the nearest grid whose sizes are multiples of 16; the field is resized back
-  (values rescaled), cheaper than zero padding (81×97×113 → 80×96×112, not 96×112×128);
+What this file adds to the shared core (nn/vxm_model.py, nn/wrappers.py, losses/kl.py, field/):
+- the network grid (nn/grid.py, ``OnNetGrid``): the network was trained on LPS-aligned arrays, so the pair is
+  permuted/flipped to the nearest LPS axis order and resampled (same box) to the nearest sizes that are multiples
+  of 16; the field is resized back (values rescaled) and mapped back to the working axes;
 - symmetric inference (default; ``--vxm-no-symmetric`` for the paper's forward pass only): v = ½(μ(m, f) − μ(f, m)),
   the mean of the forward estimate and the inverse of the swapped pair's estimate — +0.01 validation Dice on all
   8 validation pairs for one more network pass (docs/training.md);
@@ -16,7 +15,10 @@ What this file adds to the shared core (see nn/vxm_model.py, losses/kl.py, field
 - uncertainty (methods/vxm_uncertainty.py): by default the diagonal Laplace posterior of the model's own objective
   for this pair at μ, with the image noise re-estimated from the local residual (``--vxm-uncertainty laplace``);
   ``sampled`` gives the network's variance head as in the paper (S velocity samples integrated);
-- ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL).
+- ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL);
+- the training protocol of ``deepdiffreg train --method vxm-diff`` (methods/learned.py): its training options
+  (loss weights, Dice term, cascade stages, channels), the negative ELBO (+ Dice) of a batch, validation fields,
+  seeding a deeper cascade from a shallower model and freezing its earlier stages.
 """
 from __future__ import annotations
 
@@ -27,54 +29,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..field import compose, integrate_ss, resize_disp, resize_image, warp
-from ..io.weights import find_model, load_weights
+from ..field import warp
 from ..losses.kl import laplacian_prec, recon_mse
-from ..nn.vxm_model import build_net, predict_mean, prior_stages, stage_nets, velocity_to_disp
-from .base import Capabilities, FieldEstimate, Map, Method, PairOnGrid, option, register_method
-from .refine import RefineOptions, refine
+from ..nn.unet import DEFAULT_DEC, DEFAULT_ENC
+from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, svf_stage,
+                            training_step_loss)
+from ..nn.wrappers import Cascade, OnNetGrid, Refine
+from .base import Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
+from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
+from .refine import RefineOptions
 from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
-
-
-def canonical_axes(direction: np.ndarray) -> tuple[list[int], list[bool]]:
-    """For a 3×3 direction (column c = LPS vector of index axis c = i, j, k), return (src, flip): canonical array
-    axis a (0 = S, 1 = P, 2 = L, i.e. LPS component 2 − a) is working array axis src[a], flipped if flip[a]."""
-    src, flip = [0, 0, 0], [False, False, False]
-    used = set()
-    for arr_axis in range(3):                     # working array axis arr_axis ↔ index axis 2 − arr_axis
-        col = direction[:, 2 - arr_axis]
-        order = np.argsort(-np.abs(col))
-        comp = next(int(c) for c in order if int(c) not in used)
-        used.add(comp)
-        src[2 - comp] = arr_axis                  # LPS component comp ↔ canonical array axis 2 − comp
-        flip[2 - comp] = bool(col[comp] < 0)
-    return src, flip
-
-
-def to_canonical(x: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
-    """(B, C, D, H, W) image on the working grid → canonical array order (no channel change)."""
-    y = x.permute(0, 1, 2 + src[0], 2 + src[1], 2 + src[2])
-    dims = [2 + a for a in range(3) if flip[a]]
-    return y.flip(dims) if dims else y
-
-
-def disp_from_canonical(u: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
-    """Inverse of ``to_canonical`` for a voxel displacement: undo flips (negating those components), then permute
-    both the grid axes and the channels back to the working array order."""
-    dims = [2 + a for a in range(3) if flip[a]]
-    if dims:
-        sign = torch.tensor([-1.0 if flip[a] else 1.0 for a in range(3)], dtype=u.dtype, device=u.device)
-        u = u.flip(dims) * sign.view(1, 3, 1, 1, 1)
-    inv = [src.index(w) for w in range(3)]        # working axis w is canonical axis inv[w]
-    u = u.permute(0, 1, 2 + inv[0], 2 + inv[1], 2 + inv[2])
-    return u[:, inv]                              # channel w = displacement along working axis w
-
-
-def net_grid_shape(shape, m: int) -> tuple[int, int, int]:
-    """The nearest sizes that are multiples of m (at least m): the pair is resampled onto that grid (same box)."""
-    return tuple(max(m, int(round(n / m)) * m) for n in shape)
 
 
 # Adam step of --refine, in ½-grid voxels. Measured on ixi-2 (IXI631 ← IXI633, whole head, v0.4.0, 50 steps):
@@ -84,7 +49,7 @@ REFINE_LR = 0.025
 
 
 @register_method
-class VxmDiff(Method):
+class VxmDiff(Trainable, LearnedMethod):
     name = "vxm-diff"
     title = "VoxelMorph-diff (learned, with uncertainty)"
     description = "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with uncertainty"
@@ -95,9 +60,7 @@ class VxmDiff(Method):
     benchmark_variants = ("refine",)   # the benchmark's vxm-diff+refine row
 
     @dataclass
-    class Options(RefineOptions):
-        model: str | None = option(None, help="model id from `deepdiffreg models list` (default: the newest model "
-                                              "of this method)")
+    class Options(LearnedOptions, RefineOptions):
         symmetric: bool = option(True, help="mean of the forward velocity and the negated velocity predicted for the "
                                             "swapped pair (one more pass); off: the network's forward prediction "
                                             "only (the paper)")
@@ -113,57 +76,35 @@ class VxmDiff(Method):
     def estimate(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
         o = dataclasses.asdict(self.opts)
-        entry = find_model(o["model"], method=self.name)
-        obj = load_weights(entry)
-        cfg = dict(obj["config"])
-        net = build_net(cfg)
-        net.load_state_dict(obj["state_dict"])
-        n_stages = len(stage_nets(net))
-        net.to(device).eval()
-        progress(0.1, f"loaded model {entry['id']}")
-
-        src, flip = canonical_axes(pair.geometry.direction)
-        f = to_canonical(pair.fixed.to(device, torch.float32), src, flip)
-        m = to_canonical(pair.moving.to(device, torch.float32), src, flip)
-        shape = list(f.shape[2:])
-        pshape = net_grid_shape(shape, net.size_multiple)
-        fp, mp = resize_image(f, pshape), resize_image(m, pshape)   # same box, sizes a multiple of 16
-        steps = int(o["int_steps"])
-        with torch.no_grad():
-            # a cascade's earlier stages first (composed, with their inverse); then the last stage on the moving
-            # image they warped — for a single network, prior is None and m_in is the moving image
-            prior, prior_inv, m_in = prior_stages(net, mp, fp, steps, bool(o["symmetric"]), inverse=True)
-            mu, logvar = predict_mean(stage_nets(net)[-1], m_in, fp, bool(o["symmetric"]))
-        progress(0.4, "network done")
-        info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), "net_grid": list(pshape),
-                                "axes_to_canonical": {"src": src, "flip": flip}, "symmetric": bool(o["symmetric"]),
-                                "stages": n_stages}
+        net, cfg, model = self.load_network(device)
+        progress(0.1, f"loaded model {model['id']}")
+        steps, symmetric = int(o["int_steps"]), bool(o["symmetric"])
+        # a cascade's earlier stages warp the moving image, the last one registers what they leave; refinement
+        # optimises the last stage's velocity given the earlier ones (for one network: the network's velocity)
+        stages = [svf_stage(u, steps, symmetric) for u in stage_nets(net)]
         if o["refine"] > 0:
             sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
 
-            def loss_fn(v):
-                warped = warp(m_in, velocity_to_disp(v, pshape, steps))
-                return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(v)
+            def loss_fn(d, m_in, fp):          # the last stage's SVF d on the pair it sees (net grid)
+                warped = warp(m_in, d.disp(fp.shape[2:]))
+                return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(d.velocity)
 
-            mu, rinfo = refine(mu, loss_fn, o["refine"], lr=float(o["refine_lr"]),
-                               progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
-            info.update(rinfo)
+            stages[-1] = Refine(stages[-1], loss_fn, o["refine"], float(o["refine_lr"]),
+                                progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
         with torch.no_grad():
-            shape = tuple(shape)
-            u_half = integrate_ss(mu, steps)                  # exp(v) on the ½ grid, resized where it is needed
-            if prior is None:
-                disp = resize_disp(u_half, shape)
-                inv = velocity_to_disp(-mu, shape, steps)
-            else:                                             # φ = φ_prior ∘ exp(v), φ⁻¹ = exp(−v) ∘ φ_prior⁻¹
-                disp = resize_disp(compose(prior, resize_disp(u_half, tuple(pshape))), shape)
-                inv = resize_disp(compose(velocity_to_disp(-mu, tuple(pshape), steps), prior_inv), shape)
-            sp = torch.tensor(pair.geometry.spacing_ijk[::-1], dtype=mu.dtype, device=device)  # (k, j, i)
-            half = mu.shape[2:]
-            # mm per ½-grid voxel along each canonical axis: working spacing × (n_work − 1)/(n_half − 1)
-            mm = torch.stack([sp[src[a]] * (shape[a] - 1) / max(half[a] - 1, 1) for a in range(3)])
+            res = OnNetGrid(Cascade(stages), multiple=net.size_multiple)(pair, device)
+        phi = res.deformation
+        last, m_in, fp = phi.parts[-1], phi.stage_inputs[-1], res.fixed
+        mu, logvar = last.velocity, last.extras["logvar"]
+        progress(0.4 if o["refine"] <= 0 else 0.7, "network done")
+        info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), **res.info,
+                                "symmetric": symmetric, "stages": len(phi.parts), **phi.info}
+        with torch.no_grad():
+            disp, inv = res.disp_vox(), res.inverse_disp_vox()
+            mm = res.grid.mm_per_voxel(mu.shape[2:], mu.dtype, mu.device)   # mm per ½-grid voxel, canonical axes
             kind, ns = o["uncertainty"], int(o["uncertainty_samples"])
             if kind == "laplace":
-                unc = laplace_std_mm(mu, fp, m_in, resize_disp(u_half, tuple(pshape)), cfg["prior_lambda"],
+                unc = laplace_std_mm(mu, fp, m_in, last.disp(fp.shape[2:]), cfg["prior_lambda"],
                                      cfg["image_sigma"], mm)
                 info["uncertainty"] = ("laplace: sqrt(trace) of the diagonal Laplace posterior covariance of the "
                                        "velocity at mu for this pair (prior lambda*D + data 2*grad^2/sigma_loc^2, "
@@ -175,21 +116,72 @@ class VxmDiff(Method):
                                        "sampled: sqrt(trace of the velocity posterior covariance exp(logvar)) in mm")
             else:
                 raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} (laplace | sampled)")
-            unc = to_canonical_inverse_scalar(resize_image(unc, shape), src, flip)
+            unc = res.scalar_to_work(unc)
             info["velocity_std_mean_halfgrid_vox"] = float(torch.exp(0.5 * logvar).mean())
-        disp = disp_from_canonical(disp, src, flip)
-        inv = disp_from_canonical(inv, src, flip)
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
         return FieldEstimate(disp_vox=disp.cpu(), inverse_disp_vox=inv.cpu(),
                              maps={"uncertainty": Map(unc.cpu(), "mm", info["uncertainty"])}, info=info,
-                             model={"id": entry["id"], "version": entry.get("version"), "sha256": entry["sha256"]})
+                             model=model)
 
+    # -- training protocol (methods/learned.py; driven by `deepdiffreg train --method vxm-diff`) ------------------
+    @dataclass
+    class TrainOptions:
+        image_sigma: float = option(0.02, min=1e-6, max=10.0, help="σ of the Gaussian image likelihood (MSE/σ²)")
+        prior_lambda: float = option(20.0, min=0.0, max=1e6, help="λ of the Laplacian prior on the velocity")
+        dice_weight: float = option(0.0, min=0.0, max=1e6, help="optional semi-supervised Dice term weight")
+        dice_labels: int = option(8, min=1, max=1000, help="labels drawn per step for the Dice term")
+        dice_grid: str = option("full", choices=("full", "half"),
+                                help="grid of the Dice term: the image grid, or the velocity's ½ grid with 2×2×2-"
+                                     "averaged one-hot labels (the Dice warp is then 8× cheaper: ~0.9 → ~0.55 s per "
+                                     "CPU step)")
+        stages: int = option(1, min=1, max=8,
+                             help="networks in a recursive cascade (φ1∘φ2∘…); with --init from a model with fewer "
+                                  "stages, the earlier stages are that model (frozen) and the last one is fine-tuned "
+                                  "on what they leave")
+        enc: tuple[int, ...] = option(DEFAULT_ENC, min=1, max=1024, help="encoder channels (stride-2 blocks)")
+        dec: tuple[int, ...] = option(DEFAULT_DEC, min=1, max=1024, help="decoder channels")
 
-def to_canonical_inverse_scalar(x: torch.Tensor, src: list[int], flip: list[bool]) -> torch.Tensor:
-    """Inverse of ``to_canonical`` for a scalar/multi-channel image (channels untouched)."""
-    dims = [2 + a for a in range(3) if flip[a]]
-    if dims:
-        x = x.flip(dims)
-    inv = [src.index(w) for w in range(3)]
-    return x.permute(0, 1, 2 + inv[0], 2 + inv[1], 2 + inv[2])
+    network_keys = ("enc", "dec")             # an --init file keeps its layers; stages may grow (load_stages)
+    loss_terms = ("loss", "recon", "kl", "dice_loss")
+
+    @classmethod
+    def default_config(cls) -> dict[str, Any]:
+        return dict(DEFAULT_CONFIG)
+
+    @classmethod
+    def build_network(cls, config: dict[str, Any]):
+        return build_net(config)
+
+    @classmethod
+    def init_network(cls, net, weights: dict[str, Any]) -> None:
+        load_stages(net, weights)
+
+    @classmethod
+    def prepare_for_training(cls, net) -> None:
+        for unet in stage_nets(net)[:-1]:            # a cascade trains its last stage only
+            unet.requires_grad_(False)
+
+    @classmethod
+    def training_loss(cls, net, batch: dict[str, Any], config: dict[str, Any], step: TrainStep
+                      ) -> dict[str, torch.Tensor]:
+        fl, ml = batch.get("fixed_labels"), batch.get("moving_labels")
+        labels = None
+        if config.get("dice_weight", 0) > 0 and fl is not None:
+            present = [l for l in torch.unique(fl).tolist() if l != 0]
+            rng = np.random.default_rng(step.seed * 31 + step.index)
+            n = min(int(config.get("dice_labels", 8)), len(present))
+            labels = [int(x) for x in rng.choice(present, n, replace=False)] if present else None
+        return training_step_loss(net, batch["moving"], batch["fixed"], config, step.generator, fl, ml, labels)
+
+    @classmethod
+    def validation_disp(cls, net, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:
+        return predict_disp(net, moving, fixed, config["int_steps"])
+
+    @classmethod
+    def model_card(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return {"title": "VoxelMorph-diff",
+                "input_grid": {"spacing_mm": config.get("spacing_mm", 2.0), "size_multiple": 2 ** len(config["enc"]),
+                               "orientation": "LPS-aligned array axes (the method reorients internally)"},
+                "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
+                            "on synthetic random-contrast label-map pairs)"}

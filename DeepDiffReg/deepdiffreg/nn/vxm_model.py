@@ -1,4 +1,4 @@
-"""VoxelMorph-diff model pieces shared by training (train/loop.py) and inference (methods/vxm_diff.py).
+"""VoxelMorph-diff model pieces shared by training (the training protocol in methods/vxm_diff.py) and inference.
 
 Grids: the network sees (moving, fixed) on a grid whose sizes are multiples of 2**len(enc); it predicts the
 velocity on the ½-resolution grid; exp(v) is integrated there by scaling and squaring and the displacement is
@@ -7,7 +7,8 @@ then resized to the full grid (values rescaled to the full grid's voxel units, `
 Cascade (config ``"stages": K`` > 1, a recursive cascade of the same network, Zhao et al. ICCV 2019): stage k
 registers the moving image already warped by stages 1..k−1 and the maps compose, φ = φ1 ∘ φ2 ∘ … ∘ φK (each
 φk = exp(vk), so the result stays diffeomorphic and its inverse is exp(−vK) ∘ … ∘ exp(−v1)). Training updates
-the last stage only; the earlier ones are frozen (they are the previous model).
+the last stage only; the earlier ones are frozen (they are the previous model). The cascade, symmetric inference and
+the exp(−v) inverse are the generic wrappers of nn/wrappers.py; ``svf_stage`` makes one U-Net a registration module.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ from torch import nn
 from ..field import compose, integrate_ss, resize_disp, warp
 from ..losses.kl import kl_laplacian, recon_mse
 from .unet import DEFAULT_DEC, DEFAULT_ENC, VxmDiffUNet
+from .wrappers import SVF, Cascade, Symmetric
 
+# "method": the method that builds this network (a weights file's config names it, as its meta does)
 DEFAULT_CONFIG: dict[str, Any] = {
-    "arch": "vxm-diff-unet", "enc": list(DEFAULT_ENC), "dec": list(DEFAULT_DEC), "int_steps": 7,
+    "method": "vxm-diff", "enc": list(DEFAULT_ENC), "dec": list(DEFAULT_DEC), "int_steps": 7,
     "image_sigma": 0.02, "prior_lambda": 20.0, "spacing_mm": 2.0, "dice_weight": 0.0, "dice_grid": "full",
+    "dice_labels": 8,
 }
 
 
@@ -50,15 +54,21 @@ def stage_nets(net: VxmDiffUNet | VxmCascade) -> list[VxmDiffUNet]:
     return list(net.stages) if isinstance(net, VxmCascade) else [net]
 
 
+def svf_stage(unet: VxmDiffUNet, steps: int = 7, symmetric: bool = False):
+    """One U-Net as a registration module (nn/wrappers.py): (moving, fixed) → SVF(μ) with the log-variance in
+    ``extras``; ``symmetric``: μ = ½(μ(m, f) − μ(f, m)) (``Symmetric``)."""
+    def stage(moving: torch.Tensor, fixed: torch.Tensor) -> SVF:
+        mu, logvar = unet(moving, fixed)
+        return SVF(mu, steps, {"logvar": logvar})
+    return Symmetric(stage) if symmetric else stage
+
+
 def predict_mean(unet: VxmDiffUNet, moving: torch.Tensor, fixed: torch.Tensor, symmetric: bool
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, logvar) of one stage; ``symmetric``: μ = ½(μ(m, f) − μ(f, m)) — the forward estimate averaged with the
     negated estimate for the swapped pair (exp(v) maps fixed→moving, the swapped pair's exp(v') moving→fixed)."""
-    mu, logvar = unet(moving, fixed)
-    if symmetric:
-        mu_back, _ = unet(fixed, moving)
-        mu = 0.5 * (mu - mu_back)
-    return mu, logvar
+    d = svf_stage(unet, symmetric=symmetric)(moving, fixed)
+    return d.velocity, d.extras["logvar"]
 
 
 @torch.no_grad()
@@ -68,17 +78,13 @@ def prior_stages(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: tor
     """Every stage but the last: their composed displacement on the grid of ``fixed`` (voxels), optionally its
     inverse, and the moving image warped by it — what the last stage sees. A single network: (None, None, moving).
     Stage k sees the moving image warped by stages 1..k−1."""
-    disp = inv = None
-    m = moving
-    for unet in stage_nets(net)[:-1]:
-        mu, _ = predict_mean(unet, m, fixed, symmetric)
-        u = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
-        disp = u if disp is None else compose(disp, u)                 # φ_prev ∘ φ_k
-        if inverse:
-            u_inv = velocity_to_disp(-mu, tuple(fixed.shape[2:]), steps)
-            inv = u_inv if inv is None else compose(u_inv, inv)        # φ_k⁻¹ ∘ φ_prev⁻¹
-        m = warp(moving, disp)                                         # one interpolation of the original
-    return disp, inv, m
+    earlier = stage_nets(net)[:-1]
+    if not earlier:
+        return None, None, moving
+    phi = Cascade([svf_stage(u, steps, symmetric) for u in earlier])(moving, fixed)
+    disp = phi.disp(phi.grid)
+    inv = phi.inverse().disp(phi.grid) if inverse else None
+    return disp, inv, warp(moving, disp)                               # one interpolation of the original
 
 
 def velocity_to_disp(v_half: torch.Tensor, full_shape: tuple[int, int, int], steps: int = 7) -> torch.Tensor:
@@ -117,10 +123,9 @@ def predict_disp(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: tor
                  symmetric: bool = False) -> torch.Tensor:
     """The mean transform's displacement (B, 3, *fixed grid) in voxels: earlier stages symmetric (as trained), the
     last one as asked (the training log's validation uses the forward pass, ``symmetric=False``)."""
-    prior, _, m_in = prior_stages(net, moving, fixed, steps, symmetric=True)
-    mu, _ = predict_mean(stage_nets(net)[-1], m_in, fixed, symmetric)
-    disp = velocity_to_disp(mu, tuple(fixed.shape[2:]), steps)
-    return disp if prior is None else compose(prior, disp)
+    nets = stage_nets(net)
+    stages = [svf_stage(u, steps, True) for u in nets[:-1]] + [svf_stage(nets[-1], steps, symmetric)]
+    return Cascade(stages)(moving, fixed).disp(tuple(fixed.shape[2:]))
 
 
 def load_stages(net: VxmDiffUNet | VxmCascade, obj: dict[str, Any]) -> None:

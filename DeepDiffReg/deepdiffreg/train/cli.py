@@ -12,9 +12,20 @@ from pathlib import Path
 DEFAULT_CACHE = Path.home() / ".cache" / "deepdiffreg" / "train-v2"
 
 
+# the flags of `train` itself; a method's training option with one of these names cannot be given on the CLI
+_OPT = "train_option:"
+REAL_DATA_LICENCE = ("Apache-2.0 (weights); trained on IXI (CC BY-SA 3.0, brain-development.org), DLMUSE "
+                     "segmentations (LICENSE-SBIA) and SynthSeg label maps (Apache-2.0); see models/LICENSE.md")
+SYNTH_DATA_LICENCE = "Apache-2.0 (weights); trained on generated phantom label maps (deepdiffreg/sample_data.py)"
+
+
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from ..methods.learned import trainable_methods
+    methods = trainable_methods()
     p = subparsers.add_parser("train", help="train a learned method (resumable; logs CSV + PNG; publishes to models/)")
-    p.add_argument("--method", default="vxm-diff", choices=["vxm-diff"])
+    p.add_argument("--method", default=None, choices=sorted(methods),
+                   help="the method to train (the discovered methods that implement the training protocol, "
+                        "methods/learned.py); default: the method of the run being resumed or of --init's weights")
     p.add_argument("--out", required=True, help="run folder (checkpoint.pt, train_log.csv/png, best.pt); "
                                                 "an existing run folder is resumed")
     p.add_argument("--steps", type=int, default=20000, help="total steps (resume continues up to this)")
@@ -26,6 +37,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-hours", type=float, default=0.0, help="stop with a checkpoint after this long")
     p.add_argument("--cache", default=str(DEFAULT_CACHE), help="preprocessed data cache (built on first use)")
     p.add_argument("--data", default=None, help="data root (default: ../shared/data beside the checkout)")
+    p.add_argument("--synthetic", type=int, default=None, metavar="N",
+                   help="train on generated phantom label-map pairs on an N³ grid instead of the data cache (smoke "
+                        "tests, CI; no shared data needed)")
     p.add_argument("--real-prob", type=float, default=0.6, help="fraction of real IXI pairs (rest: synthetic)")
     p.add_argument("--head-prob", type=float, default=0.5,
                    help="fraction of real pairs shown whole-head (not skull-stripped), as the pipeline may feed them")
@@ -33,63 +47,123 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="scale of the random residual affine on real moving images (1: ±3°, ±3 %% scale, ±1.5 vox)")
     p.add_argument("--init", default=None, help="start a new run from these weights (a best.pt/last.pt/models file)")
     p.add_argument("--init-steps", type=int, default=0, help="steps already behind --init (recorded in the manifest)")
-    p.add_argument("--image-sigma", type=float, default=0.02)
-    p.add_argument("--prior-lambda", type=float, default=20.0)
-    p.add_argument("--dice-weight", type=float, default=0.0, help="optional semi-supervised Dice term weight")
-    p.add_argument("--dice-labels", type=int, default=8, help="labels drawn per step for the Dice term")
-    p.add_argument("--dice-grid", choices=("full", "half"), default="full",
-                   help="grid of the Dice term: the image grid, or the velocity's ½ grid with 2×2×2-averaged "
-                        "one-hot labels (the Dice warp is then 8× cheaper: ~0.9 → ~0.55 s per CPU step)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="validate and save an exponential moving average of the weights with this decay per step "
                         "(e.g. 0.999; 0 = off)")
-    p.add_argument("--stages", type=int, default=1,
-                   help="networks in a recursive cascade (φ1∘φ2∘…); with --init from a model with fewer stages, the "
-                        "earlier stages are that model (frozen) and the last one is fine-tuned on what they leave")
-    p.add_argument("--enc", default="16,32,32,32")
-    p.add_argument("--dec", default="32,32,32,32,16")
     p.add_argument("--publish", default=None, metavar="MODEL_ID",
                    help="after training, copy best.pt into --models-dir as MODEL_ID (manifest + card)")
     p.add_argument("--models-dir", default=None, help="default: the bundled models/ folder")
     p.add_argument("--version", default="0.1.0")
+    _add_training_options(p, methods)
     p.set_defaults(func=run_train)
     return p
 
 
-def run_train(args) -> int:
-    from ..io.weights import bundled_dir
-    from ..nn.vxm_model import DEFAULT_CONFIG
-    from .datasets import MixedPairs, training_sets, validation_pairs
-    from .loop import TrainSettings, publish, train
-    from .real_data import SHARED, prepare_cache
+def _add_training_options(p: argparse.ArgumentParser, methods: dict) -> None:
+    """Each trainable method's ``TrainOptions`` as flags --<name> (one argument group per method). A name two
+    methods share is one flag, checked against the method chosen; a name that is a flag of `train` itself is left
+    out (``run_train`` then says so if that method is chosen)."""
+    own = {a.dest for a in p._actions}
+    seen: dict[str, str] = {}
+    for mname, cls in sorted(methods.items()):
+        g = None
+        for spec in cls.train_option_specs():
+            if spec.name in own:
+                continue
+            kind = "bool" if spec.kind == "bool" else "value"
+            if spec.name in seen:
+                if seen[spec.name] != kind:
+                    raise ValueError(f"training option {spec.name!r} is a switch in one method and takes a value in "
+                                     f"another ({mname})")
+                continue
+            seen[spec.name] = kind
+            g = g or p.add_argument_group(f"{mname} training options (with --method {mname})")
+            flag, dest = "--" + spec.name.replace("_", "-"), _OPT + spec.name
+            default = " ".join(map(str, spec.default)) if spec.kind == "int_list" else spec.default
+            h = spec.help + (f" ({'|'.join(map(str, spec.choices))})" if spec.choices else "")
+            h = f"{h} (default {default})".replace("%", "%%")
+            if spec.kind == "bool":
+                g.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS, help=h)
+                g.add_argument("--no-" + spec.name.replace("_", "-"), dest=dest, action="store_const", const=False,
+                               default=argparse.SUPPRESS, help=f"turn {flag} off")
+            else:
+                g.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=h, metavar=spec.name.upper(),
+                               nargs="+" if spec.kind == "int_list" else None)
 
-    data_root = Path(args.data) if args.data else SHARED
-    cache = prepare_cache(Path(args.cache), data_root / "ixi", data_root / "labelmaps",
-                          log=lambda s: print(s, file=sys.stderr))
-    real, maps = training_sets(cache)
-    data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob,
-                      real_affine=args.real_affine)
-    val = validation_pairs(cache)
-    model = dict(DEFAULT_CONFIG, image_sigma=args.image_sigma, prior_lambda=args.prior_lambda,
-                 dice_weight=args.dice_weight, dice_grid=args.dice_grid, stages=args.stages, enc=[int(x) for x in args.enc.split(",")],
-                 dec=[int(x) for x in args.dec.split(",")])
+
+def training_options_from_args(args, cls) -> object:
+    """The chosen method's ``TrainOptions`` from the parsed flags (defaults for those not given), checked once."""
+    from ..errors import BadInput
+    given = {k[len(_OPT):]: v for k, v in vars(args).items() if k.startswith(_OPT)}
+    names = {s.name: s for s in cls.train_option_specs()}
+    for k, v in given.items():
+        if k not in names:
+            raise BadInput(f"--{k.replace('_', '-')} is not a training option of method {cls.name}")
+        if names[k].kind == "int_list":                   # --enc 16,32,32,32 or --enc 16 32 32 32
+            given[k] = [x for item in v for x in str(item).split(",") if x]
+    hidden = sorted(set(names) & {a for a in vars(args) if not a.startswith(_OPT)})
+    if hidden:
+        raise BadInput(f"method {cls.name}: training option(s) {', '.join(hidden)} clash with flags of `train`; "
+                       f"rename them in the method's TrainOptions")
+    return cls.parse_train_options(given)
+
+
+def _method_of_run(out: Path, init: str | None) -> str:
+    """The method recorded in a run folder's weights (resuming) or in the --init weights file."""
+    import torch
+
+    from ..errors import BadInput
+    for f in [out / "last.pt", out / "checkpoint.pt"] + ([Path(init)] if init else []):
+        if f.is_file():
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+            name = (obj.get("meta") or {}).get("method") or (obj.get("config") or {}).get("method")
+            if name:
+                return name
+    raise BadInput("say which method to train: --method NAME (no run to resume in --out, no --init weights)")
+
+
+def run_train(args) -> int:
+    import dataclasses
+
+    from ..io.weights import bundled_dir
+    from ..methods.learned import get_trainable
+    from .loop import TrainSettings, publish, train
+
+    cls = get_trainable(args.method or _method_of_run(Path(args.out), args.init))
+    topts = training_options_from_args(args, cls)
+    if args.synthetic:
+        from .datasets import synthetic_training_data
+        data, val, desc = synthetic_training_data(args.synthetic, seed=args.seed)
+        licence = SYNTH_DATA_LICENCE
+    else:
+        from .datasets import MixedPairs, training_sets, validation_pairs
+        from .real_data import SHARED, prepare_cache
+        data_root = Path(args.data) if args.data else SHARED
+        cache = prepare_cache(Path(args.cache), data_root / "ixi", data_root / "labelmaps",
+                              log=lambda s: print(s, file=sys.stderr))
+        real, maps = training_sets(cache)
+        data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob,
+                          real_affine=args.real_affine)
+        val = validation_pairs(cache)
+        desc = (f"{len(real)} IXI T1 (affine-aligned; skull-stripped and whole head) + {len(maps)} SynthSeg label "
+                f"maps (synthetic contrasts); validation: 10 held-out IXI subjects, label maps 15/16")
+        licence = REAL_DATA_LICENCE
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
-                             val_every=args.val_every, threads=args.threads, device=args.device, model=model,
-                             max_seconds=args.max_hours * 3600, init=args.init,
-                             dice_labels_per_step=args.dice_labels, ema=args.ema)
-    print(f"training on {len(real)} IXI subjects + {len(maps)} label maps; {len(val)} validation pairs",
-          file=sys.stderr)
+                             val_every=args.val_every, threads=args.threads, device=args.device, method=cls.name,
+                             model=cls.config_from(topts), max_seconds=args.max_hours * 3600, init=args.init,
+                             ema=args.ema)
+    print(f"training {cls.name} on {desc}; {len(val)} validation pairs", file=sys.stderr)
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
     if args.publish:
+        training = {"data": desc, **({} if args.synthetic else {"real_prob": args.real_prob,
+                                                                 "head_prob": args.head_prob,
+                                                                 "real_affine": args.real_affine}),
+                    **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(topts).items()},
+                    "ema": args.ema, "lr": args.lr, "seed": args.seed,
+                    "init": Path(args.init).name if args.init else None, "steps_before_init": args.init_steps}
         entry = publish(Path(args.out), Path(args.models_dir) if args.models_dir else bundled_dir(), args.publish,
-                        args.version, {"data": f"{len(real)} IXI T1 (affine-aligned; skull-stripped and whole "
-                                               f"head) + {len(maps)} SynthSeg label maps (synthetic contrasts); "
-                                               f"validation: 10 held-out IXI subjects, label maps 15/16",
-                                       "real_prob": args.real_prob, "head_prob": args.head_prob, "real_affine": args.real_affine,
-                                       "dice_weight": args.dice_weight, "dice_grid": args.dice_grid,
-                                       "dice_labels": args.dice_labels, "ema": args.ema, "stages": args.stages, "lr": args.lr, "seed": args.seed,
-                                       "init": Path(args.init).name if args.init else None,
-                                       "steps_before_init": args.init_steps})
+                        args.version, training, licence=licence,
+                        train_shape_dhw=list(data.sample(0)["fixed"].shape[2:]))
         print(json.dumps(entry))
     print(json.dumps(res))
     return 0

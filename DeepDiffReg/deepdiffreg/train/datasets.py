@@ -1,4 +1,5 @@
-"""Training mixtures and the fixed validation pairs, on the canonical training grid (see real_data.py)."""
+"""Training mixtures and the fixed validation pairs, on the canonical training grid (see real_data.py), and a
+generated phantom data set that needs no shared data (``synthetic_training_data``: smoke tests, CI)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -77,3 +78,27 @@ def training_sets(cache_dir: Path) -> tuple[list[dict], list[np.ndarray]]:
     lms = load_cache(cache_dir, "labelmaps")
     maps = [v["labels"] for k, v in lms.items() if int(k.split("_")[-1]) not in VAL_LABELMAPS]
     return real, maps
+
+
+def phantom_label_map(size: int, box_mm: float = 180.0) -> np.ndarray:
+    """(size, size, size) int64 labels of the demo head phantom (sample_data.py) on the canonical array axes
+    (0 = S, 1 = P, 2 = L), centred, ``box_mm`` wide."""
+    from ..sample_data import phantom_at
+    c = (np.arange(size) - (size - 1) / 2.0) * (box_mm / size)
+    s, p, l = np.meshgrid(c, c, c, indexing="ij")
+    _, lab = phantom_at(np.stack([l, p, s], -1), np.random.default_rng(0))
+    return lab.astype(np.int64)
+
+
+def synthetic_training_data(size: int, seed: int = 0, n_val: int = 2) -> tuple[MixedPairs, list[dict], str]:
+    """(training data, validation pairs, description) from the phantom label map deformed and rendered by
+    ``SynthPairs`` (random contrasts); validation pairs from a fixed seed."""
+    lab = phantom_label_map(int(size))
+    data = MixedPairs([], [lab], seed=seed, real_prob=0.0)
+    val_src = SynthPairs([lab], seed=12345, max_std_vox=2.0)
+    val = []
+    for k in range(n_val):
+        p = val_src.pair(k)
+        p["name"] = f"synth-phantom:{k}"
+        val.append(p)
+    return data, val, f"generated phantom label-map pairs on a {size}³ grid (train/datasets.py)"

@@ -1,10 +1,14 @@
-"""Resumable training loop for VoxelMorph-diff (the learned-method template).
+"""Resumable training loop for any learned method that implements the training protocol (methods/learned.py).
 
-``train(TrainSettings)``: device auto (CUDA if available, else CPU with ``threads`` threads), batch 1, Adam,
-one sampled velocity per step (K = 1). Every ``val_every`` steps: validation Dice / folding on the fixed pairs,
-a CSV row (train_log.csv), a PNG plot (train_log.png), ``checkpoint.pt`` (model + optimiser + step; resumed
-automatically) and ``best.pt`` (weights with the best validation Dice). ``publish`` copies the best weights into
-models/ with a model card and a manifest entry (sha256).
+``train(TrainSettings)``: the method comes from ``settings.method`` (or the config's "method"); its
+``default_config()`` with ``settings.model`` on top is the run's config (saved in every weights file, so a file
+rebuilds its own network). Device auto (CUDA if available, else CPU with ``threads`` threads), batch 1, Adam on the
+method's ``training_loss``. Every ``val_every`` steps: validation Dice / folding on the fixed pairs (the method's
+``validation_disp``), a CSV row (train_log.csv; columns: the method's ``loss_terms``), a PNG plot (train_log.png),
+``checkpoint.pt`` (model + optimiser + step + config; resumed automatically, with the run's own config) and
+``best.pt`` (weights with the best validation Dice). ``--init FILE`` starts a new run from a weights file through
+the method's ``init_network``. ``publish`` copies the best weights into models/ with a model card and a manifest
+entry (sha256); the method recorded in the weights file is the manifest's.
 """
 from __future__ import annotations
 
@@ -18,12 +22,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..devices import resolve_device
 from ..field import jacobian_det, warp
-from ..io.weights import save_weights, sha256_of, upsert_entry
-from ..nn.vxm_model import DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, training_step_loss
+from ..io.weights import save_weights, upsert_entry
+from ..methods.learned import TrainStep, get_trainable
+from ..metrics import dice_per_label
 
-CSV_FIELDS = ["step", "seconds", "loss", "recon", "kl", "dice_loss", "val_dice", "val_dice_before",
-              "val_fold_pct", "lr"]
+VAL_FIELDS = ["val_dice", "val_dice_before", "val_fold_pct", "lr"]
 
 
 @dataclass
@@ -35,46 +40,40 @@ class TrainSettings:
     val_every: int = 100
     threads: int = 1
     device: str = "auto"
-    model: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CONFIG))
-    dice_labels_per_step: int = 8
+    method: str = ""                  # a trainable method's name ("": the one named by model["method"])
+    model: dict[str, Any] = field(default_factory=dict)   # config on top of the method's default_config()
     max_seconds: float = 0.0          # stop (with a checkpoint) after this wall time; 0 = no limit
     init: str | None = None           # weights file to start a new run from (ignored when resuming)
     ema: float = 0.0                  # > 0: validate and save an exponential moving average of the weights
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def method_of(settings: TrainSettings):
+    """The method class a run trains."""
+    return get_trainable(settings.method or str(settings.model.get("method", "")))
 
 
-def dice_per_label(a: torch.Tensor, b: torch.Tensor, labels=None) -> dict[int, float]:
-    """Dice of integer label maps a, b (same shape) for the labels present in both (0 excluded)."""
-    a, b = a.flatten(), b.flatten()
-    if labels is None:
-        labels = sorted(set(torch.unique(a).tolist()) & set(torch.unique(b).tolist()) - {0})
-    out = {}
-    for l in labels:
-        x, y = a == l, b == l
-        den = int(x.sum() + y.sum())
-        if den:
-            out[int(l)] = 2.0 * int((x & y).sum()) / den
-    return out
+def csv_fields(method) -> list[str]:
+    return ["step", "seconds", *method.loss_terms, *VAL_FIELDS]
+
+
+def _mean_dice(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, labels: list[int]) -> float:
+    d = dice_per_label(fixed_labels.cpu().numpy(), moving_labels.cpu().numpy(), labels)
+    return float(np.mean(list(d.values())))
 
 
 @torch.no_grad()
-def evaluate(net, pairs: list[dict], config: dict, device: torch.device) -> dict[str, Any]:
-    """Mean Dice over labels and pairs (before = identity on the affine-aligned pair, after = μ warp), and the
-    % of voxels with det J ≤ 0 inside the fixed brain (fixed labels > 0)."""
+def evaluate(method, net, pairs: list[dict], config: dict, device: torch.device) -> dict[str, Any]:
+    """Mean Dice over labels and pairs (before = identity on the affine-aligned pair, after = the method's
+    validation field), and the % of voxels with det J ≤ 0 inside the fixed brain (fixed labels > 0)."""
     net.eval()
     before, after, folds, rows = [], [], [], []
     for p in pairs:
         f, m = p["fixed"].to(device), p["moving"].to(device)
-        disp = predict_disp(net, m, f, config["int_steps"])
+        disp = method.validation_disp(net, m, f, config)
         wl = warp(p["moving_labels"].to(device), disp, mode="nearest")
         labels = sorted(set(torch.unique(p["fixed_labels"]).tolist()) & set(torch.unique(p["moving_labels"]).tolist()) - {0})
-        d0 = np.mean(list(dice_per_label(p["fixed_labels"], p["moving_labels"], labels).values()))
-        d1 = np.mean(list(dice_per_label(p["fixed_labels"].to(device), wl, labels).values()))
+        d0 = _mean_dice(p["fixed_labels"], p["moving_labels"], labels)
+        d1 = _mean_dice(p["fixed_labels"], wl, labels)
         det = jacobian_det(disp)[0]
         brain = p["fixed_labels"][0, 0].to(device) > 0
         fold = 100.0 * float(((det <= 0) & brain).sum()) / max(int(brain.sum()), 1)
@@ -85,7 +84,7 @@ def evaluate(net, pairs: list[dict], config: dict, device: torch.device) -> dict
             "val_fold_pct": float(np.mean(folds)), "pairs": rows}
 
 
-def _plot(csv_path: Path, png_path: Path) -> None:
+def _plot(csv_path: Path, png_path: Path, terms: tuple[str, ...]) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -97,9 +96,9 @@ def _plot(csv_path: Path, png_path: Path) -> None:
         return
     s = [int(r["step"]) for r in rows]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot(s, [float(r["loss"]) for r in rows], label="loss")
-    ax[0].plot(s, [float(r["recon"]) for r in rows], label="recon")
-    ax[0].plot(s, [float(r["kl"]) for r in rows], label="KL")
+    for t in terms:
+        if t in rows[0]:
+            ax[0].plot(s, [float(r[t]) for r in rows], label=t)
     ax[0].set_xlabel("step"), ax[0].legend(), ax[0].set_title("training loss (mean since last row)")
     ax[1].plot(s, [float(r["val_dice"]) for r in rows], label="after")
     ax[1].plot(s, [float(r["val_dice_before"]) for r in rows], "--", label="before (affine)")
@@ -109,24 +108,31 @@ def _plot(csv_path: Path, png_path: Path) -> None:
     plt.close(fig)
 
 
+def _batch_to(p: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+
+
 def train(settings: TrainSettings, data, val_pairs: list[dict],
           log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Run (or resume) training. ``data.sample(step)`` gives a pair dict (fixed, moving, optional labels).
-    Returns {"step", "best_val_dice", "out_dir"}."""
+    Returns {"step", "best_val_dice", "out_dir", "method"}."""
+    method = method_of(settings)
     torch.set_num_threads(max(1, settings.threads))
-    device = pick_device(settings.device)
+    device = resolve_device(settings.device)
     out = Path(settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = dict(DEFAULT_CONFIG, **settings.model)
+    config = {**method.default_config(), **settings.model, "method": method.name}
     torch.manual_seed(settings.seed)
-    net = build_net(config).to(device)
+    net = method.build_network(config).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
     ckpt, csv_path = out / "checkpoint.pt", out / "train_log.csv"
     step, best, state = 0, -1.0, {}
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=True)
-        config = dict(state["config"])          # the run's own model (stages, channels), whatever the CLI says
-        net = build_net(config).to(device)
+        # the run's own model (stages, channels, loss weights), whatever the CLI says; keys a checkpoint written
+        # before they existed lacks (e.g. dice_labels) come from the settings, then the method's defaults
+        config = {**method.default_config(), **settings.model, **state["config"], "method": method.name}
+        net = method.build_network(config).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
         net.load_state_dict(state["state_dict"])
         opt.load_state_dict(state["optimizer"])
@@ -137,33 +143,26 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     else:
         if settings.init:
             obj = torch.load(settings.init, map_location=device, weights_only=True)
-            config = dict(obj["config"], **{k: v for k, v in settings.model.items() if k not in ("enc", "dec")})
-            net = build_net(config).to(device)
-            load_stages(net, obj)
+            config = {**method.default_config(), **obj["config"],
+                      **{k: v for k, v in settings.model.items() if k not in method.network_keys}, "method": method.name}
+            net = method.build_network(config).to(device)
+            method.init_network(net, obj)
             opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
             log(f"initialised from {settings.init}")
-        csv_path.write_text(",".join(CSV_FIELDS) + "\n")
-    for unet in stage_nets(net)[:-1]:            # a cascade trains its last stage only
-        unet.requires_grad_(False)
+        csv_path.write_text(",".join(csv_fields(method)) + "\n")
+    method.prepare_for_training(net)
     ema = _Ema(net, settings.ema, state.get("ema")) if settings.ema > 0 else None   # resumed with the run
-    (out / "settings.json").write_text(json.dumps({**asdict(settings), "model": config}, indent=1))
+    (out / "settings.json").write_text(json.dumps({**asdict(settings), "method": method.name, "model": config},
+                                                  indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)
     acc: dict[str, list[float]] = {}
     t0 = time.time()
+    meta = {"method": method.name}
     net.train()
     while step < settings.steps:
-        p = data.sample(step)
-        f, m = p["fixed"].to(device), p["moving"].to(device)
-        fl, ml = p.get("fixed_labels"), p.get("moving_labels")
-        labels = None
-        if config.get("dice_weight", 0) > 0 and fl is not None:
-            present = torch.unique(fl).tolist()
-            present = [l for l in present if l != 0]
-            rng = np.random.default_rng(settings.seed * 31 + step)
-            labels = [int(x) for x in rng.choice(present, min(settings.dice_labels_per_step, len(present)),
-                                                  replace=False)] if present else None
-            fl, ml = fl.to(device), ml.to(device)
-        terms = training_step_loss(net, m, f, config, gen, fl, ml, labels)
+        p = _batch_to(data.sample(step), device)
+        meta["train_shape_dhw"] = list(p["fixed"].shape[2:])
+        terms = method.training_loss(net, p, config, TrainStep(step, settings.seed, gen, device))
         opt.zero_grad()
         terms["loss"].backward()
         opt.step()
@@ -175,22 +174,21 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
         last = step == settings.steps or (settings.max_seconds and time.time() - t0 > settings.max_seconds)
         if step % settings.val_every == 0 or last:
             live = ema.swap_in(net) if ema is not None else None      # validate and save the averaged weights
-            ev = evaluate(net, val_pairs, config, device) if val_pairs else \
+            ev = evaluate(method, net, val_pairs, config, device) if val_pairs else \
                 {"val_dice": float("nan"), "val_dice_before": float("nan"), "val_fold_pct": float("nan")}
             row = {"step": step, "seconds": round(time.time() - t0, 1),
-                   **{k: round(float(np.mean(acc.get(k, [np.nan]))), 5) for k in ("loss", "recon", "kl", "dice_loss")},
+                   **{k: round(float(np.mean(acc.get(k, [np.nan]))), 5) for k in method.loss_terms},
                    "val_dice": round(ev["val_dice"], 5), "val_dice_before": round(ev["val_dice_before"], 5),
                    "val_fold_pct": round(ev["val_fold_pct"], 5), "lr": settings.lr}
             with open(csv_path, "a", newline="") as fh:
-                csv.DictWriter(fh, CSV_FIELDS).writerow(row)
+                csv.DictWriter(fh, csv_fields(method)).writerow(row)
             acc = {}
             if val_pairs and ev["val_dice"] > best:
                 best = ev["val_dice"]
-                save_weights(out / "best.pt", config, net.state_dict(),
-                             {"method": "vxm-diff", "step": step, "val": ev})
+                save_weights(out / "best.pt", config, net.state_dict(), {**meta, "step": step, "val": ev})
             elif not val_pairs:
-                save_weights(out / "best.pt", config, net.state_dict(), {"method": "vxm-diff", "step": step})
-            save_weights(out / "last.pt", config, net.state_dict(), {"method": "vxm-diff", "step": step})
+                save_weights(out / "best.pt", config, net.state_dict(), {**meta, "step": step})
+            save_weights(out / "last.pt", config, net.state_dict(), {**meta, "step": step})
             if live is not None:
                 net.load_state_dict(live)
             tmp = out / "checkpoint.tmp.pt"
@@ -198,11 +196,11 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
                         "best_val_dice": best, "config": config,
                         **({"ema": ema.state} if ema is not None else {})}, tmp)
             tmp.replace(ckpt)
-            _plot(csv_path, out / "train_log.png")
+            _plot(csv_path, out / "train_log.png", method.loss_terms)
             log(json.dumps(row))
         if last:
             break
-    return {"step": step, "best_val_dice": best, "out_dir": str(out)}
+    return {"step": step, "best_val_dice": best, "out_dir": str(out), "method": method.name}
 
 
 class _Ema:
@@ -231,29 +229,33 @@ class _Ema:
 
 
 def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, training: dict[str, Any],
-            weights: str = "best.pt", extra_card: str = "") -> dict[str, Any]:
-    """Copy run_dir/weights to models_dir/<model_id>.pt (meta filled in), write <model_id>.md and the manifest entry."""
+            weights: str = "best.pt", extra_card: str = "", licence: str = "not stated",
+            train_shape_dhw: list[int] | None = None) -> dict[str, Any]:
+    """Copy run_dir/weights to models_dir/<model_id>.pt (meta filled in), write <model_id>.md and the manifest
+    entry. The method is the one recorded in the weights file; its ``model_card(config)`` gives the input grid and
+    the modality; ``licence``: of the weights and the data they were trained on; ``train_shape_dhw``: the training
+    grid when the weights file does not record it (files written before it did)."""
+    from ..methods.learned import get_trainable
     run_dir, models_dir = Path(run_dir), Path(models_dir)
     obj = torch.load(run_dir / weights, map_location="cpu", weights_only=True)
     config, meta = obj["config"], dict(obj.get("meta", {}))
-    entry = {"id": model_id, "method": "vxm-diff", "version": version, "file": f"{model_id}.pt",
-             "input_grid": {"spacing_mm": config.get("spacing_mm", 2.0), "size_multiple": 2 ** len(config["enc"]),
-                            "orientation": "LPS-aligned array axes (the method reorients internally)",
-                            "train_shape_dhw": [80, 96, 80]},
-             "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
-                         "on synthetic random-contrast label-map pairs)",
+    method = get_trainable(meta.get("method") or config.get("method", ""))
+    card_facts = method.model_card(config)
+    input_grid = dict(card_facts.get("input_grid", {}))
+    if meta.get("train_shape_dhw") or train_shape_dhw:
+        input_grid["train_shape_dhw"] = list(meta.get("train_shape_dhw") or train_shape_dhw)
+    entry = {"id": model_id, "method": method.name, "version": version, "file": f"{model_id}.pt",
+             "input_grid": input_grid, "modality": card_facts.get("modality", "not stated"),
              "training": {**training, "steps": int(meta.get("step", 0)) + int(training.get("steps_before_init", 0)),
                           "steps_this_run": int(meta.get("step", 0))},
              "validation": {k: meta.get("val", {}).get(k) for k in ("val_dice", "val_dice_before", "val_fold_pct")},
-             "licence": "Apache-2.0 (weights); trained on IXI (CC BY-SA 3.0, brain-development.org), DLMUSE "
-                        "segmentations (LICENSE-SBIA) and SynthSeg label maps (Apache-2.0); see models/LICENSE.md",
-             "card": f"{model_id}.md"}
+             "licence": licence, "card": f"{model_id}.md"}
     meta.update({k: entry[k] for k in ("id", "method", "version", "licence")})
     sha = save_weights(models_dir / entry["file"], config, obj["state_dict"], meta)
     entry["sha256"] = sha
     n_params = sum(v.numel() for v in obj["state_dict"].values())
-    card = [f"# {model_id} (VoxelMorph-diff)", "",
-            f"- method: vxm-diff, version {version}; {n_params:,} parameters; sha256 `{sha}`",
+    card = [f"# {model_id} ({card_facts.get('title') or method.name})", "",
+            f"- method: {method.name}, version {version}; {n_params:,} parameters; sha256 `{sha}`",
             f"- config: `{json.dumps(config)}`",
             f"- input grid: {entry['input_grid']}",
             f"- modality: {entry['modality']}",
