@@ -94,11 +94,6 @@ def tapered_field(disp_lps: np.ndarray, geom: Geometry, length_mm: float) -> tup
     return out, padded_geometry(geom, n_ijk), n_ijk
 
 
-def displacement_transform(disp_lps: np.ndarray, geom: Geometry) -> sitk.DisplacementFieldTransform:
-    """DisplacementFieldTransform of a (K, J, I, 3) LPS field on ``geom`` (the transform takes the image's buffer)."""
-    return sitk.DisplacementFieldTransform(displacement_image(disp_lps, geom))
-
-
 def sample_field(transform: sitk.Transform, geom: Geometry) -> sitk.Image:
     """transform(x) − x (float64 vectors, LPS mm) on ``geom``."""
     f = sitk.TransformToDisplacementFieldFilter()
