@@ -16,6 +16,7 @@ import torch
 
 from affine_case import (A_METHOD, a_init_matrix, a_init_transform, a_total, apply, field_u, field_w, outside_points,
                          own_inverse_grid, register_case, use_known_alignment, use_test_methods, write_pair)
+from deepdiffreg.compose import TAPER_SLOPE, outward_displacement_mm, taper_lengths_mm, tapered_field
 from deepdiffreg.frames import Geometry, displacement_image, lps_from_vox_disp, vox_from_lps_disp
 from deepdiffreg.io.result_writer import deformation_grid_lines
 from deepdiffreg.metrics import jacobian_det_lps
@@ -84,12 +85,36 @@ def test_file_layout_is_one_flat_composite_affine_then_field(case):
     # u is exactly 0 on the padded grid's outer layer (ITK's 0 outside = Slicer's edge value) ...
     for face in (arr[0], arr[-1], arr[:, 0], arr[:, -1], arr[:, :, 0], arr[:, :, -1]):
         assert np.abs(face).max() == 0.0
-    # ... and falls to it gently: |du/dn| ≤ 0.5 mm/mm across the pad (so T stays invertible beside the image)
+    # ... and falls to it along a ramp that does not fold: det ∇(x + u) ≥ 1 − TAPER_SLOPE beside the image
+    det_pad = jacobian_det_lps(arr, Geometry.of(field))
     pk, pj, pi = pad[::-1]
-    for axis, (p, h) in enumerate(zip((pk, pj, pi), np.asarray(fixed.GetSpacing())[::-1])):
-        lo = np.take(arr, range(0, p + 1), axis=axis)
-        slope = np.abs(np.diff(lo, axis=axis)).max() / h
-        assert slope < 0.55, (axis, slope)
+    inside = det_pad[pk:-pk, pj:-pj, pi:-pi]
+    assert det_pad.min() > min(0.45, inside.min() - 0.05), (det_pad.min(), inside.min())
+    assert chain["taper_mm_ijk"] == pytest.approx([max(e / TAPER_SLOPE, 2 * h) for e, h in zip(
+        outward_displacement_mm(_interior_of(arr, pad), Geometry.of(fixed)), fixed.GetSpacing())], abs=1.0)
+
+
+def _interior_of(arr: np.ndarray, pad) -> np.ndarray:
+    pk, pj, pi = np.asarray(pad)[::-1]
+    return arr[pk:-pk, pj:-pj, pi:-pi]
+
+
+def test_ramp_length_follows_the_outward_displacement_and_is_capped():
+    """The ramp across axis a is e_a / TAPER_SLOPE long (e_a: the displacement pointing out through a face across
+    a; tangential and inward parts cannot fold it), at least TAPER_MIN_VOXELS voxels and never past TAPER_MAX_MM."""
+    geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), tuple(np.eye(3).ravel()), (10, 12, 14))
+    u = np.zeros(geom.shape_kji + (3,))
+    u[:, :, 0, 0] = -3.0        # out through the low i face: 3 mm
+    u[:, :, -1, 1] = 25.0       # tangential (j) on the high i face: no effect on the i ramp
+    u[:, 0, :, 1] = 1.0         # inward through the low j face
+    u[-1, :, :, 2] = 40.0       # out through the high k face: 40 mm, capped
+    e = outward_displacement_mm(u, geom)
+    assert e == pytest.approx((3.0, 25.0, 40.0))   # j: the tangential 25 mm of the i face points out of the high j face
+    padded, pgeom, n = tapered_field(u, geom, taper_lengths_mm(u, geom))
+    assert n == (3, 10, 10)                         # 6 mm / 2 mm; 50 mm and 80 mm capped at 20 mm / 2 mm
+    assert pgeom.size_ijk == (16, 32, 34)
+    for face in (padded[0], padded[-1], padded[:, 0], padded[:, -1], padded[:, :, 0], padded[:, :, -1]):
+        assert np.abs(face).max() == 0.0
 
 
 def test_point_20mm_outside_maps_to_the_affine_simpleitk(case):
