@@ -336,9 +336,10 @@ WATCH_PID_ENV = "DEEPDIFFREG_WATCH_PID"  # read by deepdiffreg/watchdog.py: the 
 def child_environment(module_dir: str, base: dict[str, str] | None = None, device: str = "auto",
                       watch_pid: int | None = None) -> dict[str, str]:
     """Environment for the child: the module folder (which holds the ``deepdiffreg`` package) first on
-    PYTHONPATH, unbuffered output, no visible GPU when the CPU was chosen, and the pid of this process for the
-    engine's parent watchdog (a child whose Slicer died stops instead of running on; ``watch_pid=0`` turns it
-    off)."""
+    PYTHONPATH, unbuffered output, the JSON-lines protocol asked for explicitly (``DEEPDIFFREG_JSON=1``; the engine
+    shows a progress bar instead when its stdout is a terminal), no visible GPU when the CPU was chosen, and the pid
+    of this process for the engine's parent watchdog (a child whose Slicer died stops instead of running on;
+    ``watch_pid=0`` turns it off)."""
     env = dict(os.environ if base is None else base)
     pid = os.getpid() if watch_pid is None else watch_pid
     if pid:
@@ -348,6 +349,7 @@ def child_environment(module_dir: str, base: dict[str, str] | None = None, devic
     paths = [module_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != module_dir]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
+    env["DEEPDIFFREG_JSON"] = "1"
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = "-1"
     return env

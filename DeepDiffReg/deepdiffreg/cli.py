@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from .console import LibraryOutput, close_bars, json_mode, make_reporter
 from .errors import BadInput, Cancelled, OutOfMemory, RegistrationError
 from .progress import ExitCode, Reporter
 
@@ -23,6 +24,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cancel_handler(signum, frame):
+    # Later signals are ignored: a second SIGTERM while the first one's cleanup runs (removing the partial folder)
+    # must not interrupt it, and the run still ends with the CANCELLED exit code. SIG_IGN, not a Python handler:
+    # the interpreter resets Python handlers to the default at teardown (~0.4 s with torch loaded), where a second
+    # SIGTERM would kill the process with -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     raise Cancelled(f"cancelled by {signal.Signals(signum).name}")
 
 
@@ -72,6 +79,8 @@ def default_threads() -> int:
 
 def set_threads(n: int) -> None:
     """Use ``n`` CPU threads in torch and in SimpleITK (whose filters default to every core)."""
+    if not isinstance(n, int) or n < 1:
+        raise BadInput(f"--threads must be a whole number >= 1, got {n!r}")
     import SimpleITK as sitk
     import torch
     torch.set_num_threads(n)
@@ -97,13 +106,13 @@ def _cmd_register(args) -> int:
     cls = get_method(args.method)
     options = method_options_from_args(args, cls)
     cls.parse_options(options)   # every option checked before a thread is set or a file is read
-    set_threads(args.threads or default_threads())
+    set_threads(default_threads() if args.threads is None else args.threads)
     req = RegisterRequest(fixed=args.fixed, moving=args.moving, method=args.method, out_dir=args.out,
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                           fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
                           align=args.align, spacing_mm=args.spacing, method_options=options, overwrite=args.overwrite)
-    reporter = Reporter(sys.stdout)
+    reporter = make_reporter(getattr(args, "json_protocol", False))
     report = register(req, reporter)
     s = summary_of(report)
     out = os.path.abspath(args.out)
@@ -161,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         getattr(module, fn)(sub)
+    for name, p in sub.choices.items():  # `<command> --json`: JSON lines on stdout even in a terminal
+        if "--json" not in p._option_string_actions:
+            p.add_argument("--json", dest="json_protocol", action="store_true",
+                           help="print the JSON-lines protocol (progress, result, error) instead of the progress bar; "
+                                "automatic when stdout is not a terminal")
     return parser
 
 
@@ -174,10 +188,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _cancel_handler)
     signal.signal(signal.SIGINT, _cancel_handler)
     debug = os.environ.get("DEEPDIFFREG_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
-    reporter = Reporter(sys.stdout)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json = json_mode("--json" in argv)
+    lib = LibraryOutput(enabled=not debug)
     try:
-        args = build_parser().parse_args(argv)
-        return int(args.func(args) or 0)
+        with lib:
+            args = build_parser().parse_args(argv)
+            as_json = json_mode(getattr(args, "json_protocol", False) or getattr(args, "json", False) is True)
+            code = int(args.func(args) or 0)
+        note = lib.summary()
+        if note:
+            if as_json:
+                Reporter(sys.stdout).info(note, lines=(lib.lines + lib.warnings)[:20])
+            else:
+                print(f"note: {note}")
+        return code
     except BrokenPipeError:  # the reader went away (e.g. `| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return int(ExitCode.ERROR)
@@ -197,7 +222,15 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
         traceback.print_exc()
     msg = " ".join(msg.split())
-    reporter.error(code, msg)
+    if code == ExitCode.ERROR and any("no space left" in ln.lower() for ln in lib.lines):
+        msg = f"no space left on the device ({msg})"
+    elif code == ExitCode.ERROR and lib.summary():   # an internal error: what the libraries said may explain it
+        msg = f"{msg} ({lib.summary()})"
+    close_bars()   # a failed run's progress bar must not share its line with the error
+    if as_json:
+        if lib.lines or lib.warnings:
+            Reporter(sys.stdout).info("library output", lines=(lib.lines + lib.warnings)[:20])
+        Reporter(sys.stdout).error(code, msg)
     print(f"deepdiffreg: error: {msg}", file=sys.stderr)
     return int(code)
 

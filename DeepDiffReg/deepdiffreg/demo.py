@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-from .progress import Reporter
+from .console import make_reporter
 
 
 def add_demo_parser(sub) -> None:
@@ -31,7 +30,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = os.path.join(args.out, "result")
     req = RegisterRequest(paths["fixed"], paths["moving"], method, result, device=args.device,
                           fixed_seg=paths["fixed_seg"], moving_seg=paths["moving_seg"], overwrite=True)
-    report = register(req, Reporter(sys.stdout))
+    report = register(req, make_reporter(getattr(args, "json_protocol", False)))
     s = summary_of(report)
     files = "\n".join(f"    {k:12s} {os.path.join(os.path.abspath(result), v)}" for k, v in report["files"].items())
     print(f"""

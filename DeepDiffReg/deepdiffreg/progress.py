@@ -20,6 +20,31 @@ from typing import IO, Any
 JSON_PREFIX = "{"  # progress lines are bare JSON objects; anything else is free text
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN/±Inf replaced by None (JSON null) and numpy scalars/arrays made plain Python, so that
+    ``json.dumps(..., allow_nan=False)`` writes strict JSON (a bare ``NaN`` is rejected by strict parsers).
+    numpy is handled by duck typing: this file has no third-party import."""
+    if isinstance(obj, float):
+        return obj if obj - obj == 0.0 else None      # NaN and ±Inf give NaN here (no math import: see above)
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    if isinstance(obj, dict):
+        return {str(k) if not isinstance(k, (str, int, float, bool)) and k is not None else k: json_safe(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):            # numpy arrays and scalars (np.float32(nan).tolist() is a float)
+        return json_safe(obj.tolist())
+    if hasattr(obj, "item"):
+        return json_safe(obj.item())
+    return str(obj)
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    """Strict JSON text of ``obj`` (see ``json_safe``): NaN/Inf become null."""
+    return json.dumps(json_safe(obj), allow_nan=False, **kw)
+
+
 class ExitCode(enum.IntEnum):
     OK = 0
     ERROR = 1              # unexpected failure (a bug): the message says what broke
@@ -45,7 +70,7 @@ class Reporter:
     def _emit(self, obj: dict[str, Any]) -> None:
         if self.stream is None:
             return
-        self.stream.write(json.dumps(obj) + "\n")
+        self.stream.write(dumps(obj) + "\n")
         self.stream.flush()
 
     def elapsed(self) -> float:

@@ -6,63 +6,344 @@ complete, so a failed or cancelled run never leaves a half-written result.
 """
 from __future__ import annotations
 
+import atexit
+import errno
 import gzip
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import BadInput
+from ..errors import BadInput, RegistrationError
 from ..frames import Geometry
+from ..progress import dumps
 
 FILES = {"transform": "transform.h5", "inverse": "inverse.h5", "jacobian": "jacobian.nii.gz", "grid": "grid.vtk",
          "warped": "warped.nii.gz", "warped_seg": "warped_seg.nii.gz", "uncertainty": "uncertainty.nii.gz",
          "report": "report.json"}
 
 
-class AtomicResultDir:
-    """``with AtomicResultDir(out) as tmp:`` write into ``tmp``; on success it becomes ``out``, on error it is removed."""
+def _is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it (symlinks resolved)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    try:
+        return os.path.commonpath([p, f]) == f
+    except ValueError:  # different drives (Windows)
+        return False
 
-    def __init__(self, out_dir: str, overwrite: bool = False):
+
+def _no_space(exc: BaseException | None, folder: str) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc or "").lower()
+    if "no space" in text or "disk full" in text or "quota" in text:
+        return True
+    if isinstance(exc, (OSError, RuntimeError)):  # ITK/HDF5 say "write failed" without the reason
+        try:
+            return shutil.disk_usage(folder).free < (1 << 20)
+        except OSError:
+            return False
+    return False
+
+
+class _Lock:
+    """An exclusive, non-blocking lock on ``path`` (a small file, removed on release). POSIX: ``flock`` (released by
+    the kernel when the process dies, so a stale file never blocks a later run); elsewhere: O_EXCL + the owner's pid."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        try:
+            import fcntl
+        except ImportError:
+            return self._acquire_excl()
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            try:  # the file may have been removed by its previous owner between our open and our lock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, str(os.getpid()).encode())
+                self.fd = fd
+                return True
+            os.close(fd)
+
+    def _acquire_excl(self) -> bool:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                try:
+                    with open(self.path) as fh:
+                        pid = int(fh.read().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _pid_alive(pid):
+                    return False
+                try:
+                    os.remove(self.path)   # stale: its owner is gone
+                except OSError:
+                    return False
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            self.fd = fd
+            return True
+        return False
+
+    def owner(self) -> str:
+        try:
+            with open(self.path) as fh:
+                return fh.read().strip()
+        except OSError:
+            return "?"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.remove(self.path)     # removed while still held: a waiting run retries on a fresh file
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+_LIVE: "weakref.WeakSet[AtomicResultDir]" = weakref.WeakSet()
+_HELD: "weakref.WeakValueDictionary[str, AtomicResultDir]" = weakref.WeakValueDictionary()  # out_dir → holder
+
+
+@atexit.register
+def _release_all() -> None:  # a run that failed between check() and writing: drop its lock and folders
+    for d in list(_LIVE):
+        d.release()
+
+
+class AtomicResultDir:
+    """``with AtomicResultDir(out) as tmp:`` write into ``tmp``; on success it becomes ``out``, on error it is removed.
+
+    ``check()`` (called before any work) refuses an unusable ``out``, takes a lock on it (a second run on the same
+    ``out`` fails at once) and sweeps what a killed run left (``<out>.partial-*``, ``<out>.old-*``).
+    ``overwrite`` only replaces a previous result folder: one with report.json, nothing in it but result files,
+    and no input of this run inside it (``inputs``). Nothing else is ever deleted. Parent folders that this run
+    created are removed again when it fails.
+    """
+
+    def __init__(self, out_dir: str, overwrite: bool = False, inputs: tuple[str | None, ...] | list = ()):
         self.out_dir = os.path.abspath(out_dir)
         self.overwrite = overwrite
+        self.inputs = [p for p in inputs if p]
         self.tmp: str | None = None
+        self._lock: _Lock | None = None
+        self._created: list[str] = []
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def _check_previous_result(self) -> None:
+        out = self.out_dir
+        for p in self.inputs:
+            if _is_within(p, out):
+                raise BadInput(f"refusing --overwrite: the output folder {out} holds the input {p}; "
+                               "choose another --out")
+        report = os.path.join(out, FILES["report"])
+        listed: set[str] = set()
+        try:
+            with open(report) as fh:
+                rep = json.load(fh)
+            listed = {str(v) for v in (rep.get("files") or {}).values()} if isinstance(rep, dict) else set()
+            ok = isinstance(rep, dict) and ("deepdiffreg_version" in rep or "method" in rep)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise BadInput(f"refusing --overwrite: {out} is not a previous DeepDiffReg result folder (no valid "
+                           "report.json); --overwrite only replaces a result folder — choose another --out")
+        allowed = set(FILES.values()) | listed
+        others = sorted(n for n in os.listdir(out) if n not in allowed)
+        if others:
+            raise BadInput(f"refusing --overwrite: {out} holds files that are not part of a result "
+                           f"({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}); move them away or choose "
+                           "another --out")
 
     def check(self) -> None:
-        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise BadInput(f"output path exists and is not a directory: {self.out_dir}")
-        if os.path.isdir(self.out_dir) and os.listdir(self.out_dir) and not self.overwrite:
-            raise BadInput(f"output directory is not empty: {self.out_dir} (use --overwrite to replace it)")
-        parent = os.path.dirname(self.out_dir) or "."
-        if not os.path.isdir(parent):
+        out = self.out_dir
+        if os.path.lexists(out) and not os.path.isdir(out):
+            raise BadInput(f"output path exists and is not a directory: {out}")
+        if os.path.isdir(out) and os.listdir(out):
+            if not self.overwrite:
+                raise BadInput(f"output directory is not empty: {out} (use --overwrite to replace it)")
+            self._check_previous_result()
+        parent = os.path.dirname(out) or "."
+        existing = parent
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise BadInput(f"cannot create output folder {parent}: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise BadInput(f"cannot write the output: folder {existing} is not writable")
+        if os.path.isdir(out) and not os.access(out, os.W_OK | os.X_OK):
+            raise BadInput(f"cannot write the output: folder {out} is read-only")
+        if self._lock is not None:
+            return                                    # checked and locked already
+        missing = []
+        d = parent
+        while not os.path.isdir(d):
+            missing.append(d)
+            d = os.path.dirname(d)
+        for d in reversed(missing):
             try:
-                os.makedirs(parent, exist_ok=True)
+                os.mkdir(d)
+            except FileExistsError:
+                continue
             except OSError as e:
-                raise BadInput(f"cannot create output folder {parent}: {e.strerror}") from None
+                self.release()
+                raise BadInput(f"cannot create output folder {d}: {e.strerror}") from None
+            self._created.append(d)
+        _LIVE.add(self)
+        prev = _HELD.get(out)
+        if prev is not None and prev is not self and prev.tmp is None:
+            prev.release()   # an earlier call in this process that failed before writing (library use, tests)
+        lock = _Lock(os.path.join(parent, "." + os.path.basename(out) + ".deepdiffreg-lock"))
+        try:
+            got = lock.acquire()
+        except OSError as e:
+            self.release()
+            raise BadInput(f"cannot write the output: {parent}: {e.strerror}") from None
+        if not got:
+            owner = lock.owner()
+            self.release()
+            raise BadInput(f"another deepdiffreg run (pid {owner}) is writing {out}; wait for it or choose another --out")
+        self._lock = lock
+        _HELD[out] = self
+        self._sweep()
 
+    def _sweep(self) -> None:
+        """Remove what killed runs on this ``out`` left (we hold its lock, so none of them is still writing)."""
+        parent, base = os.path.split(self.out_dir)
+        for name in os.listdir(parent):
+            if name.startswith(base + ".partial-") or name.startswith(base + ".old-"):
+                path = os.path.join(parent, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+
+    def release(self) -> None:
+        """Drop the lock and remove the parent folders this run created (when they are still empty)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        for d in reversed(self._created):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        self._created = []
+        _LIVE.discard(self)
+        if _HELD.get(self.out_dir) is self:
+            del _HELD[self.out_dir]
+
+    def __del__(self):  # a run that failed between check() and writing, once nothing refers to it any more
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 (interpreter teardown)
+            pass
+
+    # -- writing ---------------------------------------------------------------------------------------------------
     def __enter__(self) -> str:
         self.check()
         parent = os.path.dirname(self.out_dir)
-        self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".partial-", dir=parent)
+        try:
+            self.tmp = tempfile.mkdtemp(prefix=os.path.basename(self.out_dir) + ".partial-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o777 & ~umask)   # mkdtemp makes it 0700; the result folder gets the usual mode
+        except OSError as e:
+            self.release()
+            raise BadInput(f"cannot write the output in {parent}: {e.strerror}") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
+            space = _no_space(exc, os.path.dirname(self.out_dir))   # before the partial folder frees its space
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self.release()
+            if space and not isinstance(exc, RegistrationError):
+                raise BadInput(f"no space left on the device while writing the result to {self.out_dir} "
+                               "(nothing was written)") from None
+            if isinstance(exc, PermissionError):
+                raise BadInput(f"cannot write the result to {self.out_dir}: permission denied") from None
             return False
-        old = None
-        if os.path.isdir(self.out_dir):
-            old = self.out_dir + ".old-" + os.path.basename(self.tmp).rsplit("-", 1)[-1]
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            if os.path.isdir(self.out_dir) and os.listdir(self.out_dir) and not self.overwrite:
+                raise BadInput(f"output directory {self.out_dir} was filled by something else during the run; "
+                               "nothing was replaced (use --overwrite or another --out)")
+            # the two renames run with SIGTERM/SIGINT held back, so a cancel cannot leave no <out> between them
+            self._renames()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.release()
+            raise
+        self.release()
         return False
+
+    def _renames(self) -> None:
+        """Old result aside, new one in, old one removed — with SIGTERM/SIGINT deferred until both renames are done.
+        (A signal mask would not do: the kernel hands a process signal to any thread that does not block it, e.g. an
+        OpenMP worker, and Python then runs the handler in the main thread between any two bytecodes.) A deferred
+        signal is delivered to the previous handler afterwards."""
+        sigs = (signal.SIGTERM, signal.SIGINT)
+        pending: list[int] = []
+        main = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main:
+            for s in sigs:
+                previous[s] = signal.getsignal(s)
+                signal.signal(s, lambda signum, frame: pending.append(signum))
+        try:
+            old = None
+            if os.path.isdir(self.out_dir):
+                old = self.out_dir + ".old-" + os.path.basename(self.tmp).rsplit("-", 1)[-1]
+                os.replace(self.out_dir, old)
+            try:
+                os.replace(self.tmp, self.out_dir)
+            except OSError:
+                if old:
+                    os.replace(old, self.out_dir)   # put the previous result back
+                raise
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        if pending:
+            h = previous.get(pending[0])
+            if callable(h):
+                h(pending[0], None)
+            elif h == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def write_displacement_transform(disp_image: sitk.Image, path: str) -> None:
@@ -245,11 +526,6 @@ def write_result(result_dir: AtomicResultDir, data: ResultData, report: dict[str
 
 
 def write_report(report: dict, path: str) -> None:
-    def default(o):
-        if isinstance(o, (np.floating, np.integer)):
-            return o.item()
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        raise TypeError(type(o))
+    """report.json as strict JSON: NaN/Inf (a Dice of a label that is absent, a TRE of no points) become null."""
     with open(path, "w") as fh:
-        json.dump(report, fh, indent=2, default=default, allow_nan=True)
+        fh.write(dumps(report, indent=2))

@@ -14,10 +14,14 @@ be deleted from the CLI.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +72,75 @@ def read_manifest(folder: Path) -> list[dict[str, Any]]:
 
 
 def write_manifest(folder: Path, entries: list[dict[str, Any]]) -> None:
+    """Write manifest.json atomically (a temporary file renamed over it: a crash never leaves half a manifest)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").write_text(json.dumps({"models": entries}, indent=2) + "\n")
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps({"models": entries}, indent=2) + "\n")
+        os.replace(tmp, folder / "manifest.json")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def manifest_lock(folder: Path, timeout_s: float = 60.0):
+    """Exclusive lock on ``folder``'s manifest for a read-modify-write (concurrent imports would drop entries).
+    The lock file ``.manifest.lock`` stays in the cache; the kernel releases the lock if the process dies."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:   # no flock (Windows): best effort without a lock
+        yield
+        return
+    fd = os.open(folder / ".manifest.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise BadInput(f"the model cache {folder} is locked by another deepdiffreg process") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def upsert_entry(folder: Path, entry: dict[str, Any]) -> None:
-    entries = [e for e in read_manifest(folder) if e.get("id") != entry["id"]]
-    write_manifest(folder, entries + [entry])
+    with manifest_lock(folder):
+        entries = [e for e in read_manifest(folder) if e.get("id") != entry["id"]]
+        write_manifest(folder, entries + [entry])
+
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def check_model_id(model_id: str, where: str = "model id") -> str:
+    """A model id is a plain name (letters, digits, '.', '_', '-'; no path): it becomes ``<cache>/<id>.pt``."""
+    if not isinstance(model_id, str) or not _ID.match(model_id) or ".." in model_id:
+        raise BadInput(f"{where} {model_id!r} is not a plain name: use letters, digits, '.', '_' and '-' only "
+                       "(no '/', '..' or absolute paths)")
+    return model_id
+
+
+def inside(folder: Path, name: str) -> Path | None:
+    """``folder / name`` when it resolves to a file directly inside ``folder`` (no '..', no absolute path, no
+    symlink out of it); None otherwise."""
+    if not name or not isinstance(name, str):
+        return None
+    base = Path(folder).resolve()
+    try:
+        path = (base / name).resolve()
+    except (OSError, RuntimeError):
+        return None
+    return path if path.parent == base else None
 
 
 def list_models() -> list[dict[str, Any]]:
@@ -83,7 +148,10 @@ def list_models() -> list[dict[str, Any]]:
     out = []
     for source, folder in (("bundled", bundled_dir()), ("user", user_dir())):
         for e in read_manifest(folder):
-            out.append({**e, "source": source, "path": str(Path(folder) / e.get("file", ""))})
+            path = inside(folder, e.get("file", ""))
+            out.append({**e, "source": source, "path": str(path) if path is not None else "",
+                        **({} if path is not None else {"status": f"invalid: file {e.get('file')!r} is not inside "
+                                                                  f"{folder}"})})
     return out
 
 
@@ -113,16 +181,31 @@ def find_model(model_id: str | None = None, method: str | None = None, file: str
     return hits[-1]
 
 
-def load_weights(entry: dict[str, Any]) -> dict[str, Any]:
-    """Verify the sha256 and load {"config": dict, "state_dict": {name: tensor}, ...} with weights_only=True."""
+_VERIFIED: dict[tuple, str] = {}   # (path, size, mtime) → sha256 already checked in this process
+
+
+def verify_entry(entry: dict[str, Any]) -> Path:
+    """The weights file of ``entry`` when it exists, lies inside its model folder and matches its sha256 (checked
+    once per process and file version); MissingWeights otherwise. Cheap enough for the input gate (no unpickling)."""
+    if not entry.get("path"):
+        raise MissingWeights(f"model {entry.get('id')!r}: its manifest entry names a file outside the model folder "
+                             f"({entry.get('file')!r}); it is not loaded")
     path = Path(entry["path"])
     if not path.is_file():
         raise MissingWeights(f"weights file for model {entry.get('id')!r} is missing: {path}")
-    digest = sha256_of(path)
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    digest = _VERIFIED.get(key) or sha256_of(path)
     if digest != entry.get("sha256"):
         raise MissingWeights(f"weights file {path} fails its sha256 check (expected {str(entry.get('sha256'))[:12]}…, "
                              f"got {digest[:12]}…): the file is corrupt or was replaced")
-    return _load_file(path)
+    _VERIFIED[key] = digest
+    return path
+
+
+def load_weights(entry: dict[str, Any]) -> dict[str, Any]:
+    """Verify the sha256 and load {"config": dict, "state_dict": {name: tensor}, ...} with weights_only=True."""
+    return _load_file(verify_entry(entry))
 
 
 def _load_file(path: Path) -> dict[str, Any]:
@@ -146,40 +229,81 @@ def save_weights(path: Path, config: dict[str, Any], state_dict: dict[str, torch
 
 
 def import_weights(file: Path, model_id: str | None = None) -> dict[str, Any]:
-    """Copy a weights file into the user cache and register it; returns the manifest entry."""
+    """Copy a weights file into the user cache and register it; returns the manifest entry.
+
+    The id (``--id``, else the file's meta.id, else its name) must be a plain name, so nothing is written outside
+    the cache; an id already in the cache is refused unless it holds the very same file (then nothing changes)."""
     file = Path(file)
     if not file.is_file():
         raise BadInput(f"no such weights file: {file}")
     obj = _load_file(file)
     meta = obj.get("meta", {}) or {}
+    if not isinstance(meta, dict):
+        raise BadInput(f"{file}: its 'meta' is not a dictionary")
     method = meta.get("method") or obj["config"].get("method")
     if not method:
         raise BadInput(f"{file} does not say which method it is for (meta.method)")
-    mid = model_id or meta.get("id") or file.stem
+    if model_id is not None:
+        mid = check_model_id(model_id, "--id")
+    elif meta.get("id"):
+        mid = check_model_id(str(meta["id"]), f"the id stored in {file.name} (meta.id)")
+    else:
+        mid = check_model_id(file.stem, f"the file name of {file.name}")
     if any(m.get("id") == mid and m["source"] == "bundled" for m in list_models()):
         mid = f"{mid}-user"
     dest_dir = user_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{mid}.pt"
-    shutil.copyfile(file, dest)
-    entry = {k: v for k, v in meta.items() if k not in ("id", "file", "sha256")}
-    entry.update(id=mid, method=method, file=dest.name, sha256=sha256_of(dest),
-                 version=meta.get("version", "imported"), licence=meta.get("licence", "unknown (user import)"))
-    upsert_entry(dest_dir, entry)
+    dest = inside(dest_dir, f"{mid}.pt")
+    if dest is None:                     # cannot happen for a checked id; the resolved-path check is the guarantee
+        raise BadInput(f"model id {mid!r} would write outside the model cache {dest_dir}")
+    digest = sha256_of(file)
+    with manifest_lock(dest_dir):
+        existing = [e for e in read_manifest(dest_dir) if e.get("id") == mid]
+        if existing:
+            if existing[0].get("sha256") == digest and dest.is_file() and sha256_of(dest) == digest:
+                return existing[0]       # the same file imported again: nothing to do
+            raise BadInput(f"a user model {mid!r} exists already in {dest_dir}; delete it first "
+                           f"(`deepdiffreg models delete {mid}`) or import with another --id")
+        if file.resolve() != dest:
+            fd, tmp = tempfile.mkstemp(prefix=f".{mid}-", suffix=".pt.tmp", dir=dest_dir)
+            os.close(fd)
+            try:
+                shutil.copyfile(file, tmp)
+                if sha256_of(Path(tmp)) != digest:
+                    raise MissingWeights(f"copying {file} into the cache gave a different file (changed meanwhile?)")
+                os.replace(tmp, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
+        entry = {k: v for k, v in meta.items() if k not in ("id", "file", "sha256")}
+        entry.update(id=mid, method=method, file=dest.name, sha256=digest,
+                     version=meta.get("version", "imported"), licence=meta.get("licence", "unknown (user import)"))
+        entries = [e for e in read_manifest(dest_dir) if e.get("id") != mid]
+        write_manifest(dest_dir, entries + [entry])
     return entry
 
 
 def delete_model(model_id: str) -> Path:
-    """Remove a user-imported model (file and manifest entry). Bundled models are refused."""
+    """Remove a user-imported model (file and manifest entry). Bundled models are refused, and so is an entry
+    whose file is not inside the cache (nothing outside the cache is ever deleted)."""
     folder = user_dir()
-    entries = read_manifest(folder)
-    hit = [e for e in entries if e.get("id") == model_id]
-    if not hit:
-        if any(m.get("id") == model_id for m in list_models()):
-            raise BadInput(f"model {model_id!r} is bundled with DeepDiffReg and cannot be deleted")
-        raise BadInput(f"no user model {model_id!r} in {folder}")
-    path = folder / hit[0].get("file", "")
-    if path.is_file():
-        path.unlink()
-    write_manifest(folder, [e for e in entries if e.get("id") != model_id])
+    with manifest_lock(folder):
+        entries = read_manifest(folder)
+        hit = [e for e in entries if e.get("id") == model_id]
+        if not hit:
+            if any(m.get("id") == model_id for m in list_models()):
+                raise BadInput(f"model {model_id!r} is bundled with DeepDiffReg and cannot be deleted")
+            raise BadInput(f"no user model {model_id!r} in {folder}")
+        name = hit[0].get("file", "")
+        path = inside(folder, name)
+        if path is None:
+            raise BadInput(f"model {model_id!r}: its manifest entry names the file {name!r}, which is not inside the "
+                           f"model cache {folder}; nothing was deleted (remove the entry from {folder / 'manifest.json'} "
+                           "by hand)")
+        if path.name in ("manifest.json", ".manifest.lock"):
+            raise BadInput(f"model {model_id!r}: its manifest entry names {name!r}; nothing was deleted")
+        if path.is_file():
+            path.unlink()
+        write_manifest(folder, [e for e in entries if e.get("id") != model_id])
     return path

@@ -264,6 +264,10 @@ class Method:
         return cls.Options(**values)
 
     # -- the work ----------------------------------------------------------------------------------------------
+    def check_ready(self) -> None:
+        """Fail now (before any voxel is read) when the method cannot run as configured, e.g. missing or tampered
+        weights. Cheap: called by the pipeline's input gate."""
+
     def estimate(self, pair: PairOnGrid, device: torch.device, progress: ProgressFn) -> FieldEstimate:
         raise NotImplementedError
 

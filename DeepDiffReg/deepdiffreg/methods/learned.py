@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInput
-from ..io.weights import find_model, load_weights
+from ..io.weights import find_model, load_weights, verify_entry
 from .base import Method, all_methods, option
 
 
@@ -72,10 +72,18 @@ class LearnedMethod(Method):
         if weights and not Path(weights).is_file():
             raise BadInput(f"{self.flag('weights')}: no such weights file: {weights}")
 
+    def model_entry(self) -> dict[str, Any]:
+        """The registry entry (or file entry) the ``model``/``weights`` options select; MissingWeights if none."""
+        o = self.opts
+        return find_model(getattr(o, "model", None), method=self.name, file=getattr(o, "weights", None))
+
+    def check_ready(self) -> None:
+        """The weights exist, lie inside their model folder and match their sha256 (no unpickling)."""
+        verify_entry(self.model_entry())
+
     def load_network(self, device: torch.device) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         """(network in eval mode on ``device``, its config, {"id", "version", "sha256"} for report.json)."""
-        o = self.opts
-        entry = find_model(getattr(o, "model", None), method=self.name, file=getattr(o, "weights", None))
+        entry = self.model_entry()
         obj = load_weights(entry)
         made_for = (obj.get("meta") or {}).get("method") or obj["config"].get("method")
         if made_for not in (None, self.name):

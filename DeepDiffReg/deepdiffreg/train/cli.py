@@ -200,10 +200,19 @@ def run_models_list(args) -> int:
     return 0
 
 
+def _models_result(**what) -> None:
+    """The JSON result line of `models import/delete` (JSON mode: --json, DEEPDIFFREG_JSON=1 or a non-terminal)."""
+    from ..console import json_mode
+    from ..progress import dumps
+    if json_mode(getattr(what.pop("args", None), "json_protocol", False)):
+        print(dumps({"event": "result", **what}), flush=True)
+
+
 def run_models_import(args) -> int:
     from ..io.weights import import_weights
     e = import_weights(Path(args.file), args.id)
     print(f"imported {e['id']} ({e['method']}) sha256 {e['sha256'][:12]}")
+    _models_result(args=args, action="import", model=e)
     return 0
 
 
@@ -211,6 +220,7 @@ def run_models_delete(args) -> int:
     from ..io.weights import delete_model
     path = delete_model(args.id)
     print(f"deleted {args.id} ({path})")
+    _models_result(args=args, action="delete", id=args.id, file=str(path))
     return 0
 
 
