@@ -1,11 +1,13 @@
 """register(): the one place where the stages of a registration run are strung together.
 
-load → check → initial alignment A → working grid (fixed box, method spacing) → method → field on the fixed
-grid in LPS mm, chained with A → Jacobian, grid, warped image, metrics → result directory (atomic).
+check → load → initial alignment A_init → working grid (fixed box, method spacing) → method (OOM guard) →
+compose the result (compose.py: T = A ∘ (id + u) as an ITK composite, Jacobian, grid, warped images) →
+report → result directory (io.result_writer.write_result, atomic).
 
-The written transform is T(x) = A(x + u(x)) for fixed-space points x (ITK resampling direction): the
-displacement T(x) − x sampled on the fixed image's own grid, in LPS mm. The inverse (when the method has one)
-is T⁻¹(y) = W⁻¹(A⁻¹(y)) on the moving image's own grid, with W⁻¹ the method's inverse field.
+The written transform is T(x) = A(x + u(x)) for fixed-space points x (ITK resampling direction), A = A_init after
+the method's own affine, kept as its own transform beside the displacement u on the (padded) fixed grid, so T = A
+outside the field's grid too. The inverse (when the method has one) is T⁻¹(y) = A⁻¹(y) + w(A⁻¹(y)), w the method's
+inverse field in fixed space. compose.py and report.json's "transform_chain" say exactly how the files chain.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ import torch
 from . import __version__
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .errors import BadInput, DeviceUnavailable, OutOfMemory
-from .frames import Geometry, displacement_image, lps_from_vox_disp
+from .compose import TRANSFORM_CHAIN, ComposedResult, compose_result
+from .frames import Geometry
 from .io import images
-from .io.result_writer import (FILES, AtomicResultDir, deformation_grid_lines, write_grid_vtk_lps, write_image,
-                               write_report, write_scalar, write_transform)
+from .io.result_writer import AtomicResultDir, write_result
 from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
-from .metrics import dice_per_label, dice_summary, fold_stats, inverse_consistency_vox, jacobian_det_lps, tre_mm
+from .metrics import dice_per_label, dice_summary, tre_mm
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
                          working_grid)
 from .progress import Reporter
@@ -126,18 +128,10 @@ def _span(reporter: Reporter, stage: str):
     return lambda f, msg="": reporter.progress(a + (b - a) * min(max(f, 0.0), 1.0), msg)
 
 
-def _padded_field_transform(disp_lps: np.ndarray, geom: Geometry) -> sitk.DisplacementFieldTransform:
-    """DisplacementFieldTransform of a working-grid field padded by one edge-replicated voxel, so that points on
-    the fixed grid's outermost voxels (which lie exactly on the working grid's border) are inside it."""
-    padded = np.pad(disp_lps, ((1, 1), (1, 1), (1, 1), (0, 0)), mode="edge")
-    origin = np.asarray(geom.origin_lps) - geom.direction @ np.asarray(geom.spacing_ijk)
-    g = Geometry(tuple(origin), geom.spacing_ijk, geom.direction_lps, tuple(s + 2 for s in geom.size_ijk))
-    return sitk.DisplacementFieldTransform(sitk.Cast(displacement_image(padded, g), sitk.sitkVectorFloat64))
-
-
 def displacement_on_grid(transforms: list[sitk.Transform], reference: sitk.Image) -> sitk.Image:
     """T(x) − x (float64 vectors, LPS mm) on ``reference``'s grid for T = transforms[0] ∘ transforms[1] ∘ …
-    (the last one is applied first)."""
+    (the last one is applied first). Any transform a file holds will do, the result contract's composites too:
+    this is the baked field of the whole T (evaluate, benchmark), not what transform.h5 stores."""
     comp = sitk.CompositeTransform(3)
     for t in transforms:
         comp.AddTransform(t)
@@ -239,10 +233,59 @@ def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int
     return {k: round(v, 1) for k, v in need.items()}
 
 
+@dataclass
+class _Inputs:
+    """What load/check read: the images, the optional segmentations, landmarks and mask, their geometry."""
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_seg: sitk.Image | None
+    moving_seg: sitk.Image | None
+    fixed_pts: np.ndarray | None
+    moving_pts: np.ndarray | None
+    user_mask: sitk.Image | None
+    fixed_geom: Geometry
+    moving_geom: Geometry
+
+
+@dataclass
+class _Alignment:
+    transform: sitk.Transform   # A_init: fixed point -> moving point
+    info: dict[str, Any]
+    overlap: float
+
+
 def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
-    """Run one registration and write its result directory. Returns the report (also in report.json)."""
+    """Run one registration and write its result directory. Returns the report (also in report.json).
+
+    The data flow, one function each: check the request → load and check the inputs → initial alignment →
+    working grid → the method's estimate (out-of-memory guard) → compose the result (compose.compose_result) →
+    report → files (io.result_writer.write_result, which writes every file)."""
     reporter = reporter or Reporter(stream=None)
     t_start = time.perf_counter()
+    req, method_cls, method, device, result_dir = _check_request(req)
+    inputs = _load(req, method_cls, device, reporter)
+    alignment = _align(req, inputs, reporter)
+    pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
+    est = _estimate(req, method, pair, device, reporter)
+
+    reporter.stage("write", "writing results", _SPAN["write"][0])
+    composed = compose_result(est, pair.geometry, alignment.transform, inputs.fixed, inputs.moving,
+                              moving_seg=inputs.moving_seg if inputs.fixed_seg is not None else None,
+                              fold_region=lambda det: _fold_region(det, inputs.fixed, user_fg),
+                              grid_lines=req.grid_lines)
+    report = _report(req, method, device, inputs, alignment, pair.geometry, spacing, est, composed)
+
+    def finish(rep: dict) -> None:  # when every other file is written, just before report.json
+        reporter.end_stage()
+        rep["timings_s"] = {k: round(v, 3) for k, v in reporter.stage_times.items()}
+        rep["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+        rep["peak_memory_mb"] = _peak_memory_mb(device)
+
+    return write_result(result_dir, composed.data, report, before_report=finish)
+
+
+def _check_request(req: RegisterRequest):
+    """The method and its options, the alignment mode, the device and the output place, checked before any work."""
     method_cls = get_method(req.method)
     method = method_cls(**req.method_options)        # options checked before any work (one-line BadInput)
     if req.align is None:
@@ -254,8 +297,11 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
                                          req.moving_landmarks, req.fixed_mask))
     check_inputs(req, method)  # headers, landmarks, weights: before the output is locked or any voxel read
     result_dir.check()  # fail before any work when the output place is unusable
+    return req, method_cls, method, device, result_dir
 
-    # -- load ---------------------------------------------------------------------------------------------
+
+def _load(req: RegisterRequest, method_cls, device: torch.device, reporter: Reporter) -> _Inputs:
+    """Read and check the images, segmentations, landmarks and mask (refusing runs that cannot fit first)."""
     reporter.stage("load", "reading images", _SPAN["load"][0])
     reporter.info("device", device=device.type, torch=torch.__version__)
     headers = images.read_header(req.fixed), images.read_header(req.moving)
@@ -278,47 +324,58 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
         moving_pts = images.read_landmarks(req.moving_landmarks, "moving landmarks")
         if len(fixed_pts) != len(moving_pts):
             raise BadInput(f"landmark files have different lengths: {len(fixed_pts)} fixed vs {len(moving_pts)} moving")
-    fixed_geom, moving_geom = Geometry.of(fixed), Geometry.of(moving)
     user_mask = images.read_segmentation(req.fixed_mask, fixed, "fixed mask") if req.fixed_mask else None
     if user_mask is not None and not sitk.GetArrayViewFromImage(user_mask).any():
         raise BadInput("fixed mask is empty")
+    return _Inputs(fixed, moving, fixed_seg, moving_seg, fixed_pts, moving_pts, user_mask, Geometry.of(fixed),
+                   Geometry.of(moving))
 
-    # -- initial alignment --------------------------------------------------------------------------------
+
+def _align(req: RegisterRequest, inputs: _Inputs, reporter: Reporter) -> _Alignment:
+    """The initial alignment A_init (identity with --no-align), refused when the images then barely overlap."""
     reporter.stage("align", f"initial alignment ({req.align})", _SPAN["align"][0])
-    align_info: dict[str, Any] = {}
+    info: dict[str, Any] = {}
     if req.align == "none":
         align_t = sitk.AffineTransform(3)
     else:
-        align_mask, align_info["metric_region"] = alignment_mask(fixed, user_mask, req.align_erode_mm)
-        align_t = initial_alignment(fixed, moving, req.align, progress=_span(reporter, "align"),
-                                    fixed_mask=align_mask, info=align_info)
-    overlap = overlap_fraction(fixed, moving, align_t)
+        align_mask, info["metric_region"] = alignment_mask(inputs.fixed, inputs.user_mask, req.align_erode_mm)
+        align_t = initial_alignment(inputs.fixed, inputs.moving, req.align, progress=_span(reporter, "align"),
+                                    fixed_mask=align_mask, info=info)
+    overlap = overlap_fraction(inputs.fixed, inputs.moving, align_t)
     if overlap < 0.2:
         hint = "" if req.align != "none" else " (initial alignment is off; try without --no-align)"
         raise BadInput(f"fixed and moving images do not overlap (only {100 * overlap:.0f}% of the fixed image maps "
                        f"into the moving image){hint}")
+    return _Alignment(align_t, info, overlap)
 
-    # -- working grid ---------------------------------------------------------------------------------------
+
+def _working_pair(req: RegisterRequest, method_cls, inputs: _Inputs, alignment: _Alignment, device: torch.device,
+                  reporter: Reporter) -> tuple[PairOnGrid, float, sitk.Image | None]:
+    """Fixed and aligned moving image on the working grid (the fixed box at the method's spacing), normalised.
+    Returns (the pair, the requested spacing, the user's mask as uint8 on the fixed grid or None)."""
     reporter.stage("preprocess", "resampling onto the working grid", _SPAN["preprocess"][0])
     spacing = req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device)
-    geom = working_grid(fixed, spacing)
-    fixed_w = _normalise_onto(fixed, geom, None)
-    moving_w = _normalise_onto(moving, geom, align_t)
+    geom = working_grid(inputs.fixed, spacing)
+    fixed_w = _normalise_onto(inputs.fixed, geom, None)
+    moving_w = _normalise_onto(inputs.moving, geom, alignment.transform)
     # The user's mask restricts the similarity; without one the methods use the whole grid, and the automatic
     # foreground (Otsu) only serves the fold statistics (see _fold_region).
-    user_fg = sitk.Cast(user_mask > 0, sitk.sitkUInt8) if user_mask is not None else None
+    user_fg = sitk.Cast(inputs.user_mask > 0, sitk.sitkUInt8) if inputs.user_mask is not None else None
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[None, None].to(device)  # noqa: E731
     mask_w = None
     if user_fg is not None:
         mask_w = to_t(sitk.GetArrayFromImage(resample(user_fg, geom, None, sitk.sitkNearestNeighbor)).astype(np.float32))
-    pair = PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, mask_w)
+    return PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, mask_w), spacing, user_fg
 
-    # -- deformable registration ------------------------------------------------------------------------------
+
+def _estimate(req: RegisterRequest, method, pair: PairOnGrid, device: torch.device, reporter: Reporter) -> FieldEstimate:
+    """The method's estimate; running out of memory becomes OutOfMemory (exit code 3) with a hint."""
+    geom = pair.geometry
     reporter.stage("register", f"{req.method} on a {'x'.join(map(str, geom.size_ijk))} grid "
                                f"({'/'.join(f'{s:.2f}' for s in geom.spacing_ijk)} mm) on {device.type}",
                    _SPAN["register"][0])
     try:
-        est: FieldEstimate = method.estimate(pair, device, _span(reporter, "register"))
+        return method.estimate(pair, device, _span(reporter, "register"))
     except (torch.OutOfMemoryError, MemoryError) as e:
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -326,41 +383,22 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
                           f"{'x'.join(map(str, geom.size_ijk))} grid; retry with --device cpu or a coarser --spacing"
                           ) from e
 
-    # -- map to the fixed grid, chain A, derived outputs -------------------------------------------------------
-    reporter.stage("write", "writing results", _SPAN["write"][0])
-    disp_vox = est.disp_vox.detach().double().cpu()[0].numpy()
-    u_w_lps = lps_from_vox_disp(disp_vox, geom)
-    fwd_field_t = _padded_field_transform(u_w_lps, geom)
-    # T = A ∘ W as one field on the fixed grid. The transform takes the buffer of the filter's output and hands it
-    # back without copying, so the ~165 MB float64 field of a 1 mm brain exists once; everything below reads it.
-    T = sitk.DisplacementFieldTransform(displacement_on_grid([align_t, fwd_field_t], fixed))
-    total_img = T.GetDisplacementField()
-    total = sitk.GetArrayViewFromImage(total_img)                   # (K, J, I, 3) LPS mm, read-only view
-    det = jacobian_det_lps(total, fixed_geom, dtype=torch.float32)  # float32: rounding ~1e-6 on O(1) values
-    fold_region = _fold_region(det, fixed, user_fg)
-    folds = fold_stats(det, None if fold_region is None else sitk.GetArrayViewFromImage(fold_region))
-    inv_t = None
-    extra_info: dict[str, Any] = {}
-    if est.inverse_disp_vox is not None:
-        inv_lps = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), geom)
-        # the transform takes the buffer of this temporary field image: no copy
-        inv_t = sitk.DisplacementFieldTransform(
-            displacement_on_grid([_padded_field_transform(inv_lps, geom), align_t.GetInverse()], moving))
-        extra_info["inverse_consistency_working_grid"] = inverse_consistency_vox(  # float32, as the method made them
-            est.disp_vox.detach().float().cpu(), est.inverse_disp_vox.detach().float().cpu())
-    warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
+def _report(req: RegisterRequest, method, device: torch.device, inputs: _Inputs, alignment: _Alignment,
+            geom: Geometry, spacing: float, est: FieldEstimate, composed: ComposedResult) -> dict:
+    """report.json's content (the files, timings and peak memory are added when they are written), with Dice and
+    TRE before, after the initial alignment and after."""
     report: dict[str, Any] = {
         "deepdiffreg_version": __version__,
         "method": req.method,
         "method_options": method.options,
-        "method_info": {**est.info, **extra_info},
+        "method_info": {**est.info, **composed.method_info},
         "model": est.model,
         "device": device.type + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__},
-        "inputs": {"fixed": {"path": os.path.abspath(req.fixed), "geometry": fixed_geom.to_dict()},
-                   "moving": {"path": os.path.abspath(req.moving), "geometry": moving_geom.to_dict()},
+        "inputs": {"fixed": {"path": os.path.abspath(req.fixed), "geometry": inputs.fixed_geom.to_dict()},
+                   "moving": {"path": os.path.abspath(req.moving), "geometry": inputs.moving_geom.to_dict()},
                    "fixed_seg": req.fixed_seg and os.path.abspath(req.fixed_seg),
                    "moving_seg": req.moving_seg and os.path.abspath(req.moving_seg),
                    "fixed_landmarks": req.fixed_landmarks and os.path.abspath(req.fixed_landmarks),
@@ -369,51 +407,22 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
                           "normalisation": "clip to the 0.5–99.5 percentiles of each image's non-background voxels, "
                                            "scale to [0, 1]; Gaussian anti-aliasing before downsampling",
                           "fixed_mask": req.fixed_mask and os.path.abspath(req.fixed_mask),
-                          "foreground_for_fold_statistics": "the fixed mask" if user_mask is not None else
+                          "foreground_for_fold_statistics": "the fixed mask" if inputs.user_mask is not None else
                           "Otsu on the smoothed fixed image, largest component, filled, dilated 2 voxels"},
-        "initial_alignment": {"mode": req.align, **align_info, "matrix_lps": affine_matrix(align_t).round(6).tolist(),
-                              "overlap_fraction": round(overlap, 4)},
-        "transform_chain": "transform.h5 holds T(x) = A(x + u(x)) for fixed-space LPS points x (A: initial_alignment."
-                           "matrix_lps, u: the method's field), as one displacement field on the fixed grid; "
-                           "inverse.h5 holds T^-1 on the moving grid.",
-        "folds": folds,
+        "initial_alignment": {"mode": req.align, **alignment.info,
+                              "matrix_lps": affine_matrix(alignment.transform).round(6).tolist(),
+                              "overlap_fraction": round(alignment.overlap, 4)},
+        "transform_chain": TRANSFORM_CHAIN,
+        "transform_geometry": composed.chain,
+        "folds": composed.folds,
         "files": {},
     }
-    warped_seg = None
-    if fixed_seg is not None:
-        warped_seg = sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0)
-    report.update(evaluate_transforms({"before": sitk.Transform(), "initial_alignment": align_t, "after": T},
-                                      fixed, fixed_seg, moving_seg, fixed_pts, moving_pts,
-                                      warped_segs={"after": warped_seg} if warped_seg is not None else None))
-
-    with result_dir as tmp:
-        p = lambda key: os.path.join(tmp, FILES[key])  # noqa: E731
-        write_transform(T, p("transform"))
-        report["files"]["transform"] = FILES["transform"]
-        if inv_t is not None:
-            write_transform(inv_t, p("inverse"))
-            report["files"]["inverse"] = FILES["inverse"]
-        write_scalar(det, fixed_geom, p("jacobian"), deflate=False)
-        report["files"]["jacobian"] = FILES["jacobian"]
-        sitk.WriteImage(warped, p("warped"), useCompression=True)
-        report["files"]["warped"] = FILES["warped"]
-        if warped_seg is not None:
-            sitk.WriteImage(warped_seg, p("warped_seg"), useCompression=True)
-            report["files"]["warped_seg"] = FILES["warped_seg"]
-        for name, m in est.maps.items():
-            arr = m.data.detach().float().cpu()[0, 0].numpy()
-            fname = f"{name}.nii.gz"
-            write_image(resample(geom.apply_to(sitk.GetImageFromArray(arr)), fixed_geom), os.path.join(tmp, fname),
-                        deflate=False)
-            report["files"][name] = fname
-            report.setdefault("maps", {})[name] = {"file": fname, "unit": m.unit, "description": m.description}
-        write_grid_vtk_lps(deformation_grid_lines(total, fixed_geom, det, lines_per_axis=req.grid_lines), p("grid"))
-        report["files"]["grid"] = FILES["grid"]
-        reporter.end_stage()
-        report["timings_s"] = {k: round(v, 3) for k, v in reporter.stage_times.items()}
-        report["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-        report["peak_memory_mb"] = _peak_memory_mb(device)
-        write_report(report, p("report"))
+    T = composed.data.transform
+    report.update(evaluate_transforms({"before": sitk.Transform(), "initial_alignment": alignment.transform, "after": T},
+                                      inputs.fixed, inputs.fixed_seg, inputs.moving_seg, inputs.fixed_pts,
+                                      inputs.moving_pts,
+                                      warped_segs={"after": composed.data.warped_seg}
+                                      if composed.data.warped_seg is not None else None))
     return report
 
 

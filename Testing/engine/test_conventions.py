@@ -93,14 +93,22 @@ def test_pipeline_writes_fixed_to_moving_lps_on_fixed_grid(tmp_path):
     out = tmp_path / "out"
     report = register(RegisterRequest(str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), "_test_known_field",
                                       str(out), align="none", device="cpu"))
-    t = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(out / "transform.h5")))
-    field = t.GetDisplacementField()
-    # on the fixed image's own grid
-    assert field.GetSize() == fixed.GetSize()
+    # one flat composite [A, U]: T(x) = A(x + u(x)), A the (here identity) initial alignment
+    t = sitk.CompositeTransform(sitk.ReadTransform(str(out / "transform.h5")))
+    assert [t.GetNthTransform(n).GetName() for n in range(t.GetNumberOfTransforms())] == [
+        "AffineTransform", "DisplacementFieldTransform"]
+    assert np.allclose(sitk.AffineTransform(t.GetNthTransform(0)).GetMatrix(), np.eye(3).ravel())
+    field = sitk.DisplacementFieldTransform(t.GetNthTransform(1)).GetDisplacementField()
+    # on the fixed image's own grid (padded by a few voxels over which u falls to 0)
+    pad = np.asarray(report["transform_geometry"]["field_pad_voxels_ijk"])
+    assert field.GetSize() == tuple(np.asarray(fixed.GetSize()) + 2 * pad)
     assert np.allclose(field.GetDirection(), fixed.GetDirection()) and np.allclose(field.GetSpacing(), fixed.GetSpacing())
+    assert np.allclose(field.TransformIndexToPhysicalPoint(pad.tolist()), fixed.GetOrigin(), atol=1e-6)
     # the voxel field, converted by u_lps = D·S·(d_i, d_j, d_k), is what the file holds
     geom = Geometry.of(fixed)
-    vox = vox_from_lps_disp(sitk.GetArrayFromImage(field), geom)
+    pk, pj, pi = pad[::-1]
+    inner = sitk.GetArrayFromImage(field)[pk:-pk, pj:-pj, pi:-pi]
+    vox = vox_from_lps_disp(inner, geom)
     k, j, i = np.meshgrid(*[np.linspace(0, 1, n) for n in geom.shape_kji], indexing="ij")
     assert np.allclose(vox[0], 1.5 * np.sin(3 * j), atol=1e-4)
     assert np.allclose(vox[1], 0.8, atol=1e-4) and np.allclose(vox[2], -0.5 * k, atol=1e-4)

@@ -102,9 +102,26 @@ def write_grid_vtk(path: str, img: sitk.Image, disp_lps: np.ndarray, jac: np.nda
     return lines.GetNumberOfCells()
 
 
-def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic") -> dict:
+# The hand-written result's affine part A (T(x) = A(x + u(x))): a small rotation about the fixed grid's centre and a
+# translation, det A = 1, so the Jacobian stays det(I + grad u) and the grid moves by at most ~1.5 mm more than u.
+SYNTH_ROTATION_DEG = 1.5
+SYNTH_TRANSLATION = (0.6, -0.4, 0.5)
+
+
+def synthetic_affine(centre) -> sitk.AffineTransform:
+    a = sitk.AffineTransform(3)
+    a.SetMatrix(rot("z", SYNTH_ROTATION_DEG).ravel().tolist())
+    a.SetCenter([float(c) for c in centre])
+    a.SetTranslation(SYNTH_TRANSLATION)
+    return a
+
+
+def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic", composite: bool = True) -> dict:
     """Write fixed.nii.gz/moving.nii.gz next to ``out_dir`` and the full result contract inside it.
 
+    composite: transform.h5 = one flat CompositeTransform [A, U] (T(x) = A(x + u(x))) and inverse.h5 = [W, A^-1],
+    as the engine writes them; False: the older single DisplacementFieldTransform on the fixed grid (no affine),
+    which Slicer loads as a grid transform node and which must keep loading.
     Returns the paths and the arrays a test needs as expectations.
     """
     os.makedirs(out_dir, exist_ok=True)
@@ -123,10 +140,16 @@ def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic"
         u[..., 0] += -2.5 * r[..., 0] * g
     disp = sitk.GetImageFromArray(u.astype(np.float64), isVector=True)
     disp.CopyInformation(fixed0)
-    T = sitk.DisplacementFieldTransform(sitk.Image(disp))
+    A = synthetic_affine(c) if composite else sitk.AffineTransform(3)
+    T = sitk.CompositeTransform(3)
+    T.AddTransform(A)
+    T.AddTransform(sitk.DisplacementFieldTransform(sitk.Image(disp)))
     Dm = rot("z", -15) @ rot("x", 5)
     moving = make_image((30, 28, 22), (1.3, 1.3, 1.8), (-22.0, -20.0, -14.0), Dm, pattern)
-    fixed = make_image((28, 26, 20), (1.5, 1.2, 2.0), (-20.0, -15.0, -10.0), Df, lambda p: pattern(p + u))
+    a_lin, a_off = np.asarray(A.GetMatrix()).reshape(3, 3), np.asarray(A.GetTranslation()) + c - \
+        np.asarray(A.GetMatrix()).reshape(3, 3) @ c
+    fixed = make_image((28, 26, 20), (1.5, 1.2, 2.0), (-20.0, -15.0, -10.0), Df,
+                       lambda p: pattern((p + u) @ a_lin.T + a_off))
     warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0)
     jac = jacobian_det(u, fixed).astype(np.float32)
     jac_img = sitk.GetImageFromArray(jac)
@@ -134,17 +157,25 @@ def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic"
 
     inv_on_fixed = sitk.InvertDisplacementField(sitk.Image(disp), maximumNumberOfIterations=20,
                                                 enforceBoundaryCondition=False)
-    inv_on_moving = sitk.Resample(inv_on_fixed, moving, sitk.Transform(), sitk.sitkLinear, 0.0,
-                                  sitk.sitkVectorFloat64)
     paths = {"fixed": os.path.join(base, os.path.basename(out_dir) + "_fixed.nii.gz"),
              "moving": os.path.join(base, os.path.basename(out_dir) + "_moving.nii.gz")}
     sitk.WriteImage(fixed, paths["fixed"])
     sitk.WriteImage(moving, paths["moving"])
-    sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(disp)), os.path.join(out_dir, "transform.h5"))
-    sitk.WriteTransform(sitk.DisplacementFieldTransform(inv_on_moving), os.path.join(out_dir, "inverse.h5"))
+    if composite:
+        inv = sitk.CompositeTransform(3)
+        inv.AddTransform(sitk.DisplacementFieldTransform(inv_on_fixed))   # w, in fixed space: applied second
+        inv.AddTransform(A.GetInverse())                                   # A^-1 first
+        sitk.WriteTransform(T, os.path.join(out_dir, "transform.h5"))
+        sitk.WriteTransform(inv, os.path.join(out_dir, "inverse.h5"))
+    else:
+        inv_on_moving = sitk.Resample(inv_on_fixed, moving, sitk.Transform(), sitk.sitkLinear, 0.0,
+                                      sitk.sitkVectorFloat64)
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(disp)), os.path.join(out_dir, "transform.h5"))
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(inv_on_moving), os.path.join(out_dir, "inverse.h5"))
     sitk.WriteImage(jac_img, os.path.join(out_dir, "jacobian.nii.gz"))
     sitk.WriteImage(warped, os.path.join(out_dir, "warped.nii.gz"))
-    n_lines = write_grid_vtk(os.path.join(out_dir, "grid.vtk"), fixed, u, jac)
+    moved = (physical_points(fixed) + u) @ a_lin.T + a_off            # grid vertices moved by the whole T
+    n_lines = write_grid_vtk(os.path.join(out_dir, "grid.vtk"), fixed, moved - physical_points(fixed), jac)
     n_fold = int((jac <= 0).sum())
     report = {
         "method": method, "method_options": {"iterations": 0},
@@ -162,11 +193,14 @@ def write_result_dir(out_dir: str, fold: bool = False, method: str = "synthetic"
                    "after": {"mean": 1.0, "max": 1.5, "per_point": [0.5, 1.0, 1.5]}},
         "files": {"transform": "transform.h5", "inverse": "inverse.h5", "jacobian": "jacobian.nii.gz",
                   "grid": "grid.vtk", "warped": "warped.nii.gz"},
-        "transform_chain": "transform.h5: fixed LPS point -> moving LPS point (displacement field on the fixed grid)",
+        "transform_chain": ("transform.h5: CompositeTransform [A, U], T(x) = A(x + u(x)), fixed LPS point -> moving "
+                            "LPS point; inverse.h5: [W, A^-1]" if composite else
+                            "transform.h5: fixed LPS point -> moving LPS point (displacement field on the fixed grid)"),
     }
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    return {**paths, "out_dir": out_dir, "u": u, "jac": jac, "n_fold": n_fold, "grid_lines": n_lines}
+    return {**paths, "out_dir": out_dir, "u": u, "jac": jac, "n_fold": n_fold, "grid_lines": n_lines,
+            "affine": np.vstack([np.c_[a_lin, a_off], [0, 0, 0, 1]])}
 
 
 def write_engine_inputs(out_dir: str) -> dict:

@@ -1,7 +1,8 @@
 """Writing a registration result directory exactly as the result contract says (README, "Result contract").
 
-All files are written into a temporary sibling directory that is renamed into place only when complete, so a
-failed or cancelled run never leaves a half-written result.
+``write_result`` writes every file of a result directory (``ResultData``, made by ``compose.compose_result``, plus
+report.json). All files are written into a temporary sibling directory that is renamed into place only when
+complete, so a failed or cancelled run never leaves a half-written result.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import signal
 import tempfile
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -354,9 +356,16 @@ def write_displacement_transform(disp_image: sitk.Image, path: str) -> None:
     write_transform(sitk.DisplacementFieldTransform(sitk.Image(field)), path)
 
 
-def write_transform(transform: sitk.DisplacementFieldTransform, path: str) -> None:
-    """Write a DisplacementFieldTransform that exists already (the pipeline's T and T⁻¹, float64 LPS fields): the
-    same file as ``write_displacement_transform`` of its field, without copying a 1 mm brain's ~165 MB field twice."""
+def write_transform(transform: sitk.Transform, path: str) -> None:
+    """Write a transform that exists already (the pipeline's T and T⁻¹: flat CompositeTransforms of an affine and a
+    float64 LPS displacement field) as it is, without copying a 1 mm brain's ~165 MB field.
+
+    An .h5 holds one flat composite ("Composite Transform can only be 1st transform in a file"): a composite nested
+    in another is refused here with a clear message rather than deep inside ITK."""
+    if isinstance(transform, sitk.CompositeTransform):
+        for n in range(transform.GetNumberOfTransforms()):
+            if transform.GetNthTransform(n).GetName() == "CompositeTransform":
+                raise ValueError("write_transform(): nested CompositeTransform; FlattenTransform() it first")
     sitk.WriteTransform(transform, path)
 
 
@@ -395,16 +404,19 @@ class GridLines:
 
 
 def deformation_grid_lines(disp_lps: np.ndarray, geom: Geometry, scalar: np.ndarray,
-                           lines_per_axis: int = 16) -> GridLines:
-    """Lines of a regular lattice in fixed space, every vertex moved by T (x ↦ x + u(x)).
+                           lines_per_axis: int = 16, affine_lps: np.ndarray | None = None) -> GridLines:
+    """Lines of a regular lattice in fixed space, every vertex moved by T (x ↦ A(x + u(x))).
 
-    ``disp_lps``: (K, J, I, 3) LPS mm on ``geom``; ``scalar``: (K, J, I) value sampled at each vertex.
+    ``disp_lps``: (K, J, I, 3) LPS mm on ``geom``; ``scalar``: (K, J, I) value sampled at each vertex;
+    ``affine_lps``: 4×4 homogeneous LPS matrix of A (None: identity).
     Lines run along each index axis through every ``step``-th voxel of the other two axes; vertices sit on every
     ``max(1, step // 4)``-th voxel, so bends show.
     """
     shape = disp_lps.shape[:3]  # (K, J, I)
     steps = [max(1, int(round((n - 1) / max(lines_per_axis - 1, 1)))) for n in shape]
     m = geom.lps_from_ijk_matrix()
+    if affine_lps is not None:
+        a_lin, a_off = np.asarray(affine_lps, float)[:3, :3], np.asarray(affine_lps, float)[:3, 3]
     pts, vals, lengths = [], [], []
     for axis in range(3):  # array axis the lines run along
         others = [a for a in range(3) if a != axis]
@@ -418,7 +430,8 @@ def deformation_grid_lines(disp_lps: np.ndarray, geom: Geometry, scalar: np.ndar
                 idx[:, axis], idx[:, others[0]], idx[:, others[1]] = along, a, b
                 kji = tuple(idx.T)
                 ijk1 = np.c_[idx[:, ::-1], np.ones(len(idx))]
-                pts.append((ijk1 @ m.T)[:, :3] + disp_lps[kji])
+                moved = (ijk1 @ m.T)[:, :3] + disp_lps[kji]
+                pts.append(moved if affine_lps is None else moved @ a_lin.T + a_off)
                 vals.append(scalar[kji])
                 lengths.append(len(idx))
     return GridLines(np.concatenate(pts).astype(np.float64), np.asarray(lengths, dtype=np.int64),
@@ -450,6 +463,66 @@ def write_grid_vtk_lps(lines: GridLines, path: str, scalar_name: str = "jacobian
             + _ascii_rows(lines.values, "%.9g", 9))
     with open(path, "w") as fh:
         fh.write(text)
+
+
+@dataclass
+class MapImage:
+    """A named scalar map on the fixed grid (``<name>.nii.gz``), its unit and a one-line description."""
+    image: sitk.Image
+    unit: str
+    description: str = ""
+
+
+@dataclass
+class ResultData:
+    """Everything a result directory holds besides report.json, in memory (README, "The result contract").
+
+    ``transform``/``inverse``: T and T⁻¹ as flat CompositeTransforms (compose.py says how they chain);
+    ``jacobian``: (K, J, I) float32 det ∇T on ``fixed_geometry``; ``grid``: the deformation grid's lines;
+    ``warped``/``warped_seg``: the moving image (segmentation) resampled onto the fixed grid through T;
+    ``maps``: the method's extra maps, written as ``<name>.nii.gz``."""
+    transform: sitk.Transform
+    jacobian: np.ndarray
+    fixed_geometry: Geometry
+    grid: GridLines
+    warped: sitk.Image
+    inverse: sitk.Transform | None = None
+    warped_seg: sitk.Image | None = None
+    maps: dict[str, MapImage] = field(default_factory=dict)
+
+
+def write_result(result_dir: AtomicResultDir, data: ResultData, report: dict[str, Any],
+                 before_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Write every file of a result directory: the files of ``data``, then report.json (``report`` with its
+    "files" and "maps" entries filled in here). ``before_report(report)`` runs when every other file is written,
+    just before report.json (the pipeline adds its timings and peak memory there). The directory appears only when
+    all of it is written. Returns ``report``."""
+    files = report.setdefault("files", {})
+    with result_dir as tmp:
+        p = lambda key: os.path.join(tmp, FILES[key])  # noqa: E731
+        write_transform(data.transform, p("transform"))
+        files["transform"] = FILES["transform"]
+        if data.inverse is not None:
+            write_transform(data.inverse, p("inverse"))
+            files["inverse"] = FILES["inverse"]
+        write_scalar(data.jacobian, data.fixed_geometry, p("jacobian"), deflate=False)
+        files["jacobian"] = FILES["jacobian"]
+        sitk.WriteImage(data.warped, p("warped"), useCompression=True)
+        files["warped"] = FILES["warped"]
+        if data.warped_seg is not None:
+            sitk.WriteImage(data.warped_seg, p("warped_seg"), useCompression=True)
+            files["warped_seg"] = FILES["warped_seg"]
+        for name, m in data.maps.items():
+            fname = f"{name}.nii.gz"
+            write_image(m.image, os.path.join(tmp, fname), deflate=False)
+            files[name] = fname
+            report.setdefault("maps", {})[name] = {"file": fname, "unit": m.unit, "description": m.description}
+        write_grid_vtk_lps(data.grid, p("grid"))
+        files["grid"] = FILES["grid"]
+        if before_report is not None:
+            before_report(report)
+        write_report(report, p("report"))
+    return report
 
 
 def write_report(report: dict, path: str) -> None:

@@ -1,0 +1,247 @@
+"""Compose a method's estimate and the initial alignment into the result contract's transforms and maps.
+
+The written transform is T(x) = A(x + u(x)) for fixed-space LPS points x (the ITK resampling direction: fixed point
+→ moving point), A = A_init ∘ A_method (the initial alignment after the method's own affine, if it has one) and u
+the method's displacement in LPS mm. transform.h5 holds ONE flat ITK CompositeTransform of two transforms:
+
+    [0] AffineTransform A                       ITK applies a composite's transforms last first,
+    [1] DisplacementFieldTransform U: x + u(x)  so T(x) = A(U(x)) = A(x + u(x))
+
+A stays its own transform, so the affine holds everywhere: outside the field's grid ITK, ANTs and Slicer all give
+T(x) = A(x). u is sampled on the fixed image's own grid, padded by a few voxels on each side over which u falls
+linearly to exactly 0 at the padded grid's outer layer: there ITK's "zero outside the field" and Slicer's "edge
+value outside the grid" are the same number, so the two agree everywhere. Inside the fixed grid u is what it always
+was. The ramp along index axis a is L_a = e_a / TAPER_SLOPE long, e_a the largest displacement component that
+points out of the grid's two faces across axis a (only that component can fold the ramp: there
+det ∇(x + u) ≈ 1 − e_a / L_a ≥ 1 − TAPER_SLOPE), at least TAPER_MIN_VOXELS voxels and at most TAPER_MAX_MM, so T = A
+from TAPER_MAX_MM outside the fixed image on (fold-free beside it while e_a ≤ TAPER_MAX_MM).
+
+inverse.h5 holds T⁻¹(y) = A⁻¹(y) + w(A⁻¹(y)) (moving point → fixed point), w the method's inverse field, which
+lives in fixed space: [0] DisplacementFieldTransform W: y' + w(y'), [1] AffineTransform A⁻¹ (applied first). w is
+sampled on the padded fixed grid as u is (the working grid spans the fixed image's box, so the fixed grid is where w
+has data, at the resolution of the forward field); a method that states its own inverse grid
+(``FieldEstimate.inverse_geometry``) gets w written on that grid, padded the same way, not resampled.
+
+The Jacobian is det ∇T in physical space, det(A)·det(I + ∇u) on the fixed grid; the deformation grid's vertices
+are moved by the whole T; the warped images are resampled through the composite.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .align import affine_matrix
+from .frames import Geometry, displacement_image, lps_from_vox_disp
+from .io.result_writer import MapImage, ResultData, deformation_grid_lines
+from .methods.base import FieldEstimate
+from .metrics import fold_stats, inverse_consistency_vox, jacobian_det_lps
+from .preprocess import resample
+
+# The ramp outside the fixed grid (see the module docstring). Measured on a vxm-diff run of an IXI pair (2 mm grid,
+# whole head): outward border components 15.5 / 3.9 / 8.8 mm along i / j / k, ramps 20 / 7.8 / 17.7 mm.
+TAPER_SLOPE = 0.5
+TAPER_MIN_VOXELS = 2
+TAPER_MAX_MM = 20.0
+
+
+@dataclass
+class ComposedResult:
+    """What ``compose_result`` makes: the files' content (``data``) and the facts report.json records."""
+    data: ResultData
+    folds: dict[str, Any]
+    chain: dict[str, Any]                          # report.json "transform_geometry"
+    method_info: dict[str, Any] = field(default_factory=dict)
+
+
+# -- pieces ---------------------------------------------------------------------------------------------------------
+def outward_displacement_mm(disp_lps: np.ndarray, geom: Geometry) -> tuple[float, float, float]:
+    """Per index axis (i, j, k): the largest component of u (mm) along that axis pointing out of the grid through
+    one of the two faces across it (0 when none points out)."""
+    comp = np.asarray(disp_lps) @ geom.direction          # components along the index axes' unit vectors
+    out = []
+    for a in range(3):                                    # index axis a is array axis 2 - a
+        ax = 2 - a
+        lo = -np.take(comp[..., a], 0, axis=ax)
+        hi = np.take(comp[..., a], comp.shape[ax] - 1, axis=ax)
+        out.append(float(max(0.0, lo.max(), hi.max())))
+    return tuple(out)
+
+
+def taper_lengths_mm(disp_lps: np.ndarray, geom: Geometry) -> tuple[float, float, float]:
+    return tuple(min(e / TAPER_SLOPE, TAPER_MAX_MM) for e in outward_displacement_mm(disp_lps, geom))
+
+
+def padded_geometry(geom: Geometry, pad_ijk) -> Geometry:
+    """``geom`` grown by ``pad_ijk`` voxels on both sides of each index axis (same spacing and direction)."""
+    pad = np.asarray(pad_ijk, dtype=float)
+    origin = np.asarray(geom.origin_lps) - geom.direction @ (pad * np.asarray(geom.spacing_ijk))
+    return Geometry(tuple(float(o) for o in origin), geom.spacing_ijk, geom.direction_lps,
+                    tuple(int(s + 2 * p) for s, p in zip(geom.size_ijk, pad_ijk)))
+
+
+def tapered_field(disp_lps: np.ndarray, geom: Geometry, lengths_mm) -> tuple[np.ndarray, Geometry, tuple]:
+    """The field padded across index axis a by ``n_a`` voxels on both sides (``n_a·spacing_a ≥ lengths_mm[a]``, at
+    least TAPER_MIN_VOXELS) with its edge value times a linear ramp that is 1 on the grid and exactly 0 on the padded
+    grid's outer layer. Returns (padded (K', J', I', 3) float64 array, its geometry, n per index axis (i, j, k))."""
+    def n_of(length: float, h: float) -> int:
+        n = math.ceil(length / h - 1e-9)
+        if n * h > TAPER_MAX_MM + 1e-9:                   # the ramp ends within TAPER_MAX_MM of the grid
+            n = math.floor(TAPER_MAX_MM / h + 1e-9)
+        return max(TAPER_MIN_VOXELS, n)
+    n_ijk = tuple(n_of(L, h) for L, h in zip(lengths_mm, geom.spacing_ijk))
+    n_kji = n_ijk[::-1]
+    out = np.pad(np.asarray(disp_lps, dtype=np.float64), [(n, n) for n in n_kji] + [(0, 0)], mode="edge")
+    for axis, n in enumerate(n_kji):
+        w = 1.0 - np.arange(1, n + 1) / n                                   # distance 1..n voxels: ... → 0
+        shape = [1] * 4
+        shape[axis] = n
+        lo = [slice(None)] * 4
+        hi = [slice(None)] * 4
+        lo[axis], hi[axis] = slice(0, n), slice(out.shape[axis] - n, out.shape[axis])
+        out[tuple(lo)] *= w[::-1].reshape(shape)
+        out[tuple(hi)] *= w.reshape(shape)
+    return out, padded_geometry(geom, n_ijk), n_ijk
+
+
+def sample_field(transform: sitk.Transform, geom: Geometry) -> sitk.Image:
+    """transform(x) − x (float64 vectors, LPS mm) on ``geom``."""
+    f = sitk.TransformToDisplacementFieldFilter()
+    f.SetSize([int(s) for s in geom.size_ijk])
+    f.SetOutputOrigin([float(o) for o in geom.origin_lps])
+    f.SetOutputSpacing([float(s) for s in geom.spacing_ijk])
+    f.SetOutputDirection([float(d) for d in geom.direction_lps])
+    f.SetOutputPixelType(sitk.sitkVectorFloat64)
+    return f.Execute(transform)
+
+
+def affine_transform(m: np.ndarray) -> sitk.AffineTransform:
+    """sitk AffineTransform of a 4×4 homogeneous LPS matrix (centre 0)."""
+    m = np.asarray(m, dtype=np.float64)
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(float(v) for v in m[:3, :3].ravel()))
+    t.SetTranslation(tuple(float(v) for v in m[:3, 3]))
+    return t
+
+
+def chained_affine(align_t: sitk.Transform, method_affine_lps: np.ndarray | None) -> sitk.AffineTransform:
+    """A = A_init ∘ A_method as one affine (``align_t`` itself, centre kept, when the method has no affine)."""
+    if method_affine_lps is None:
+        return align_t if isinstance(align_t, sitk.AffineTransform) else affine_transform(affine_matrix(align_t))
+    return affine_transform(affine_matrix(align_t) @ np.asarray(method_affine_lps, dtype=np.float64))
+
+
+def composite(*transforms: sitk.Transform) -> sitk.CompositeTransform:
+    """Flat composite of ``transforms`` in file order (ITK applies the last one first)."""
+    c = sitk.CompositeTransform(3)
+    for t in transforms:
+        c.AddTransform(t)
+    return c
+
+
+def _field_on_fixed(disp_lps: np.ndarray, src_geom: Geometry, fixed_geom: Geometry | None
+                    ) -> tuple[sitk.Image, Geometry, tuple, float]:
+    """The tapered field as a float64 vector image: resampled onto the fixed grid padded enough to hold the whole
+    ramp (``fixed_geom`` given), or on ``src_geom`` padded (``fixed_geom`` None). Returns (image, its geometry,
+    pad per index axis, ramp length per index axis in mm)."""
+    length = taper_lengths_mm(disp_lps, src_geom)
+    padded, pgeom, n_ijk = tapered_field(disp_lps, src_geom, length)
+    if fixed_geom is None:
+        return displacement_image(padded, pgeom), pgeom, n_ijk, length
+    src = sitk.DisplacementFieldTransform(displacement_image(padded, pgeom))  # takes the image's buffer
+    del padded
+    # one more voxel than the taper needs: the outer layer lies beyond the source's last (zero) node
+    pad = tuple(math.ceil(n * hs / hf - 1e-9) + 1
+                for n, hs, hf in zip(n_ijk, src_geom.spacing_ijk, fixed_geom.spacing_ijk))
+    fgeom = padded_geometry(fixed_geom, pad)
+    return sample_field(src, fgeom), fgeom, pad, length
+
+
+def _interior(view: np.ndarray, pad_ijk) -> np.ndarray:
+    pk, pj, pi = pad_ijk[::-1]
+    return view[pk:view.shape[0] - pk, pj:view.shape[1] - pj, pi:view.shape[2] - pi]
+
+
+# -- the composition -----------------------------------------------------------------------------------------------
+def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transform, fixed: sitk.Image,
+                   moving: sitk.Image, moving_seg: sitk.Image | None = None, fold_region=None,
+                   grid_lines: int = 16) -> ComposedResult:
+    """The method's field (working grid, voxel units) and affine, chained with the initial alignment, as the result
+    contract's transforms, Jacobian, fold statistics, deformation grid, warped images and maps on the fixed grid.
+
+    ``fold_region(det) -> sitk.Image | None``: where percent_folded_foreground is counted (None: overall)."""
+    fixed_geom = Geometry.of(fixed)
+    A = chained_affine(align_t, est.affine_lps)
+    m_a = affine_matrix(A)
+    det_a = float(np.linalg.det(m_a[:3, :3]))
+
+    # forward: u on the padded fixed grid; U takes the image's buffer and hands it back without a copy
+    u_w = lps_from_vox_disp(est.disp_vox.detach().double().cpu()[0].numpy(), work_geom)
+    u_img, u_geom, u_pad, u_taper = _field_on_fixed(u_w, work_geom, fixed_geom)
+    del u_w
+    U = sitk.DisplacementFieldTransform(u_img)
+    u_field = U.GetDisplacementField()
+    u = _interior(sitk.GetArrayViewFromImage(u_field), u_pad)      # (K, J, I, 3) on the fixed grid, read-only view
+    det = jacobian_det_lps(u, fixed_geom, dtype=torch.float32)     # float32: rounding ~1e-6 on O(1) values
+    if det_a != 1.0:
+        det *= np.float32(det_a)                                   # det ∇T = det(A)·det(I + ∇u)
+    region = fold_region(det) if fold_region is not None else None
+    folds = fold_stats(det, None if region is None else sitk.GetArrayViewFromImage(region))
+    lines = deformation_grid_lines(u, fixed_geom, det, lines_per_axis=grid_lines,
+                                   affine_lps=None if np.array_equal(m_a, np.eye(4)) else m_a)
+    del u, u_field
+    T = composite(A, U)                                            # copies U's field; U is dropped below
+    del U
+
+    inv_T = None
+    inv_info: dict[str, Any] = {}
+    method_info: dict[str, Any] = {}
+    if est.inverse_disp_vox is not None:
+        inv_geom_src = est.inverse_geometry or work_geom
+        w_src = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), inv_geom_src)
+        w_img, w_geom, w_pad, w_taper = _field_on_fixed(w_src, inv_geom_src,
+                                                        fixed_geom if est.inverse_geometry is None else None)
+        del w_src
+        inv_T = composite(sitk.DisplacementFieldTransform(w_img), A.GetInverse())
+        del w_img
+        inv_info = {"inverse_field_grid": w_geom.to_dict(), "inverse_field_pad_voxels_ijk": list(w_pad),
+                    "inverse_taper_mm_ijk": [round(v, 3) for v in w_taper],
+                    "inverse_field_grid_is": "the fixed grid, padded" if est.inverse_geometry is None else
+                    "the method's inverse grid (FieldEstimate.inverse_geometry), padded"}
+        if est.inverse_geometry is None or est.inverse_geometry == work_geom:
+            method_info["inverse_consistency_working_grid"] = inverse_consistency_vox(  # float32, as the method made them
+                est.disp_vox.detach().float().cpu(), est.inverse_disp_vox.detach().float().cpu())
+
+    warped = sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    warped_seg = sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0) if moving_seg is not None else None
+    maps = {}
+    for name, m in est.maps.items():
+        arr = m.data.detach().float().cpu()[0, 0].numpy()
+        maps[name] = MapImage(resample(work_geom.apply_to(sitk.GetImageFromArray(arr)), fixed_geom), m.unit,
+                              m.description)
+
+    chain = {"affine_lps": m_a.tolist(), "det_affine": det_a,
+             "method_affine_lps": None if est.affine_lps is None else np.asarray(est.affine_lps, float).tolist(),
+             "field_grid": u_geom.to_dict(), "field_pad_voxels_ijk": list(u_pad),
+             "taper_mm_ijk": [round(v, 3) for v in u_taper],
+             **inv_info}
+    data = ResultData(transform=T, inverse=inv_T, jacobian=det, fixed_geometry=fixed_geom, grid=lines,
+                      warped=warped, warped_seg=warped_seg, maps=maps)
+    return ComposedResult(data=data, folds=folds, chain=chain, method_info=method_info)
+
+
+TRANSFORM_CHAIN = (
+    "transform.h5: one flat ITK CompositeTransform of [0] AffineTransform A and [1] DisplacementFieldTransform "
+    "U(x) = x + u(x); ITK applies the last transform first, so T(x) = A(x + u(x)) maps a fixed-space LPS point to "
+    "a moving-space LPS point. A = A_init after A_method (initial_alignment.matrix_lps times the method's own "
+    "affine; transform_geometry.affine_lps). u (LPS mm) lives on transform_geometry.field_grid: the fixed grid "
+    "padded by field_pad_voxels_ijk voxels per side, over which u falls linearly to exactly 0; outside that grid "
+    "u = 0, so T(x) = A(x) there. inverse.h5: one flat CompositeTransform of [0] DisplacementFieldTransform "
+    "W(y') = y' + w(y') (w on transform_geometry.inverse_field_grid, in fixed space) and [1] AffineTransform A^-1, "
+    "so T^-1(y) = A^-1(y) + w(A^-1(y)) maps a moving-space point to a fixed-space point. Slicer loads each file "
+    "as one transform node whose TransformFromParent is that map (the grid and the linear part in one general "
+    "transform).")
