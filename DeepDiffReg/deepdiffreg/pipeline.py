@@ -25,8 +25,10 @@ import torch
 
 from . import __version__
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
-from .errors import BadInput, DeviceUnavailable, OutOfMemory
+from .compat import OUT_OF_MEMORY_ERRORS
 from .compose import TRANSFORM_CHAIN, ComposedResult, compose_result
+from .devices import resolve_device
+from .errors import BadInput, OutOfMemory
 from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
@@ -107,20 +109,6 @@ def check_inputs(req: RegisterRequest, method: Method) -> None:
         if n_f != n_m:
             raise BadInput(f"landmark files have different lengths: {n_f} fixed vs {n_m} moving")
     method.check_ready()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cpu":
-        return torch.device("cpu")
-    if name in ("cuda", "gpu"):
-        if not torch.cuda.is_available():
-            built = "without CUDA" if torch.version.cuda is None else f"for CUDA {torch.version.cuda}"
-            raise DeviceUnavailable(f"CUDA was requested but no CUDA device is available (torch {torch.__version__} "
-                                    f"built {built}); use --device cpu or auto")
-        return torch.device("cuda")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    raise BadInput(f"unknown device {name!r}; use auto, cpu or cuda")
 
 
 def _span(reporter: Reporter, stage: str):
@@ -376,7 +364,7 @@ def _estimate(req: RegisterRequest, method, pair: PairOnGrid, device: torch.devi
                    _SPAN["register"][0])
     try:
         return method.estimate(pair, device, _span(reporter, "register"))
-    except (torch.OutOfMemoryError, MemoryError) as e:
+    except OUT_OF_MEMORY_ERRORS as e:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         raise OutOfMemory(f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory during {req.method} on a "
