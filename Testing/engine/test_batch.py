@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-pytest.importorskip("distributed")
-psutil = pytest.importorskip("psutil")
+import distributed  # noqa: E402,F401  (in the test extra: missing Dask fails these tests, it does not skip them)
+import psutil  # noqa: E402
 
 from synth import blank, from_array, phantom, points_lps, run_cli, smooth_field_lps  # noqa: E402
 
@@ -350,3 +350,39 @@ def test_ctrl_c_stops_every_pair_and_leaves_only_complete_results(cohort, tmp_pa
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == ["summary.csv", "summary.json", "summary.md"]
     events = _json_lines(stdout)
     assert events[-1]["event"] == "batch_result" and events[-1]["counts"] == {"cancelled": 6}
+
+
+# -- local cluster layout: one worker per GPU, its own CUDA_VISIBLE_DEVICES, the GPU resource -------------------
+
+def _worker_env():
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+
+
+def test_local_gpu_workers_own_one_device_each():
+    from distributed import Client
+    from deepdiffreg.batch import cluster as clusters
+    plan = clusters.plan_local(None, None, 4.0, ["3", "5"])
+    assert (plan.workers, plan.gpus) == (2, ["3", "5"]) and plan.threads_per_pair == max(1, (os.cpu_count() or 1) // 2)
+    assert clusters.plan_local(1, None, 4.0, ["3", "5"]).gpus == ["3"]
+    assert clusters.detect_gpus("auto", "cpu") == [] and clusters.detect_gpus("0,2", "auto") == ["0", "2"]
+    cpu = clusters.plan_local(None, 1, 1e9, [])  # memory-bound: one pair at a time
+    assert cpu.workers == 1 and not cpu.gpus
+    with clusters.start_local(clusters.Plan(1, 1, ["7"])) as cl, Client(cl) as client:
+        (env,) = client.run(_worker_env).values()
+        assert env == ("7", True)  # its GPU only; terminal Ctrl-C is the batch's to handle, not the worker's
+        (info,) = client.scheduler_info(n_workers=-1)["workers"].values()
+        assert info["resources"] == {"GPU": 1} and info["nthreads"] == 1
+        assert clusters.pair_resources(client, "auto") == {"GPU": 1}
+        assert clusters.pair_resources(client, "cpu") is None
+
+
+def test_engine_works_without_dask():
+    code = ("import sys; sys.modules['distributed'] = sys.modules['dask'] = None\n"
+            "from deepdiffreg.cli import main\n"
+            "assert main(['methods']) == 0\n"
+            "sys.exit(main(['batch', '--atlas', sys.argv[1], '--moving', sys.argv[2], '--out', sys.argv[3]]))\n")
+    d = os.path.dirname(sys.modules["deepdiffreg"].__file__)
+    r = subprocess.run([sys.executable, "-c", code, os.path.join(d, "__init__.py"), os.path.join(d, "__main__.py"),
+                        os.devnull + "-out"],
+                       env={**os.environ, **ENV}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == ExitCode.ERROR and "pip install 'deepdiffreg[batch]'" in r.stderr, r.stderr

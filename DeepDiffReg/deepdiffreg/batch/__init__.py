@@ -62,6 +62,11 @@ def _cmd_batch(args) -> int:
     from .pairs import atlas_pairs, read_pairs_csv
     from .request import parse_register_args
 
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise RegistrationError("deepdiffreg batch needs Dask: pip install 'deepdiffreg[batch]' (dask[distributed])",
+                                ExitCode.ERROR) from None
     register_args = list(args.register_args)
     if register_args[:1] == ["--"]:
         register_args = register_args[1:]
@@ -80,11 +85,6 @@ def _cmd_batch(args) -> int:
     req = parse_register_args(register_args)
     if getattr(req.namespace, "fixed_mask", None) and any("fixed_mask" in p.inputs for p in pairs):
         raise BadInput("a fixed mask is given both after -- and in the pairs CSV; give one")
-    try:
-        import distributed  # noqa: F401
-    except ImportError:
-        raise RegistrationError("deepdiffreg batch needs Dask: pip install 'deepdiffreg[batch]' (dask[distributed])",
-                                ExitCode.ERROR) from None
     from .runner import BatchOptions, run_batch
     opts = BatchOptions(out=args.out, scheduler=args.scheduler, workers=args.workers,
                         threads_per_pair=args.threads_per_pair, memory_per_pair_gb=args.memory_per_pair,

@@ -122,8 +122,9 @@ class Console:
         if 0 < self.done < self.total:
             eta = f", ~{_hms(elapsed / self.done * (self.total - self.done))} left"
         live = ", ".join(f"{k} {v}" for k, v in list(self.live.items())[:3])
+        busy = min(len(self.live), running)
         line = (f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} done, {self.failed} failed, "
-                f"{running} in flight, {_hms(elapsed)}{eta}" + (f" | {live}" if live else ""))
+                f"{busy} running, {running - busy} queued, {_hms(elapsed)}{eta}" + (f" | {live}" if live else ""))
         with self._lock:
             self.err.write("\r\033[K" + line[:200])
             self.err.flush()

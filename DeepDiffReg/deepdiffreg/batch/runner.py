@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import uuid
@@ -204,7 +203,7 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
         topic = f"deepdiffreg-batch-{token}"
         resources = clusters.pair_resources(client, req.device)
         meta["workers"] = described
-        console.start(total=len(to_run) + 0, to_run=len(to_run), out=out, where=described,
+        console.start(total=len(to_run), to_run=len(to_run), out=out, where=described,
                       dashboard=getattr(client, "dashboard_link", None) if clusters.dashboard_available() else None)
         try:
             client.subscribe_topic(topic, console.worker_event)
@@ -241,10 +240,7 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
                     submit(pair, attempt + 1)
                     continue
                 results[pair.id] = r
-                entry = {k: v for k, v in r.items() if k != "summary"}
-                entry.update(request=requests[pair.id], request_sha256=request_sha256(requests[pair.id]),
-                             models=models, finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-                write_json_atomic(ledger_path(out, pair.id), entry)
+                _record(out, r, requests[pair.id], models)
             console.tick(running=len(futures))
             if futures and not done:
                 time.sleep(0.2)
@@ -261,10 +257,7 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
                 r["attempts"] = attempt
                 if r["status"] == "ok":  # it finished before it saw the cancel: keep it
                     results[pair.id] = r
-                    entry = {k: v for k, v in r.items() if k != "summary"}
-                    entry.update(request=requests[pair.id], request_sha256=request_sha256(requests[pair.id]),
-                                 models=models)
-                    write_json_atomic(ledger_path(out, pair.id), entry)
+                    _record(out, r, requests[pair.id], models)
                 else:
                     results[pair.id] = {**r, "status": "cancelled"}
             time.sleep(0.1)
@@ -280,6 +273,14 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
         finally:
             if local_cluster is not None:
                 local_cluster.close()  # workers end; any child still there gets SIGTERM (PR_SET_PDEATHSIG)
+
+
+def _record(out: str, r: dict[str, Any], request: dict[str, Any], models: dict[str, str]) -> None:
+    """The pair's ledger entry: how it ended (status, exit code, error, worker) and what it was run with."""
+    entry = {k: v for k, v in r.items() if k != "summary"}
+    entry.update(request=request, request_sha256=request_sha256(request), models=models,
+                 finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_json_atomic(ledger_path(out, r["id"]), entry)
 
 
 def _outcome(future, pair: Pair) -> dict[str, Any]:

@@ -162,10 +162,11 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     if state["error"]:
         out["error"], out["error_code"] = state["error"].get("message"), state["error"].get("code")
     elif rc != 0:
-        out["error"] = (err_tail[-1] if err_tail else "") or (
-            f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}")
-        if rc < 0:
-            out["error"] = f"killed by {signal.Signals(-rc).name}" + (f" ({out['error']})" if err_tail else "")
+        last = err_tail[-1] if err_tail else ""
+        if rc < 0:  # no engine error line: a signal it could not handle (SIGKILL: often the out-of-memory killer)
+            out["error"] = f"killed by {signal.Signals(-rc).name}" + (f" ({last})" if last else "")
+        else:
+            out["error"] = last or f"exit code {rc}"
     if rc == 0 and state["result"] is None:
         out["error"], rc = "register ended with exit code 0 but printed no result", int(ExitCode.ERROR)
         out["exit_code"] = rc
