@@ -139,6 +139,41 @@ def test_register_args_are_checked_once_and_normalised(cohort):
     assert "must not give --fixed, --moving or --out" in r.stderr and not (cohort / "never").exists()
 
 
+def test_up_to_date_needs_same_request_inputs_options_version_and_weights(cohort, tmp_path):
+    from deepdiffreg import __version__
+    from deepdiffreg.batch.request import ledger_path, up_to_date, write_json_atomic
+    import shutil
+    for name in ("atlas.nii.gz", "sub0.nii.gz"):
+        shutil.copy(cohort / name, tmp_path / name)
+    pair = atlas_pairs(str(tmp_path / "atlas.nii.gz"), [str(tmp_path / "sub0.nii.gz")])[0]
+    req = parse_register_args(FAST)
+    out = tmp_path / "OUT"
+    (out / pair.id).mkdir(parents=True)
+    options = expected_method_options(req)
+
+    def state(version=__version__, report_options=options, model=None, run_models=None, now_models=None):
+        write_json_atomic(str(out / pair.id / "report.json"), {
+            "deepdiffreg_version": version, "method": req.method, "method_options": report_options, "model": model,
+            "files": {"report": "report.json"}})
+        request = pair_request(pair, req)
+        write_json_atomic(ledger_path(str(out), pair.id), {"status": "ok", "request_sha256": request_sha256(request),
+                                                           "models": run_models or {}})
+        return up_to_date(str(out), pair, pair_request(pair, req), options, now_models or {})
+
+    assert state() == (True, "")
+    assert state(version="0.0.9")[1].startswith("engine version")
+    assert state(report_options={**options, "sigma": 2.0}) == (False, "method options changed")
+    m = {"id": "m1", "sha256": "a" * 64}
+    assert state(model=m, run_models={"m1": "a" * 64}, now_models={"m1": "a" * 64}) == (True, "")
+    assert "weights of model m1" in state(model=m, run_models={"m1": "a" * 64}, now_models={"m1": "b" * 64})[1]
+    assert state(run_models={}, now_models={"m2": "c" * 64}) == (False, "installed models for the method changed")
+    state()
+    os.utime(tmp_path / "sub0.nii.gz", ns=(1, 1))  # an input file changed since the run
+    assert up_to_date(str(out), pair, pair_request(pair, req), options, {}) == (False, "request or input files changed")
+    os.remove(out / pair.id / "report.json")
+    assert not up_to_date(str(out), pair, pair_request(pair, req), options, {})[0]
+
+
 def test_strict_json():
     assert strict_json({"a": float("nan"), "b": [1.0, float("inf")], "c": (1, 2)}) == {"a": None, "b": [1.0, None],
                                                                                           "c": [1, 2]}
@@ -362,7 +397,7 @@ def test_local_gpu_workers_own_one_device_each():
     from distributed import Client
     from deepdiffreg.batch import cluster as clusters
     plan = clusters.plan_local(None, None, 4.0, ["3", "5"])
-    assert (plan.workers, plan.gpus) == (2, ["3", "5"]) and plan.threads_per_pair == max(1, (os.cpu_count() or 1) // 2)
+    assert (plan.workers, plan.gpus) == (2, ["3", "5"]) and plan.threads_per_pair == max(1, clusters.usable_cores() // 2)
     assert clusters.plan_local(1, None, 4.0, ["3", "5"]).gpus == ["3"]
     assert clusters.detect_gpus("auto", "cpu") == [] and clusters.detect_gpus("0,2", "auto") == ["0", "2"]
     cpu = clusters.plan_local(None, 1, 1e9, [])  # memory-bound: one pair at a time

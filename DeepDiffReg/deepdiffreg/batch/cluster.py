@@ -32,6 +32,14 @@ class Plan:
         return f"{self.workers} worker(s) × 1 pair, {self.threads_per_pair} thread(s) per pair"
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (a SLURM job's or container's share, not the whole node)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def available_memory_gb() -> float | None:
     try:
         with open("/proc/meminfo") as fh:
@@ -68,7 +76,7 @@ def detect_gpus(choice: str, device: str) -> list[str]:
 
 def plan_local(workers: int | None, threads_per_pair: int | None, memory_per_pair_gb: float,
                gpus: list[str]) -> Plan:
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     if gpus:
         n = len(gpus) if workers is None else max(1, min(workers, len(gpus)))
         return Plan(n, threads_per_pair or max(1, cores // n), gpus[:n])
@@ -97,8 +105,9 @@ def start_local(plan: Plan):
         if plan.gpus:
             opts.update(resources={GPU: 1}, env={"CUDA_VISIBLE_DEVICES": plan.gpus[i]})
         workers[f"gpu{plan.gpus[i]}" if plan.gpus else f"cpu{i}"] = {"cls": Nanny, "options": opts}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0,
-                                               "dashboard_address": ":0" if dashboard_available() else None}}
+    # the HTTP server (dashboard with bokeh; health/metrics without) on a free port of this machine only
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "port": 0, "dashboard_address": "127.0.0.1:0",
+                                               "dashboard": dashboard_available()}}
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited by the worker processes spawned now
     try:
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)

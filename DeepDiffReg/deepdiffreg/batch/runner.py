@@ -22,7 +22,7 @@ from .console import Console
 from .pairs import STATE_DIR, Pair
 from .report import row_from_report, write_summary
 from .request import (RegisterRequest, expected_method_options, installed_models, ledger_path, pair_request,
-                      request_sha256, up_to_date, write_json_atomic)
+                      read_json, request_sha256, up_to_date, write_json_atomic)
 from .task import run_pair
 
 # Exit codes a retry cannot change (the same input, the same weights give the same answer).
@@ -108,10 +108,10 @@ class _Signals:
         return False
 
 
-def plan(out: str, pairs: list[Pair], req: RegisterRequest) -> tuple[list[Pair], dict[str, str], dict[str, Any]]:
+def plan(out: str, pairs: list[Pair], req: RegisterRequest,
+         models: dict[str, str]) -> tuple[list[Pair], dict[str, str], dict[str, Any]]:
     """(pairs to run, {id: why it runs}, {id: its request}) — everything else is up to date."""
     options = expected_method_options(req)
-    models = installed_models(req.method)
     to_run, why, requests = [], {}, {}
     for p in pairs:
         requests[p.id] = pair_request(p, req)
@@ -133,8 +133,8 @@ def run_batch(pairs: list[Pair], req: RegisterRequest, opts: BatchOptions, conso
     ids = [p.id for p in pairs]
     with _Lock(out), _Signals() as sig:
         remove_leftovers(out, ids)  # nothing of this OUT runs now: whatever is half-written is stale
-        to_run, why, requests = plan(out, pairs, req)
         models = installed_models(req.method)
+        to_run, why, requests = plan(out, pairs, req, models)
         if opts.dry_run:
             for p in pairs:
                 console.plan(p.id, "run" if p.id in why else "skip", why.get(p.id, "up to date"))
@@ -151,28 +151,33 @@ def run_batch(pairs: list[Pair], req: RegisterRequest, opts: BatchOptions, conso
             meta["wall_s"] = round(time.time() - t0, 2)
             ran = sum(1 for r in results.values() if r.get("status") == "ok")
             meta["pairs_per_hour"] = round(3600.0 * ran / meta["wall_s"], 1) if ran and meta["wall_s"] > 0 else None
-            rows = []
-            for p in pairs:
-                r = results.get(p.id)
-                row: dict[str, Any] = {"id": p.id, "resumed": p.id not in why, "attempts": None, "exit_code": None,
-                                       "error": None, "worker": None, "host": None,
-                                       "out_dir": os.path.join(out, p.id)}
-                if r is None:
-                    row["status"] = "ok" if p.id not in why else ("cancelled" if cancelled else "not_run")
-                    if p.id not in why:
-                        row["exit_code"] = 0
-                else:
-                    row.update({k: r.get(k) for k in ("status", "exit_code", "error", "attempts", "worker", "host")})
-                if row["status"] == "ok":
-                    row.update(row_from_report(out, p.id))
-                else:
-                    row["out_dir"] = None
-                rows.append(row)
+            rows = _rows(out, pairs, why, results, cancelled)
             paths = write_summary(out, rows, meta, opts.fold_threshold_pct, opts.montage_max)
         console.finish(rows, paths, meta)
         if cancelled:
             return int(ExitCode.CANCELLED)
         return 0 if all(r["status"] == "ok" for r in rows) else int(ExitCode.ERROR)
+
+
+def _rows(out: str, pairs: list[Pair], why: dict[str, str], results: dict[str, dict[str, Any]],
+          cancelled: bool) -> list[dict[str, Any]]:
+    """One summary row per pair: this run's outcome, or the earlier run's for pairs that were up to date; the
+    metrics from report.json for pairs whose result is there."""
+    rows = []
+    for p in pairs:
+        row: dict[str, Any] = {"id": p.id, "resumed": p.id not in why, "out_dir": os.path.join(out, p.id)}
+        r = results.get(p.id)
+        if r is None and p.id not in why:  # up to date: as the ledger recorded it
+            r = {**(read_json(ledger_path(out, p.id)) or {}), "status": "ok"}
+        if r is None:
+            r = {"status": "cancelled" if cancelled else "not_run"}
+        row.update({k: r.get(k) for k in ("status", "exit_code", "error", "attempts", "worker", "host")})
+        if row["status"] == "ok":
+            row.update(row_from_report(out, p.id))
+        else:
+            row["out_dir"] = None
+        rows.append(row)
+    return rows
 
 
 def _connect(opts: BatchOptions, req: RegisterRequest, console: Console):

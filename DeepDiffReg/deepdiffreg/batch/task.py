@@ -102,7 +102,8 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     threads = spec.get("threads")
     if threads is None and not spec.get("user_threads"):
         per_worker = getattr(getattr(worker, "state", None), "nthreads", None) or getattr(worker, "nthreads", 1) or 1
-        threads = max(1, (os.cpu_count() or 1) // int(per_worker))
+        from .cluster import usable_cores
+        threads = max(1, usable_cores() // int(per_worker))
     if threads is not None:
         argv += ["--threads", str(int(threads))]
     cmd = [sys.executable, "-c", LAUNCHER, str(os.getpid()), sys.executable, "-m", "deepdiffreg", "register", *argv]
