@@ -332,7 +332,7 @@ def test_failing_pairs_are_recorded_and_retried_without_stopping_others(cohort, 
             {"id": "broken", **base, "moving": str(cohort / "sub3.nii.gz"), "moving_seg": ""}]
     _write_csv(tmp_path / "pairs.csv", rows)
     out = tmp_path / "OUT"
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         opts = BatchOptions(out=str(out), scheduler=cluster.scheduler_address, retries=1, threads_per_pair=1)
         code = run_batch(read_pairs_csv(str(tmp_path / "pairs.csv")), parse_register_args(FAST), opts,
                          Console(stream=open(os.devnull, "w")), task=_flaky)

@@ -52,7 +52,7 @@ def add_batch_parser(sub) -> None:
                    help="pairs in qa_montage.png, worst first (default 24; 0: none)")
     p.add_argument("--dry-run", action="store_true", help="list which pairs would run and why; run nothing")
     p.add_argument("--json", action="store_true", help="JSON lines on stdout instead of a progress bar")
-    p.add_argument("register_args", nargs=argparse.REMAINDER,
+    p.add_argument("register_args", nargs=argparse.REMAINDER, metavar="-- REGISTER_ARGS",
                    help="after --: arguments for every pair's register (method, its options, --spacing, ...)")
     p.set_defaults(func=_cmd_batch)
 

@@ -129,6 +129,12 @@ class Console:
             self.err.write("\r\033[K" + line[:200])
             self.err.flush()
 
+    def info(self, message: str) -> None:
+        if self.as_json:
+            self._json({"event": "info", "message": message})
+        else:
+            self._line(message)
+
     def cancelling(self, signame: str, in_flight: int) -> None:
         if self.as_json:
             self._json({"event": "info", "message": f"{signame}: cancelling {in_flight} pair(s)"})

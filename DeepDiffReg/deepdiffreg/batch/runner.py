@@ -180,13 +180,17 @@ def _rows(out: str, pairs: list[Pair], why: dict[str, str], results: dict[str, d
     return rows
 
 
-def _connect(opts: BatchOptions, req: RegisterRequest, console: Console):
+def _connect(opts: BatchOptions, req: RegisterRequest, console: Console, sig: "_Signals"):
     from distributed import Client
     if opts.scheduler == "local":
         gpus = clusters.detect_gpus(opts.gpus, req.device)
         p = clusters.plan_local(opts.workers, opts.threads_per_pair, opts.memory_per_pair_gb, gpus)
         cluster = clusters.start_local(p)
-        client = Client(cluster)
+        try:
+            client = Client(cluster)
+        except BaseException:
+            cluster.close()
+            raise
         return client, cluster, p.threads_per_pair, p.describe()
     if not opts.scheduler.startswith(("tcp://", "tls://", "ucx://", "inproc://")):
         raise BadInput(f"--scheduler: expected 'local' or an address like tcp://HOST:8786, got {opts.scheduler!r}")
@@ -195,6 +199,11 @@ def _connect(opts: BatchOptions, req: RegisterRequest, console: Console):
     except (OSError, TimeoutError) as e:
         raise BadInput(f"cannot reach the Dask scheduler at {opts.scheduler}: {e}") from None
     n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    if not n:  # e.g. SLURM jobs still queued: wait, so that the pairs' GPU requests see the workers' resources
+        console.info(f"waiting for the first worker to join {opts.scheduler}")
+        while not n and not sig.requested:
+            time.sleep(1.0)
+            n = len(client.scheduler_info(n_workers=-1).get("workers", {}))
     return client, None, opts.threads_per_pair, f"{n} worker(s) at {opts.scheduler}"
 
 
@@ -202,7 +211,7 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
     """Submit, watch, retry. Returns True when the batch was cancelled."""
     from distributed import Event
     token = uuid.uuid4().hex[:10]
-    client, local_cluster, threads, described = _connect(opts, req, console)
+    client, local_cluster, threads, described = _connect(opts, req, console, sig)
     try:
         cancel_event = Event(f"deepdiffreg-batch-cancel-{token}", client=client)
         topic = f"deepdiffreg-batch-{token}"
@@ -215,6 +224,9 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
         except Exception:  # noqa: BLE001 — live per-pair progress is optional
             pass
         futures: dict[Any, tuple[Pair, int]] = {}
+        if sig.requested:  # cancelled while the cluster was starting or while waiting for workers
+            console.cancelling(sig.requested, 0)
+            return True
 
         def submit(pair: Pair, attempt: int) -> None:
             spec = {"id": pair.id, "argv": [*pair.register_argv(), "--out", os.path.join(out, pair.id), "--overwrite",

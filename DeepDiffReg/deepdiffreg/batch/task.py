@@ -35,7 +35,8 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 TERMINATE_GRACE_S = 20.0   # after SIGTERM, how long a child may take to clean up before SIGKILL
-POLL_S = 0.5
+POLL_S = 0.5               # how often the child is checked
+CANCEL_POLL_S = 2.0        # how often the scheduler is asked whether the batch was cancelled (one RPC per pair)
 
 
 def _worker():
@@ -142,6 +143,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     for r in readers:
         r.start()
     was_cancelled = False
+    next_check = time.time() + CANCEL_POLL_S
     try:
         while True:
             try:
@@ -149,6 +151,9 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            if time.time() < next_check:
+                continue
+            next_check = time.time() + CANCEL_POLL_S
             if cancelled():
                 was_cancelled = True
                 kill_group(proc)
