@@ -70,7 +70,9 @@ def _derive_ids(pairs: list[Pair], explicit: list[bool]) -> None:
         if not given:
             p.id = _safe_id(ms if moving_stems.count(ms) == 1 else f"{stem(p.inputs['fixed'])}_to_{ms}")
     seen: dict[str, int] = {}
-    for i, p in enumerate(pairs):
+    for i, (p, given) in enumerate(zip(pairs, explicit)):
+        if not given:
+            check_id(p.id, f"pair {i + 1} (id from its file names; give an 'id' column)")
         if p.id in seen:
             raise BadInput(f"pairs {seen[p.id] + 1} and {i + 1} have the same id {p.id!r}; give an 'id' column with "
                            f"distinct ids")

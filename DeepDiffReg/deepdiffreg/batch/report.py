@@ -143,7 +143,7 @@ def _markdown(rows: list[dict[str, Any]], doc: dict[str, Any], montage: str | No
            f"; {c['flagged']} flagged. Method `{doc.get('method')}`, register arguments "
            f"`{' '.join(doc.get('register_args') or []) or '(defaults)'}`, engine {doc['engine_version']}, "
            f"{doc['created']}.", ""]
-    head = "| pair | status | flags | Dice init → after | TRE before → after (mm) | % folded | min det J | s | worker |"
+    head = "| pair | status | flags | Dice init → after | TRE before → after (mm) | % folded (foreground) | min det J | s | worker |"
     sep = "|---|---|---|---|---|---|---|---|---|"
 
     def table(rs):
@@ -203,11 +203,12 @@ def _montage(out: str, rows: list[dict[str, Any]], montage_max: int) -> str | No
                 ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower")
             else:
                 ax.imshow(img, cmap="RdBu_r", vmin=0.0, vmax=2.0, origin="lower")
-        folded = r.get("percent_folded_foreground")
-        folded = r.get("percent_folded") if folded is None else folded
+        fg = r.get("percent_folded_foreground") is not None
+        folded = r.get("percent_folded_foreground") if fg else r.get("percent_folded")
         dice = "" if r.get("dice_after") is None else f", Dice {r['dice_after']:.3f}"
-        ax_row[0].set_title(f"{r['id']}{dice}", fontsize=8, loc="left")
-        ax_row[2].set_title(f"folds {_fmt(folded, '.4f')} %", fontsize=8)
+        flags = f"  [{' '.join(r['flags'])}]" if r.get("flags") else ""
+        ax_row[0].set_title(f"{r['id']}{dice}{flags}", fontsize=8, loc="left")
+        ax_row[2].set_title(f"det J; folded {_fmt(folded, '.4f')} %{' (fg)' if fg else ''}", fontsize=8)
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=80)
