@@ -172,6 +172,16 @@ def test_up_to_date_needs_same_request_inputs_options_version_and_weights(cohort
     assert up_to_date(str(out), pair, pair_request(pair, req), options, {}) == (False, "request or input files changed")
     os.remove(out / pair.id / "report.json")
     assert not up_to_date(str(out), pair, pair_request(pair, req), options, {})[0]
+    # one batch at a time per OUT; leftovers of killed children are removed, complete folders are not
+    from deepdiffreg.batch.runner import _Lock, remove_leftovers
+    with _Lock(str(out)):
+        with pytest.raises(BadInput, match="another batch is running"):
+            with _Lock(str(out)):
+                pass
+    for name in (f"{pair.id}.partial-abc", f"{pair.id}.old-def", "other.partial-x"):
+        (out / name).mkdir()
+    assert sorted(remove_leftovers(str(out), [pair.id])) == [f"{pair.id}.old-def", f"{pair.id}.partial-abc"]
+    assert (out / pair.id).is_dir() and (out / "other.partial-x").is_dir()
 
 
 def test_strict_json():
