@@ -431,3 +431,18 @@ def test_engine_works_without_dask():
                         os.devnull + "-out"],
                        env={**os.environ, **ENV}, capture_output=True, text=True, timeout=60)
     assert r.returncode == ExitCode.ERROR and "pip install 'deepdiffreg[batch]'" in r.stderr, r.stderr
+
+
+def _child_env_seen_by_worker():
+    from deepdiffreg.batch.task import child_environ
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_"), child_environ().get("MALLOC_TRIM_THRESHOLD_"), \
+        child_environ({"OMP_NUM_THREADS": "3"}).get("OMP_NUM_THREADS")
+
+
+def test_children_do_not_inherit_the_nannys_worker_tuning():
+    """A Dask nanny sets MALLOC_TRIM_THRESHOLD_=65536 (and OMP_NUM_THREADS=1) for its worker: 2.7x slower NODEO."""
+    from distributed import Client
+    from deepdiffreg.batch import cluster as clusters
+    with clusters.start_local(clusters.Plan(1, 1)) as cl, Client(cl) as client:
+        (seen,) = client.run(_child_env_seen_by_worker).values()
+    assert seen == ("65536", None, "3")

@@ -23,7 +23,7 @@ from .pairs import STATE_DIR, Pair
 from .report import row_from_report, write_summary
 from .request import (RegisterRequest, expected_method_options, installed_models, ledger_path, pair_request,
                       read_json, request_sha256, up_to_date, write_json_atomic)
-from .task import run_pair
+from .task import dask_worker_environ, run_pair
 
 # Exit codes a retry cannot change (the same input, the same weights give the same answer).
 NO_RETRY = {int(ExitCode.BAD_INPUT), int(ExitCode.MISSING_WEIGHTS)}
@@ -224,6 +224,10 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
         except Exception:  # noqa: BLE001 — live per-pair progress is optional
             pass
         futures: dict[Any, tuple[Pair, int]] = {}
+        # local workers inherit this process's environment, then a Dask nanny overrides a few variables: the
+        # children get back what the user had set (remote workers: their own environment decides)
+        keep_env = ({k: os.environ[k] for k in dask_worker_environ() if k in os.environ}
+                    if local_cluster is not None else {})
         if sig.requested:  # cancelled while the cluster was starting or while waiting for workers
             console.cancelling(sig.requested, 0)
             return True
@@ -232,7 +236,8 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
             spec = {"id": pair.id, "argv": [*pair.register_argv(), "--out", os.path.join(out, pair.id), "--overwrite",
                                             *req.argv],
                     "cwd": os.getcwd(), "threads": None if req.gives_threads else threads,
-                    "user_threads": req.gives_threads, "cancel_event": cancel_event.name, "topic": topic}
+                    "user_threads": req.gives_threads, "cancel_event": cancel_event.name, "topic": topic,
+                    "keep_env": keep_env}
             f = client.submit(task, spec, key=f"deepdiffreg-{pair.id}-{token}-{attempt}", pure=False,
                               resources=resources)
             futures[f] = (pair, attempt)
