@@ -211,6 +211,11 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
     """Submit, watch, retry. Returns True when the batch was cancelled."""
     from distributed import Event
     token = uuid.uuid4().hex[:10]
+    # Local workers inherit this process's environment, then their nanny overrides a few variables (and leaves
+    # them in this process's os.environ too): the children get back what the user had set, read before the
+    # cluster starts. Remote workers: their own environment decides.
+    keep_env = ({k: os.environ[k] for k in dask_worker_environ() if k in os.environ}
+                if opts.scheduler == "local" else {})
     client, local_cluster, threads, described = _connect(opts, req, console, sig)
     try:
         cancel_event = Event(f"deepdiffreg-batch-cancel-{token}", client=client)
@@ -224,10 +229,6 @@ def _execute(out, to_run, req, opts, console, task, sig, results, requests, mode
         except Exception:  # noqa: BLE001 — live per-pair progress is optional
             pass
         futures: dict[Any, tuple[Pair, int]] = {}
-        # local workers inherit this process's environment, then a Dask nanny overrides a few variables: the
-        # children get back what the user had set (remote workers: their own environment decides)
-        keep_env = ({k: os.environ[k] for k in dask_worker_environ() if k in os.environ}
-                    if local_cluster is not None else {})
         if sig.requested:  # cancelled while the cluster was starting or while waiting for workers
             console.cancelling(sig.requested, 0)
             return True
