@@ -367,9 +367,9 @@ def test_failing_pairs_are_recorded_and_retried_without_stopping_others(cohort, 
 
 def test_ctrl_c_stops_every_pair_and_leaves_only_complete_results(cohort, tmp_path):
     out = tmp_path / "OUT"
-    # the default method with an iteration count that would take hours: only a cancel ends these pairs
+    # the default method with an iteration count that takes a minute or more here: the cancel comes first
     batch = subprocess.Popen(_engine_cmd("batch", "--pairs", cohort / "pairs.csv", "--out", out, "--workers", "2",
-                                         "--json", "--", "--iterations", "1000000", "--spacing", "4", "--no-align"),
+                                         "--json", "--", "--iterations", "10000", "--spacing", "4", "--no-align"),
                              env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:
@@ -379,7 +379,7 @@ def test_ctrl_c_stops_every_pair_and_leaves_only_complete_results(cohort, tmp_pa
             time.sleep(0.2)
         children = [p for p in _engine_processes(str(out)) if "register" in p.cmdline()]
         assert len(children) == 2, "two pairs should be running"
-        # not with the tuning the Dask nanny gave its worker (MALLOC_TRIM_THRESHOLD_ made NODEO 2.7x slower)
+        # not with the tuning the Dask nanny gave its worker (MALLOC_TRIM_THRESHOLD_: 2.7x slower runs)
         assert all("MALLOC_TRIM_THRESHOLD_" not in p.environ() for p in children)
         everything = psutil.Process(batch.pid).children(recursive=True) + children
         time.sleep(1.0)
@@ -442,7 +442,7 @@ def _child_env_seen_by_worker():
 
 
 def test_children_do_not_inherit_the_nannys_worker_tuning():
-    """A Dask nanny sets MALLOC_TRIM_THRESHOLD_=65536 (and OMP_NUM_THREADS=1) for its worker: 2.7x slower NODEO."""
+    """A Dask nanny sets MALLOC_TRIM_THRESHOLD_=65536 (and OMP_NUM_THREADS=1) for its worker: 2.7x slower runs."""
     from distributed import Client
     from deepdiffreg.batch import cluster as clusters
     with clusters.start_local(clusters.Plan(1, 1)) as cl, Client(cl) as client:

@@ -89,8 +89,8 @@ def dask_worker_environ() -> dict[str, str]:
 def child_environ(keep: dict[str, str] | None = None) -> dict[str, str]:
     """The register child's environment: the worker's, without the tuning a Dask nanny gave its worker process.
 
-    Those settings suit a worker's own Python tasks, not an engine run: MALLOC_TRIM_THRESHOLD_=65536 made a NODEO
-    run on a 2 mm IXI pair 2.7x slower (sys time 0.8 -> 11.4 s, glibc handing torch's buffers back to the kernel
+    Those settings suit a worker's own Python tasks, not an engine run: MALLOC_TRIM_THRESHOLD_=65536 made the default
+    method's run on a 2 mm IXI pair 2.7x slower (sys time 0.8 -> 11.4 s, glibc handing torch's buffers back to the kernel
     after every step), and OMP_NUM_THREADS=1 would cap the child's threads. ``keep``: values the user gave for
     those variables where the batch was started (local clusters), which stay.
     """
