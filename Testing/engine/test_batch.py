@@ -101,6 +101,12 @@ def test_pairs_csv_atlas_and_ids(cohort, tmp_path):
     # atlas + glob: the atlas itself is not registered to itself; ids from the file names
     ap = atlas_pairs(str(cohort / "atlas.nii.gz"), [str(cohort / "sub?.nii.gz"), str(cohort / "atlas.nii.gz")])
     assert [p.id for p in ap] == [f"sub{i}" for i in range(6)]
+    # a recursive glob does not pick up earlier results in OUT
+    (tmp_path / "OUT" / "sub0").mkdir(parents=True)
+    sitk.WriteImage(sitk.ReadImage(str(cohort / "sub0.nii.gz")), str(tmp_path / "OUT" / "sub0" / "warped.nii.gz"))
+    ap = atlas_pairs(str(cohort / "atlas.nii.gz"), [str(tmp_path / "**" / "*.nii.gz"), str(cohort / "sub1.nii.gz")],
+                     exclude_under=str(tmp_path / "OUT"))
+    assert [p.id for p in ap] == ["sub1"]
     assert all(p.inputs["fixed"] == str(cohort / "atlas.nii.gz") for p in ap)
     assert str(cohort / "atlas.nii.gz") not in [p.inputs["moving"] for p in ap]
     # without ids: repeated moving names get the fixed name too; real duplicates and unsafe ids are refused

@@ -77,7 +77,7 @@ def _cmd_batch(args) -> int:
     if args.atlas:
         if not args.moving:
             raise BadInput("--atlas needs --moving IMAGE|GLOB ...")
-        pairs = atlas_pairs(args.atlas, args.moving)
+        pairs = atlas_pairs(args.atlas, args.moving, exclude_under=args.out)
     else:
         if args.moving:
             raise BadInput("--moving goes with --atlas; with --pairs the CSV names the moving images")

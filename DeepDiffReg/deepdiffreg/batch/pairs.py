@@ -120,17 +120,20 @@ def read_pairs_csv(path: str) -> list[Pair]:
     return pairs
 
 
-def atlas_pairs(atlas: str, moving: list[str]) -> list[Pair]:
-    """The atlas (fixed) against every moving image; ``moving`` holds paths and/or glob patterns. (Pairs with
-    segmentations or landmarks for Dice / TRE need a pairs CSV.)"""
+def atlas_pairs(atlas: str, moving: list[str], exclude_under: str | None = None) -> list[Pair]:
+    """The atlas (fixed) against every moving image; ``moving`` holds paths and/or glob patterns. Files under
+    ``exclude_under`` (the batch's OUT: a recursive glob must not pick up earlier results) are left out. (Pairs
+    with segmentations or landmarks for Dice / TRE need a pairs CSV.)"""
     fixed = _existing(atlas, "--atlas", "atlas")
+    skip = os.path.join(os.path.abspath(exclude_under), "") if exclude_under else None
     files: list[str] = []
     for item in moving:
         hits = [item] if os.path.exists(item) else sorted(glob.glob(os.path.expanduser(item), recursive=True))
         if not hits:
             raise BadInput(f"--moving: {item!r} matches no file")
         files += [os.path.abspath(h) for h in hits if os.path.abspath(h) not in files]
-    files = [f for f in files if f != fixed]  # a glob over the cohort may include the atlas subject itself
+    files = [f for f in files if f != fixed  # a glob over the cohort may include the atlas subject itself
+             and not (skip and f.startswith(skip))]
     if not files:
         raise BadInput("--moving: no moving image besides the atlas")
     pairs = [Pair("", {"fixed": fixed, "moving": f}) for f in files]
