@@ -6,6 +6,7 @@ tiny generated pairs (28×28×24 at 2 mm, demons / NODEO at a 4 mm working grid)
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -350,9 +351,14 @@ def test_failing_pairs_are_recorded_and_retried_without_stopping_others(cohort, 
     out = tmp_path / "OUT"
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address="127.0.0.1:0") as cluster:
         opts = BatchOptions(out=str(out), scheduler=cluster.scheduler_address, retries=1, threads_per_pair=1)
+        lines = io.StringIO()
         code = run_batch(read_pairs_csv(str(tmp_path / "pairs.csv")), parse_register_args(FAST), opts,
-                         Console(stream=open(os.devnull, "w")), task=_flaky)
+                         Console(as_json=True, stream=lines), task=_flaky)
     assert code == ExitCode.ERROR  # some pairs failed
+    events = _json_lines(lines.getvalue())
+    assert {e["id"] for e in events if e["event"] == "pair_progress"} >= {"good", "flaky"}  # the children's progress
+    retried = [e for e in events if e["event"] == "pair" and e["retry"]]
+    assert sorted(e["id"] for e in retried) == ["broken", "flaky"]
     summary = {r["id"]: r for r in json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)["pairs"]}
     assert summary["good"]["status"] == "ok" and summary["flaky"]["status"] == "ok"
     assert summary["flaky"]["attempts"] == 2 and _ATTEMPTS["flaky"] == 2

@@ -3,6 +3,7 @@
 JSON lines (stdout, strict JSON: no NaN), one object each, ``event`` first:
     {"event": "batch_start", "pairs_to_run": 6, "out": "...", "workers": "...", "dashboard": null}
     {"event": "pair_started", "id": "s01", "worker": "tcp://..."}
+    {"event": "pair_progress", "id": "s01", "stage": "register", "progress": 0.42}   (at most ~1/s per pair)
     {"event": "pair", "id": "s01", "status": "ok"|"failed"|"cancelled", "exit_code": 0, "error": null,
      "attempt": 1, "retry": false, "seconds": 12.3, "worker": "tcp://..."}
     {"event": "progress", "progress": 0.5, "done": 3, "failed": 0, "running": 2, "total": 6, "elapsed_s": 40.1}
@@ -79,6 +80,8 @@ class Console:
         elif kind == "progress" and msg["id"] in self.live:
             p = msg.get("progress")
             self.live[msg["id"]] = f"{msg.get('stage') or ''} {100 * p:.0f}%" if isinstance(p, (int, float)) else ""
+            if self.as_json:
+                self._json({"event": "pair_progress", "id": msg["id"], "stage": msg.get("stage"), "progress": p})
         elif kind == "ended":
             self.live.pop(msg["id"], None)
 

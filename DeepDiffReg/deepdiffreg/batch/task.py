@@ -65,8 +65,8 @@ class _CancelWatch:
             return True
 
 
-def _log(topic: str | None, msg: dict) -> None:
-    worker = _worker()
+def _log(worker, topic: str | None, msg: dict) -> None:
+    """Send ``msg`` to the batch's topic (``worker``: taken in the task's thread; get_worker() fails elsewhere)."""
     if topic and worker is not None:
         try:
             worker.log_event(topic, msg)
@@ -145,7 +145,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
                             text=True, encoding="utf-8", errors="replace", start_new_session=True, env=env,
                             cwd=cwd if cwd and os.path.isdir(cwd) else None)
     topic = spec.get("topic")
-    _log(topic, {"id": spec["id"], "event": "started", "pid": proc.pid, **where})
+    _log(worker, topic, {"id": spec["id"], "event": "started", "pid": proc.pid, **where})
     state: dict[str, Any] = {"result": None, "error": None}
     err_tail: collections.deque[str] = collections.deque(maxlen=20)
 
@@ -161,7 +161,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
                 state["error"] = obj
             elif obj.get("event") == "progress" and time.time() - last > 1.0:
                 last = time.time()
-                _log(topic, {"id": spec["id"], "event": "progress", "stage": obj.get("stage"),
+                _log(worker, topic, {"id": spec["id"], "event": "progress", "stage": obj.get("stage"),
                              "progress": obj.get("progress")})
 
     def read_stderr():
@@ -215,5 +215,5 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
         out["stderr_tail"] = list(err_tail)[-5:]
     if state["result"]:
         out["summary"] = state["result"].get("summary")
-    _log(topic, {"id": spec["id"], "event": "ended", "status": out["status"]})
+    _log(worker, topic, {"id": spec["id"], "event": "ended", "status": out["status"]})
     return out
