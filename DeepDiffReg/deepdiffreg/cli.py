@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     for modname, fn in ((".train.cli", "add_train_parser"), (".train.cli", "add_models_parser"),
                         (".benchmark", "add_benchmark_parser"), (".evaluate", "add_evaluate_parser"),
-                        (".demo", "add_demo_parser"), (".apply", "add_apply_parser")):
+                        (".demo", "add_demo_parser"), (".apply", "add_apply_parser"), (".batch", "add_batch_parser")):
         try:
             module = importlib.import_module(modname, __package__)
         except ModuleNotFoundError as e:  # only a subcommand module left out of this build is optional
