@@ -381,7 +381,7 @@ def test_ctrl_c_stops_every_pair_and_leaves_only_complete_results(cohort, tmp_pa
     out = tmp_path / "OUT"
     # the default method with an iteration count that takes a minute or more here: the cancel comes first
     batch = subprocess.Popen(_engine_cmd("batch", "--pairs", cohort / "pairs.csv", "--out", out, "--workers", "2",
-                                         "--json", "--", "--iterations", "10000", "--spacing", "4", "--no-align"),
+                                         "--json", "--", "--nodeo-iterations", "10000", "--spacing", "4", "--no-align"),
                              env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     try:

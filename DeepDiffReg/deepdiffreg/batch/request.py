@@ -126,17 +126,13 @@ def request_sha256(request: dict[str, Any]) -> str:
 
 
 def expected_method_options(req: RegisterRequest) -> dict[str, Any] | None:
-    """The method options a register run of this request reports, resolved by the method class as
-    cli._cmd_register does (defaults filled in); None when the method API does not offer that."""
-    try:
-        from ..methods.base import get_method
-        cls = get_method(req.method)
-        options = dict(cls.options_from_args(req.namespace))
-        if getattr(req.namespace, "refine", None) is not None and getattr(cls, "learned", False):
-            options["refine"] = req.namespace.refine
-        return strict_json(cls(**options).options)
-    except (AttributeError, TypeError):
-        return None
+    """The method options a register run of this request reports (report.json ``method_options``), resolved by the
+    method class as ``cli._cmd_register`` does: the flags given, checked, defaults filled in."""
+    from ..method_args import method_options_from_args
+    from ..methods.base import get_method
+    cls = get_method(req.method)
+    options = method_options_from_args(req.namespace, cls, warn=lambda msg: None)
+    return strict_json(cls(**options).options)
 
 
 def installed_models(method: str) -> dict[str, str]:
