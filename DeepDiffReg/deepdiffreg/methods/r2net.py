@@ -112,7 +112,7 @@ class R2NetMethod(Trainable, LearnedMethod):
                         spacing_mm=(("cpu", 2.0),),
                         # measured (docs/r2net.md): peak RSS increase of estimate() per working voxel, NSVF
                         # single scale incl. the numerical inverse, 2-core CPU, 128³ and 160³ net grids
-                        bytes_per_working_voxel=1400)
+                        bytes_per_working_voxel=320)
     variants = {"svf": {"variant": "svf"}, "multiscale": {"multiscale": True}, "refine": {"refine": 50}}
     benchmark_variants = ()
 
