@@ -186,3 +186,20 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
     r = _cli(env, "register", "--method", name, "--fixed", paths["fixed"], "--moving", paths["moving"],
              "--out", tmp_path / "out-svf", "--no-align", "--r2net-variant", "svf")
     assert r.returncode == 2 and "svf" in r.stderr and not (tmp_path / "out-svf").exists()
+
+
+def test_prob_variant_and_phase1_views(pair):
+    # the "Prob" ablation: sampled v0 and the KL term (σ defaults to VoxelMorph-diff's 0.02 there)
+    torch.manual_seed(0)
+    cfg = {**R2NetMethod.default_config(), "probabilistic": True, "method": R2NetMethod.name}
+    net = R2NetMethod.build_network(cfg).train()
+    out = R2NetMethod.training_loss(net, pair, cfg, TrainStep(0, 0, torch.Generator().manual_seed(0),
+                                                              torch.device("cpu")))
+    assert torch.isfinite(out["kl"]) and torch.isfinite(out["loss"])
+    assert R2NetMethod.validation_disp(net.eval(), pair["moving"], pair["fixed"], cfg).shape == (1, 3, 32, 32, 32)
+    # MS-R2Net phase 1: a chunk of the 2×2×2 layout (17³ → 16³) or the ×2-down pair, labels kept integer
+    from deepdiffreg.methods.r2net import _phase1_view
+    for train_on in ("local", "global"):
+        m, f, ml, fl = _phase1_view(pair["moving"], pair["fixed"], pair["moving_labels"], pair["fixed_labels"],
+                                    train_on, 3, 16)
+        assert m.shape == f.shape == (1, 1, 16, 16, 16) and fl.dtype == pair["fixed_labels"].dtype
