@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -289,6 +290,8 @@ class R2NetMethod(Trainable, LearnedMethod):
         net.integrator.load_state_dict(net.local_net.integrator.state_dict())
         g = getattr(net, "r2net_config", {}).get("global_init")
         if g:
+            if not Path(g).is_file():
+                raise BadInput(f"--global-init: no such weights file: {g}")
             obj = torch.load(g, map_location="cpu", weights_only=True)
             if obj["config"].get("multiscale"):
                 raise BadInput(f"--global-init {g}: a single-scale R2Net weights file is needed (phase 1)")
