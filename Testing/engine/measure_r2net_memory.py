@@ -1,0 +1,83 @@
+"""Peak memory and time of R2Net vs VoxelMorph-diff on CPU (not a test; numbers in docs/r2net.md).
+
+One measurement per fresh process (peak RSS from ``resource.getrusage`` is per process):
+
+    python Testing/engine/measure_r2net_memory.py fwd r2net 128        # network forward pass, random input
+    python Testing/engine/measure_r2net_memory.py fwd r2net-svf 128
+    python Testing/engine/measure_r2net_memory.py fwd vxm 128          # VoxelMorph-diff as shipped (½-grid S&S)
+    python Testing/engine/measure_r2net_memory.py fwd vxm-fullint 128  # μ upsampled, S&S at full resolution
+    python Testing/engine/measure_r2net_memory.py est 128 128 128      # R2Net estimate() incl. numerical inverse
+    python Testing/engine/measure_r2net_memory.py est-ms 300 512 512   # MS-R2Net estimate() on that working grid
+
+Prints one JSON line: base_rss_mb (peak before the measured work: interpreter, torch, network, inputs), peak_rss_mb,
+delta_mb, bytes_per_voxel (delta / voxels) and seconds. Untrained weights (the architecture decides the memory).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mode, rest = argv[0], argv[1:]
+    if mode == "fwd":
+        kind, n = rest[0], int(rest[1])
+        m, f = torch.rand(1, 1, n, n, n), torch.rand(1, 1, n, n, n)
+        if kind.startswith("r2net"):
+            from deepdiffreg.nn.r2net import R2Net
+            net = R2Net(stationary=kind.endswith("svf")).eval()
+
+            def run():
+                return net(m, f)[0]
+        else:
+            from deepdiffreg.field import integrate_ss, resize_disp
+            from deepdiffreg.nn.vxm_model import DEFAULT_CONFIG, build_net
+            net = build_net(DEFAULT_CONFIG).eval()
+
+            def run():
+                mu, _ = net(m, f)
+                if kind == "vxm-fullint":        # the paper's Table 2 comparison: S&S at full resolution
+                    return integrate_ss(resize_disp(mu, (n, n, n)), 7)
+                return resize_disp(integrate_ss(mu, 7), (n, n, n))
+        voxels = n ** 3
+    else:
+        from deepdiffreg.frames import Geometry
+        from deepdiffreg.methods.base import PairOnGrid
+        from deepdiffreg.methods.r2net import R2NetMethod
+        d, h, w = map(int, rest[:3])
+        cfg = {**R2NetMethod.default_config(), "method": R2NetMethod.name}
+        tmp = Path(tempfile.mkdtemp()) / "r2net-untrained.pt"
+        torch.save({"config": cfg, "state_dict": R2NetMethod.build_network(cfg).state_dict()}, tmp)
+        geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (w, h, d))
+        pair = PairOnGrid(torch.rand(1, 1, d, h, w), torch.rand(1, 1, d, h, w), geom)
+        method = R2NetMethod(weights=str(tmp), multiscale=(mode == "est-ms") or None)
+
+        def run():
+            return method.estimate(pair, torch.device("cpu"), lambda fr, msg: None).disp_vox
+        voxels = d * h * w
+    base = rss_mb()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = run()
+    sec = time.perf_counter() - t0
+    peak = rss_mb()
+    print(json.dumps({"mode": mode, "args": rest, "voxels": voxels, "out_shape": list(out.shape),
+                      "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+                      "delta_mb": round(peak - base, 1), "bytes_per_voxel": round((peak - base) * 2 ** 20 / voxels),
+                      "seconds": round(sec, 2), "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
