@@ -149,6 +149,9 @@ def _cmd_methods(args) -> int:
             print(f"{r['name']:10s} {r['description']}{'  (default)' if r['default'] else ''}")
             for m in r["models"]:
                 print(f"{'':10s}   model {m.get('id')} v{m.get('version')} ({m.get('status', 'installed')})")
+            if r["learned"] and not r["models"]:
+                print(f"{'':10s}   no trained model installed (`deepdiffreg train --method {r['name']}` or "
+                      f"`deepdiffreg models import`)")
     return 0
 
 
