@@ -167,8 +167,12 @@ def test_install_plan_checks_torch_version_and_never_touches_simpleitk():
 def test_methods_json_parsing_and_no_method_names_on_the_slicer_side(fixture_methods):
     from DeepDiffRegLib import methods
     names = [m.name for m in fixture_methods]
-    assert len(names) >= 3 and methods.default_method(fixture_methods).default
-    learned = [m for m in fixture_methods if m.learned and m.models][0]   # a learned method may have no weights yet
+    from deepdiffreg.methods.base import all_methods
+    assert sorted(names) == sorted(all_methods()) and methods.default_method(fixture_methods).default
+    learned = [m for m in fixture_methods if m.learned and m.models][0]   # a learned method with bundled weights
+    for m in fixture_methods:                                             # (one without: a method being trained)
+        if m.learned and not m.models:
+            assert m.model_text.startswith("model: not installed")
     assert learned.model_text.startswith("model ") and learned.variants and learned.caps
     optim = [m for m in fixture_methods if not m.learned][0]
     assert optim.model_text.startswith("no trained weights") and optim.options and optim.title != optim.name
