@@ -6,7 +6,7 @@ Spec: shared docs/methods/seeds-spnet-avsm.md, Part A (the code's layers, A.3.2�
 fields in voxels of their level's grid, channel c along array axis c, pull direction: A∘φ_AB ≈ B, i.e. φ_AB is
 defined on B's grid (B is the fixed image, A the moving one). Level 1 is full resolution, level 4 is ⅛.
 
-Deliberate choices (spec A.10): sampling with align_corners=True and border-free zero padding through the shared
+Deliberate choices (spec A.10): sampling with align_corners=True and border-value padding through the shared
 ``field.warp`` (a clean reimplementation, not the released checkpoint's grid convention); each level's φ is the
 exponential of that level's velocity only — the coarser field warps the features and is an input channel, it is
 not composed in (A.3.5); upsampled displacements are doubled (A.3.6); the image pyramid is nearest subsampling,
