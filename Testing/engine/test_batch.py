@@ -75,8 +75,13 @@ def _json_lines(text: str) -> list[dict]:
 
 
 def _displacement(path) -> np.ndarray:
-    t = sitk.DisplacementFieldTransform(sitk.ReadTransform(str(path)))
-    return sitk.GetArrayFromImage(t.GetDisplacementField())
+    """The displacement field of a result's transform (a composite [affine, field] since the affine is kept)."""
+    t = sitk.ReadTransform(str(path))
+    if t.GetName() == "CompositeTransform":
+        t = sitk.CompositeTransform(t)
+        t = next(t.GetNthTransform(i) for i in range(t.GetNumberOfTransforms())
+                 if t.GetNthTransform(i).GetName() == "DisplacementFieldTransform")
+    return sitk.GetArrayFromImage(sitk.DisplacementFieldTransform(t).GetDisplacementField())
 
 
 def _engine_processes(marker: str) -> list:
@@ -345,7 +350,7 @@ def test_failing_pairs_are_recorded_and_retried_without_stopping_others(cohort, 
     base = {"fixed": str(cohort / "atlas.nii.gz"), "fixed_seg": str(cohort / "atlas_seg.nii.gz")}
     rows = [{"id": "good", **base, "moving": str(cohort / "sub1.nii.gz"), "moving_seg": str(cohort / "sub1_seg.nii.gz")},
             {"id": "flaky", **base, "moving": str(cohort / "sub2.nii.gz"), "moving_seg": str(cohort / "sub2_seg.nii.gz")},
-            {"id": "corrupt", **base, "moving": str(tmp_path / "corrupt.nii.gz"), "moving_seg": ""},
+            {"id": "corrupt", **base, "fixed_seg": "", "moving": str(tmp_path / "corrupt.nii.gz"), "moving_seg": ""},
             {"id": "broken", **base, "moving": str(cohort / "sub3.nii.gz"), "moving_seg": ""}]
     _write_csv(tmp_path / "pairs.csv", rows)
     out = tmp_path / "OUT"

@@ -168,7 +168,8 @@ def test_methods_json_parsing_and_no_method_names_on_the_slicer_side(fixture_met
     from DeepDiffRegLib import methods
     names = [m.name for m in fixture_methods]
     from deepdiffreg.methods.base import all_methods
-    assert sorted(names) == sorted(all_methods()) and methods.default_method(fixture_methods).default
+    real = sorted(n for n in all_methods() if not n.startswith("_"))   # test modules may register "_" methods
+    assert sorted(names) == real and methods.default_method(fixture_methods).default
     learned = [m for m in fixture_methods if m.learned and m.models][0]   # a learned method with bundled weights
     for m in fixture_methods:                                             # (one without: a method being trained)
         if m.learned and not m.models:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import BadInput
 from . import analysis, peers as peers_mod, validation
-from .pairs import ALL_PAIRS, QUICK_PAIR, build_pairs, missing_data, public_view
+from .pairs import ALL_PAIRS, QUICK_PAIR, build_pairs, check_pair_names, missing_data, public_view
 from .render import _header_for, render_markdown
 from .rows import MethodRow, all_rows, default_rows, missing_weights, parse_rows
 from .runner import machine_info, run_method, run_peer
@@ -97,6 +97,7 @@ def cmd_benchmark(args) -> int:
     rows: list[MethodRow] = parse_rows(args.methods) if args.methods else default_rows(args.quick)
     peers, notes = peers_mod.select(args.peers, args.quick)
     pair_names = list(args.pairs or ([QUICK_PAIR] if args.quick else ALL_PAIRS))
+    check_pair_names(pair_names)
     data = None
     if any(p != QUICK_PAIR for p in pair_names):
         data = Path(args.data) if args.data else _default_data()

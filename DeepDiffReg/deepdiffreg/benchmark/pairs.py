@@ -15,6 +15,7 @@ moving_seg, fixed_landmarks, moving_landmarks, true_transform.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,16 @@ def _brats_pair(data: Path) -> dict[str, Any]:
                            "240×240×155 at 1 mm, 6 landmark pairs (TRE = |T(fixed landmark) − moving landmark|)",
             "fixed": str(d / f"{f}_t1.nii.gz"), "moving": str(d / f"{m}_t1.nii.gz"),
             "fixed_landmarks": str(d / f"{f}_landmarks.csv"), "moving_landmarks": str(d / f"{m}_landmarks.csv")}
+
+
+_PAIR_NAME = re.compile(r"^(ixi-\d+|synth-\d+-\d+|known-\d+|brats-002)$")
+
+
+def check_pair_names(names: list[str]) -> None:
+    """Refuse a pair name no builder knows, before any data folder is looked at (one-line BadInput)."""
+    for name in names:
+        if name != QUICK_PAIR and not _PAIR_NAME.match(name):
+            raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}")
 
 
 def build_pairs(names: list[str], data: Path | None, work: Path) -> dict[str, dict[str, Any]]:
