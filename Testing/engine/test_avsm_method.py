@@ -33,21 +33,22 @@ from synth import points_lps
 # a known affine in normalised coordinates of the canonical grid (shear, anisotropic scale, translation)
 A_N = np.array([[1.06, 0.05, -0.03], [-0.04, 0.95, 0.06], [0.02, -0.05, 1.03]])
 B_N = np.array([0.05, -0.04, 0.03])
+AMP = 0.7                                    # the stub momentum's amplitude (½-grid voxels)
 
 
 class _KnownAffine(torch.nn.Module):
     """Stands in for the affine net: (Ã, b̃) = (A_N, B_N) on the first call of a multi-step run, then identity."""
 
-    def __init__(self):
+    def __init__(self, A=A_N, b=B_N):
         super().__init__()
-        self.calls = 0
+        self.calls, self.A, self.b = 0, A, b
 
     def forward(self, moving, fixed):
         n = fixed.shape[0]
         first = self.calls % 7 == 0
         self.calls += 1
-        A = torch.tensor(A_N if first else np.eye(3), dtype=fixed.dtype).expand(n, 3, 3)
-        b = torch.tensor(B_N if first else np.zeros(3), dtype=fixed.dtype).expand(n, 3)
+        A = torch.tensor(self.A if first else np.eye(3), dtype=fixed.dtype).expand(n, 3, 3)
+        b = torch.tensor(self.b if first else np.zeros(3), dtype=fixed.dtype).expand(n, 3)
         return A, b
 
 
@@ -57,13 +58,13 @@ class _KnownMomentum(torch.nn.Module):
     def forward(self, moving, fixed):
         shape = [max(1, n // 2) for n in fixed.shape[2:]]
         z, y, x = torch.meshgrid(*[torch.linspace(-1, 1, n) for n in shape], indexing="ij")
-        m = torch.stack([3.0 * torch.sin(2 * y), 2.5 * torch.cos(2 * x), 2.0 * torch.sin(2 * z + x)], 0)[None]
+        m = AMP * torch.stack([torch.sin(2 * y), torch.cos(2 * x), torch.sin(2 * z + x)], 0)[None]
         return m.to(fixed.dtype)
 
 
-def _stub_network(monkeypatch):
+def _stub_network(monkeypatch, A=A_N, b=B_N):
     net = AVSMNet((2, 2, 2, 2, 2))
-    net.affine = _KnownAffine()
+    net.affine = _KnownAffine(A, b)
     net.momentum = _KnownMomentum()
     cfg = {**AVSM.default_config(), "method": "avsm"}
     monkeypatch.setattr(AVSM, "load_network", lambda self, device: (net, cfg, {"id": "stub", "version": None,
@@ -100,8 +101,8 @@ def pair(tmp_path_factory):
     return {**write_pair(d), "dir": d}
 
 
-def _register(pair, monkeypatch, name: str, **opts):
-    _stub_network(monkeypatch)
+def _register(pair, monkeypatch, name: str, A=A_N, b=B_N, **opts):
+    _stub_network(monkeypatch, A, b)
     out = Path(pair["dir"]) / name
     req = pipeline.RegisterRequest(pair["fixed"], pair["moving"], "avsm", str(out), device="cpu",
                                    method_options={"affine_steps": 7, **opts})
@@ -143,7 +144,7 @@ def test_conversion_matrix_against_canonical_arrays_on_a_flipped_permuted_grid()
     geom = Geometry((3.0, -7.0, 11.0), (1.7, 2.3, 0.9), tuple(d.ravel()), (13, 21, 9))
     grid = NetGrid.for_working_grid(geom, geom.shape_kji, 16)
     M = lps_from_normalised(grid, geom)
-    pts_n = np.random.default_rng(1).uniform(-1, 1, size=(30, 3))
+    pts_n = np.random.default_rng(1).uniform(-0.85, 0.85, size=(30, 3))   # A x + b stays inside
     x_lps, y_lps = _canonical_truth(geom, pts_n)
     np.testing.assert_allclose(pts_n @ M[:3, :3].T + M[:3, 3], x_lps, atol=1e-9)
     a = avsm_mod.affine_lps_from_normalised(A_N, B_N, grid, geom)
@@ -153,13 +154,16 @@ def test_conversion_matrix_against_canonical_arrays_on_a_flipped_permuted_grid()
 def test_composition_order_affine_after_deformable(pair, monkeypatch):
     """T(x) = A(x + u(x)): the written transform equals the network-grid map Φ_aff ∘ (id + u) and not
     (id + u) ∘ Φ_aff."""
-    report, comp = _register(pair, monkeypatch, "affine_field", vsvf_steps=1)
+    # a strong affine, so that the two orders differ clearly
+    A_c = np.array([[1.15, 0.10, 0.0], [-0.08, 0.9, 0.05], [0.0, 0.06, 1.1]])
+    b_c = np.array([0.12, -0.1, 0.08])
+    report, comp = _register(pair, monkeypatch, "affine_field", A=A_c, b=b_c, vsvf_steps=1)
     geom = working_grid(pair["fixed_img"], 2.0)
     grid = NetGrid.for_working_grid(geom, geom.shape_kji, 16)
     # the same network run, on the net grid, by hand
     f = torch.zeros((1, 1) + grid.net_shape)
-    A = torch.tensor(A_N, dtype=torch.float32)[None]
-    b = torch.tensor(B_N, dtype=torch.float32)[None]
+    A = torch.tensor(A_c, dtype=torch.float32)[None]
+    b = torch.tensor(b_c, dtype=torch.float32)[None]
     u, _, _ = vsvf_deformable_step(_KnownMomentum(), f, f, A, b, torch.zeros((1, 3) + grid.net_shape), 10)
     assert float(u.abs().max()) > 0.3                                # a deformable part worth testing
     right = affine_after(A, b, u)                                    # Φ_aff ∘ (id + u)
@@ -178,7 +182,7 @@ def test_composition_order_affine_after_deformable(pair, monkeypatch):
         if name == "right":
             assert err < 0.15, err                                   # mm (trilinear resampling net→working→fixed)
         else:
-            assert err > 0.5, err
+            assert err > 0.6, err                                    # (id + u) ∘ Φ_aff is caught
 
 
 def test_advecting_from_zero_then_affine_equals_advecting_from_the_affine_map():
