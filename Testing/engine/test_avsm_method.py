@@ -210,6 +210,28 @@ def test_lambda_ar_schedule_and_mk_lncc():
     assert avsm_mod.mk_lncc_settings((80, 192, 192)) == [(20, 0.3, 2), (40, 0.7, 2)]
 
 
+def test_each_stage_trains_only_its_own_network():
+    from deepdiffreg.methods.learned import TrainStep
+    torch.manual_seed(0)
+    batch = {"fixed": torch.rand(1, 1, 16, 16, 16), "moving": torch.rand(1, 1, 16, 16, 16)}
+    step = TrainStep(0, 0, torch.Generator(), torch.device("cpu"))
+    for stage, trained, frozen in (("affine", "affine", "momentum"), ("vsvf", "momentum", "affine")):
+        cfg = {**AVSM.default_config(), "stage": stage, "momentum_ch": [2, 2, 2, 2, 2], "affine_train_steps": 2,
+               "affine_test_steps": 2, "time_steps": 2, "vsvf_steps": 1}
+        net = AVSM.build_network(cfg)
+        AVSM.prepare_for_training(net)
+        terms = AVSM.training_loss(net, batch, cfg, step)
+        assert all(torch.isfinite(v).all() for v in terms.values())
+        terms["loss"].backward()
+        assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in getattr(net, trained).parameters())
+        assert all(p.grad is None for p in getattr(net, frozen).parameters())
+
+
+def test_refine_runs_on_the_last_momentum(pair, monkeypatch):
+    report, _ = _register(pair, monkeypatch, "refined", vsvf_steps=2, refine=2)
+    assert report["method_info"]["refine_steps"] == 2
+
+
 def _cli(env: dict, *args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "deepdiffreg", *map(str, args)], capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=300, env={**os.environ, **env})

@@ -326,6 +326,9 @@ class AVSM(Trainable, LearnedMethod):
         momentum_ch: tuple[int, ...] = option(MOMENTUM_CH, min=1, max=1024,
                                               help="momentum U-Net widths, 5 values (paper: 16 32 64 128 256)")
         epoch_steps: int = option(400, min=1, max=1_000_000, help="steps per epoch of the λ_ar schedule (paper: 400)")
+        c_ar: float = option(10.0, min=0.0, max=1e6, help="C_ar of the λ_ar schedule (paper: 10; the code divides it "
+                                                         "by 100 when the multi-step run starts from the 1-step one)")
+        k_ar: float = option(4.0, min=0.1, max=1e3, help="K_ar of the λ_ar schedule (paper: 4)")
         lambda_as: float = option(10.0, min=0.0, max=1e6, help="affine symmetry weight (paper: 10)")
         lambda_vr: float = option(10.0, min=0.0, max=1e6, help="⟨m, v⟩ weight (paper: 10)")
         lambda_vs: float = option(500.0, min=0.0, max=1e6, help="vSVF symmetry weight on the mean form (code: 500)")
