@@ -101,10 +101,10 @@ def pair(tmp_path_factory):
     return {**write_pair(d), "dir": d}
 
 
-def _register(pair, monkeypatch, name: str, A=A_N, b=B_N, **opts):
+def _register(pair, monkeypatch, name: str, A=A_N, b=B_N, align=None, **opts):
     _stub_network(monkeypatch, A, b)
     out = Path(pair["dir"]) / name
-    req = pipeline.RegisterRequest(pair["fixed"], pair["moving"], "avsm", str(out), device="cpu",
+    req = pipeline.RegisterRequest(pair["fixed"], pair["moving"], "avsm", str(out), device="cpu", align=align,
                                    method_options={"affine_steps": 7, **opts})
     report = pipeline.register(req)
     comp = sitk.CompositeTransform(sitk.ReadTransform(str(out / "transform.h5")))
@@ -225,6 +225,15 @@ def test_each_stage_trains_only_its_own_network():
         terms["loss"].backward()
         assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in getattr(net, trained).parameters())
         assert all(p.grad is None for p in getattr(net, frozen).parameters())
+
+
+def test_user_alignment_is_chained_before_the_methods_affine(pair, monkeypatch):
+    from affine_case import a_init_matrix, use_known_alignment
+    use_known_alignment(monkeypatch)
+    report, comp = _register(pair, monkeypatch, "with_align", vsvf_steps=0, align="affine")
+    assert report["initial_alignment"]["mode"] == "affine"
+    m_method = np.asarray(report["transform_geometry"]["method_affine_lps"])
+    np.testing.assert_allclose(report["transform_geometry"]["affine_lps"], a_init_matrix() @ m_method, atol=1e-6)
 
 
 def test_refine_runs_on_the_last_momentum(pair, monkeypatch):
