@@ -365,6 +365,10 @@ class AVSM(Trainable, LearnedMethod):
     def training_loss(cls, net: AVSMNet, batch: dict[str, Any], config: dict[str, Any], step: TrainStep
                       ) -> dict[str, torch.Tensor]:
         m, f = batch["moving"], batch["fixed"]
+        if any(int(n) % AVSMNet.size_multiple for n in f.shape[2:]):
+            from ..errors import BadInput
+            raise BadInput(f"AVSM trains on grids whose sizes are multiples of {AVSMNet.size_multiple} (got "
+                           f"{list(f.shape[2:])}; --synthetic N: N a multiple of {AVSMNet.size_multiple})")
         if config.get("stage", "affine") == "affine":
             return cls._affine_loss(net, m, f, config, step.index)
         return cls._vsvf_loss(net, m, f, config)
