@@ -230,11 +230,13 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
              "taper_mm_ijk": [round(v, 3) for v in u_taper],
              **inv_info}
     data = ResultData(transform=T, inverse=inv_T, jacobian=det, fixed_geometry=fixed_geom, grid=lines,
-                      warped=warped, warped_seg=warped_seg, maps=maps)
+                      warped=warped, warped_seg=warped_seg, maps=maps, affine=sitk.AffineTransform(A))
     return ComposedResult(data=data, folds=folds, chain=chain, method_info=method_info)
 
 
 TRANSFORM_CHAIN = (
+    "affine.h5: A alone (an AffineTransform, fixed -> moving), the linear part of T for modules that want no "
+    "deformation. "
     "transform.h5: one flat ITK CompositeTransform of [0] AffineTransform A and [1] DisplacementFieldTransform "
     "U(x) = x + u(x); ITK applies the last transform first, so T(x) = A(x + u(x)) maps a fixed-space LPS point to "
     "a moving-space LPS point. A = A_init after A_method (initial_alignment.matrix_lps times the method's own "

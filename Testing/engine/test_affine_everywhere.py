@@ -348,3 +348,46 @@ def test_evaluate_and_apply_read_the_composite(case, tmp_path):
     assert ap.returncode == 0, ap.stderr
     back = np.loadtxt(tmp_path / "o.csv", delimiter=",", skiprows=1)[:, 1:]
     np.testing.assert_allclose(back, pts, atol=1e-5)
+
+
+def test_affine_h5_is_the_linear_part_of_the_transform(tmp_path):
+    """affine.h5 holds A alone: a linear transform other modules can use, equal to the composite's affine."""
+    import SimpleITK as sitk
+    from deepdiffreg.methods.base import Capabilities, FieldEstimate, Method
+    from deepdiffreg.pipeline import RegisterRequest, register
+    import torch
+    fixed = sitk.Image(20, 18, 16, sitk.sitkFloat32)
+    fixed.SetSpacing((1.5, 1.2, 2.0))
+    arr = np.random.default_rng(0).random((16, 18, 20)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(fixed)
+    sitk.WriteImage(img, str(tmp_path / "f.nii.gz"))
+    sitk.WriteImage(img, str(tmp_path / "m.nii.gz"))
+    a = np.eye(4)
+    a[:3, :3] = [[1.02, 0.03, 0.0], [-0.01, 0.98, 0.02], [0.0, 0.01, 1.01]]
+    a[:3, 3] = [1.5, -2.0, 0.5]
+
+    class _Aff(Method):
+        name = "_test_affine_h5"
+        caps = Capabilities(spacing_mm=(("cpu", 0.0),), own_affine=True, default_align="none")
+
+        def estimate(self, pair, device, progress):
+            return FieldEstimate(disp_vox=torch.zeros(1, 3, *pair.fixed.shape[2:]), affine_lps=a)
+
+    from deepdiffreg.methods import base
+    base.REGISTRY[_Aff.name] = _Aff
+    try:
+        out = tmp_path / "out"
+        rep = register(RegisterRequest(str(tmp_path / "f.nii.gz"), str(tmp_path / "m.nii.gz"), _Aff.name, str(out),
+                                       device="cpu"))
+    finally:
+        base.REGISTRY.pop(_Aff.name, None)
+    assert rep["files"]["affine"] == "affine.h5"
+    lin = sitk.ReadTransform(str(out / "affine.h5"))
+    assert lin.GetName() == "AffineTransform"
+    full = sitk.ReadTransform(str(out / "transform.h5"))
+    for p in [(0.0, 0.0, 0.0), (40.0, -25.0, 60.0), (-300.0, 200.0, 10.0)]:
+        expect = a[:3, :3] @ np.array(p) + a[:3, 3]
+        assert np.allclose(lin.TransformPoint(p), expect, atol=1e-6)
+        if abs(p[0]) > 100:                          # far outside the field: T = A exactly
+            assert np.allclose(full.TransformPoint(p), expect, atol=1e-6)

@@ -26,7 +26,7 @@ from ..errors import BadInput, RegistrationError
 from ..frames import Geometry
 from ..progress import dumps
 
-FILES = {"transform": "transform.h5", "inverse": "inverse.h5", "jacobian": "jacobian.nii.gz", "grid": "grid.vtk",
+FILES = {"transform": "transform.h5", "inverse": "inverse.h5", "affine": "affine.h5", "jacobian": "jacobian.nii.gz", "grid": "grid.vtk",
          "warped": "warped.nii.gz", "warped_seg": "warped_seg.nii.gz", "uncertainty": "uncertainty.nii.gz",
          "report": "report.json"}
 
@@ -480,7 +480,8 @@ class ResultData:
     ``transform``/``inverse``: T and T⁻¹ as flat CompositeTransforms (compose.py says how they chain);
     ``jacobian``: (K, J, I) float32 det ∇T on ``fixed_geometry``; ``grid``: the deformation grid's lines;
     ``warped``/``warped_seg``: the moving image (segmentation) resampled onto the fixed grid through T;
-    ``maps``: the method's extra maps, written as ``<name>.nii.gz``."""
+    ``maps``: the method's extra maps, written as ``<name>.nii.gz``; ``affine``: A alone (affine.h5), a linear
+    transform other modules can use without the deformable part."""
     transform: sitk.Transform
     jacobian: np.ndarray
     fixed_geometry: Geometry
@@ -489,6 +490,7 @@ class ResultData:
     inverse: sitk.Transform | None = None
     warped_seg: sitk.Image | None = None
     maps: dict[str, MapImage] = field(default_factory=dict)
+    affine: sitk.Transform | None = None   # the linear part A of T alone (initial alignment ∘ the method's affine)
 
 
 def write_result(result_dir: AtomicResultDir, data: ResultData, report: dict[str, Any],
@@ -505,6 +507,9 @@ def write_result(result_dir: AtomicResultDir, data: ResultData, report: dict[str
         if data.inverse is not None:
             write_transform(data.inverse, p("inverse"))
             files["inverse"] = FILES["inverse"]
+        if data.affine is not None:
+            write_transform(data.affine, p("affine"))
+            files["affine"] = FILES["affine"]
         write_scalar(data.jacobian, data.fixed_geometry, p("jacobian"), deflate=False)
         files["jacobian"] = FILES["jacobian"]
         sitk.WriteImage(data.warped, p("warped"), useCompression=True)
