@@ -183,18 +183,8 @@ def available_memory_mb(device: torch.device) -> float | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return free / 2 ** 20
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    try:
-        import psutil
-        return psutil.virtual_memory().available / 2 ** 20
-    except ImportError:
-        return None
+    avail = images.available_memory_bytes()
+    return None if avail is None else avail / 2 ** 20
 
 
 # Bytes per fixed-grid voxel for the outputs (float64 field, Jacobian and its gradients, warped image, grid).

@@ -41,18 +41,10 @@ def usable_cores() -> int:
 
 
 def available_memory_gb() -> float | None:
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 2 ** 20
-    except OSError:
-        pass
-    try:
-        import psutil
-        return psutil.virtual_memory().available / 2 ** 30
-    except ImportError:
-        return None
+    """Free CPU memory in GB (io.images.available_memory_bytes; None when it cannot be told)."""
+    from ..io.images import available_memory_bytes
+    avail = available_memory_bytes()
+    return None if avail is None else avail / 2 ** 30
 
 
 def detect_gpus(choice: str, device: str) -> list[str]:
