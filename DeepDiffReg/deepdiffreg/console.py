@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,7 +80,10 @@ class HumanReporter(Reporter):
                 self._plain_last = stage
             return
         if self._bar is None:
-            self._bar = self._tqdm(total=1000, file=self.stream, leave=False, dynamic_ncols=True, mininterval=0.2,
+            # a terminal that reports no size (a bare pty, some CI consoles) would make tqdm draw nothing
+            cols = shutil.get_terminal_size((0, 0)).columns
+            size = {"dynamic_ncols": True} if cols > 0 else {"ncols": 100, "nrows": 24}
+            self._bar = self._tqdm(total=1000, file=self.stream, leave=False, mininterval=0.2, **size,
                                    bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         new_stage = stage != self._plain_last
         self._plain_last = stage

@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -497,39 +498,41 @@ class ResultData:
 
 
 def write_result(result_dir: AtomicResultDir, data: ResultData, report: dict[str, Any],
-                 before_report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                 before_report: Callable[[dict[str, Any]], None] | None = None,
+                 parts: dict[str, float] | None = None) -> dict[str, Any]:
     """Write every file of a result directory: the files of ``data``, then report.json (``report`` with its
     "files" and "maps" entries filled in here). ``before_report(report)`` runs when every other file is written,
-    just before report.json (the pipeline adds its timings and peak memory there). The directory appears only when
+    just before report.json (the pipeline adds its timings and peak memory there). ``parts``: filled with the
+    seconds each file took, by file name (report.json ``timings_s.write_parts``). The directory appears only when
     all of it is written. Returns ``report``."""
     files = report.setdefault("files", {})
+    parts = {} if parts is None else parts
+
+    def timed(key: str, fname: str, write: Callable[[str], None]) -> None:
+        t0 = time.perf_counter()
+        write(os.path.join(tmp, fname))
+        parts[fname] = round(time.perf_counter() - t0, 3)
+        files[key] = fname
+
     with result_dir as tmp:
-        p = lambda key: os.path.join(tmp, FILES[key])  # noqa: E731
-        write_transform(data.transform, p("transform"))
-        files["transform"] = FILES["transform"]
+        timed("transform", FILES["transform"], lambda p: write_transform(data.transform, p))
         if data.inverse is not None:
-            write_transform(data.inverse, p("inverse"))
-            files["inverse"] = FILES["inverse"]
+            timed("inverse", FILES["inverse"], lambda p: write_transform(data.inverse, p))
         if data.affine is not None:
-            write_transform(data.affine, p("affine"))
-            files["affine"] = FILES["affine"]
-        write_scalar(data.jacobian, data.fixed_geometry, p("jacobian"), deflate=False)
-        files["jacobian"] = FILES["jacobian"]
-        sitk.WriteImage(data.warped, p("warped"), useCompression=True)
-        files["warped"] = FILES["warped"]
+            timed("affine", FILES["affine"], lambda p: write_transform(data.affine, p))
+        timed("jacobian", FILES["jacobian"],
+              lambda p: write_scalar(data.jacobian, data.fixed_geometry, p, deflate=False))
+        timed("warped", FILES["warped"], lambda p: sitk.WriteImage(data.warped, p, useCompression=True))
         if data.warped_seg is not None:
-            sitk.WriteImage(data.warped_seg, p("warped_seg"), useCompression=True)
-            files["warped_seg"] = FILES["warped_seg"]
+            timed("warped_seg", FILES["warped_seg"], lambda p: sitk.WriteImage(data.warped_seg, p, useCompression=True))
         for name, m in data.maps.items():
-            fname = f"{name}.nii.gz"
-            write_image(m.image, os.path.join(tmp, fname), deflate=False)
-            files[name] = fname
-            report.setdefault("maps", {})[name] = {"file": fname, "unit": m.unit, "description": m.description}
-        write_grid_vtk_lps(data.grid, p("grid"))
-        files["grid"] = FILES["grid"]
+            timed(name, f"{name}.nii.gz", lambda p, m=m: write_image(m.image, p, deflate=False))
+            report.setdefault("maps", {})[name] = {"file": f"{name}.nii.gz", "unit": m.unit,
+                                                    "description": m.description}
+        timed("grid", FILES["grid"], lambda p: write_grid_vtk_lps(data.grid, p))
         if before_report is not None:
             before_report(report)
-        write_report(report, p("report"))
+        write_report(report, os.path.join(tmp, FILES["report"]))
     return report
 
 
