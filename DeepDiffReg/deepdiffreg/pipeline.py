@@ -285,7 +285,8 @@ def _check_request(req: RegisterRequest):
 
 
 def _load(req: RegisterRequest, method_cls, device: torch.device, reporter: Reporter) -> _Inputs:
-    """Read and check the images, segmentations, landmarks and mask (refusing runs that cannot fit first)."""
+    """Read and check the images, segmentations, landmarks and mask (refusing runs that cannot fit first). Runs
+    after ``check_inputs`` (headers, pairing of the optional inputs, landmark counts)."""
     reporter.stage("load", "reading images", _SPAN["load"][0])
     reporter.info("device", device=device.type, torch=torch.__version__)
     headers = images.read_header(req.fixed), images.read_header(req.moving)
@@ -298,16 +299,10 @@ def _load(req: RegisterRequest, method_cls, device: torch.device, reporter: Repo
     images.check_intensities(moving, "moving image")
     fixed_seg = images.read_segmentation(req.fixed_seg, fixed, "fixed segmentation") if req.fixed_seg else None
     moving_seg = images.read_segmentation(req.moving_seg, moving, "moving segmentation") if req.moving_seg else None
-    if (fixed_seg is None) != (moving_seg is None):
-        raise BadInput("give both --fixed-seg and --moving-seg, or neither")
-    if (req.fixed_landmarks is None) != (req.moving_landmarks is None):
-        raise BadInput("give both --fixed-landmarks and --moving-landmarks, or neither")
-    fixed_pts = moving_pts = None
+    fixed_pts = moving_pts = None     # given in pairs and of equal length: check_inputs made sure
     if req.fixed_landmarks:
         fixed_pts = images.read_landmarks(req.fixed_landmarks, "fixed landmarks")
         moving_pts = images.read_landmarks(req.moving_landmarks, "moving landmarks")
-        if len(fixed_pts) != len(moving_pts):
-            raise BadInput(f"landmark files have different lengths: {len(fixed_pts)} fixed vs {len(moving_pts)} moving")
     user_mask = images.read_segmentation(req.fixed_mask, fixed, "fixed mask") if req.fixed_mask else None
     if user_mask is not None and not sitk.GetArrayViewFromImage(user_mask).any():
         raise BadInput("fixed mask is empty")
