@@ -101,15 +101,7 @@ def check_header(path: str, what: str = "image") -> list[str] | None:
         if not os.access(path, os.R_OK):
             raise BadInput(f"{what}: cannot read {path}: permission denied")
         info = _file_info(path)
-        dim = info.GetDimension()
-        if dim != 3:
-            raise BadInput(f"{what} {os.path.basename(path)} is {dim}D; a 3D volume is needed")
-        if info.GetNumberOfComponents() != 1:
-            raise BadInput(f"{what} {os.path.basename(path)} has {info.GetNumberOfComponents()} components per "
-                           "voxel; a scalar volume is needed")
-        if min(info.GetSize()) < 4:
-            raise BadInput(f"{what} {os.path.basename(path)} has size {tuple(info.GetSize())}: at least 4 voxels per "
-                           "axis are needed")
+        _check_shape(what, path, info.GetDimension(), info.GetNumberOfComponents(), info.GetSize())
         _check_fits(what, path, tuple(info.GetSize()), _bytes_of(info.GetPixelID()))
         check_nifti_header(path, what)
         _check_geometry(what, path, info.GetSpacing(), info.GetDirection())
@@ -120,6 +112,17 @@ def check_header(path: str, what: str = "image") -> list[str] | None:
         raise BadInput(f"{what}: cannot read {path}: {_itk_reason(e)}") from None
     except OSError as e:
         raise BadInput(f"{what}: cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_shape(what: str, path: str, dim: int, components: int, size) -> None:
+    """A 3D scalar volume of at least 4 voxels per axis (from a header, or from the image a DICOM series gave)."""
+    name = os.path.basename(os.path.normpath(path))
+    if dim != 3:
+        raise BadInput(f"{what} {name} is {dim}D; a 3D volume is needed")
+    if components != 1:
+        raise BadInput(f"{what} {name} has {components} components per voxel; a scalar volume is needed")
+    if min(size) < 4:
+        raise BadInput(f"{what} {name} has size {tuple(size)}: at least 4 voxels per axis are needed")
 
 
 def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.Image:
@@ -137,14 +140,7 @@ def read_image(path: str, what: str = "image", pixel=sitk.sitkFloat32) -> sitk.I
             image = sitk.ReadImage(path)
     except RuntimeError as e:
         raise BadInput(f"{what}: cannot read {path}: {_itk_reason(e)}") from None
-    dim = image.GetDimension()
-    if dim != 3:
-        raise BadInput(f"{what} {os.path.basename(path)} is {dim}D; a 3D volume is needed")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise BadInput(f"{what} {os.path.basename(path)} has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
-                       "a scalar volume is needed")
-    if min(image.GetSize()) < 4:
-        raise BadInput(f"{what} {os.path.basename(path)} has size {image.GetSize()}: at least 4 voxels per axis are needed")
+    _check_shape(what, path, image.GetDimension(), image.GetNumberOfComponentsPerPixel(), image.GetSize())
     _check_geometry(what, path, image.GetSpacing(), image.GetDirection())
     return image if pixel is None else sitk.Cast(image, pixel)
 
