@@ -306,37 +306,29 @@ def _check_value(cls: type[Method], spec: OptionSpec, v: Any) -> Any:
         seq = [v] if isinstance(v, (int, float, str)) else list(v)
         if not seq:
             raise bad("needs at least one value")
-        out = tuple(_as_int(cls, spec, x, flag) for x in seq)
+        out = tuple(_as_number(x, flag, whole=True) for x in seq)
         for x in out:
             _check_range(spec, x, flag, v)
         return out
-    num = _as_int(cls, spec, v, flag) if kind == "int" else _as_float(v, flag)
+    num = _as_number(v, flag, whole=kind == "int")
     _check_range(spec, num, flag, v)
     return num
 
 
-def _as_int(cls, spec, v, flag) -> int:
-    if isinstance(v, bool):
-        raise BadInput(f"{flag}: must be a whole number (got {v!r})")
+def _as_number(v: Any, flag: str, whole: bool) -> float | int:
+    """``v`` (a number or its text) as a finite float, or as an int when ``whole``; a bool is not a number."""
+    kind = "a whole number" if whole else "a number"
     try:
+        if isinstance(v, bool):
+            raise ValueError
         f = float(v)
     except (TypeError, ValueError):
-        raise BadInput(f"{flag}: must be a whole number (got {v!r})") from None
-    if not math.isfinite(f) or f != int(f):
-        raise BadInput(f"{flag}: must be a whole number (got {v!r})")
-    return int(f)
-
-
-def _as_float(v, flag) -> float:
-    if isinstance(v, bool):
-        raise BadInput(f"{flag}: must be a number (got {v!r})")
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise BadInput(f"{flag}: must be a number (got {v!r})") from None
+        raise BadInput(f"{flag}: must be {kind} (got {v!r})") from None
     if not math.isfinite(f):
-        raise BadInput(f"{flag}: must be a finite number (got {v!r})")
-    return f
+        raise BadInput(f"{flag}: must be {'a whole number' if whole else 'a finite number'} (got {v!r})")
+    if whole and f != int(f):
+        raise BadInput(f"{flag}: must be a whole number (got {v!r})")
+    return int(f) if whole else f
 
 
 def _check_range(spec: OptionSpec, x: float, flag: str, given: Any) -> None:
