@@ -166,26 +166,105 @@ def _interior(view: np.ndarray, pad_ijk) -> np.ndarray:
     return view[pk:view.shape[0] - pk, pj:view.shape[1] - pj, pi:view.shape[2] - pi]
 
 
+class FieldOnGrid:
+    """A displacement stored on one grid (``src_geom``), read at the voxels of another grid with the same
+    direction (``target``) as ITK's DisplacementFieldTransform reads it: trilinear in the source's continuous
+    index (done as linear interpolation along each index axis in turn, which is the same thing), zero outside the
+    source grid. Only the k-planes asked for are made, so a full-resolution copy of the field never exists.
+
+    ``disp_lps``: (K', J', I', 3) LPS mm on ``src_geom``. ``shape``: the target's (K, J, I, 3).
+    ``planes(k0, k1)`` → (k1 − k0, J, I, 3) float32 array (what ``metrics.jacobian_det_lps`` reads slab by slab);
+    ``at(kji)`` → (n, 3) float64 at integer target indices (the deformation grid's vertices).
+    """
+
+    def __init__(self, disp_lps: np.ndarray, src_geom: Geometry, target: Geometry):
+        if not np.allclose(src_geom.direction, target.direction, atol=1e-9):
+            raise ValueError("FieldOnGrid: the field's grid and the target grid need the same direction")
+        self.src = torch.from_numpy(np.ascontiguousarray(disp_lps, dtype=np.float32))   # (K', J', I', 3)
+        self.shape = tuple(target.shape_kji) + (3,)
+        # continuous source index of each target voxel along each index axis (same direction: axis by axis)
+        offset_ijk = target.direction.T @ (np.asarray(target.origin_lps) - np.asarray(src_geom.origin_lps))
+        self._axes = []                                   # per array axis (k, j, i): (i0, frac, inside)
+        for a in range(3):                                # index axis a = array axis 2 - a
+            n_src, n_tgt = src_geom.size_ijk[a], target.size_ijk[a]
+            c = (offset_ijk[a] + np.arange(n_tgt) * target.spacing_ijk[a]) / src_geom.spacing_ijk[a]
+            c = np.where(np.abs(c - np.round(c)) < 1e-6, np.round(c), c)   # nodes that coincide, exactly
+            inside = (c >= 0) & (c <= n_src - 1)
+            i0 = np.clip(np.floor(c), 0, max(n_src - 2, 0)).astype(np.int64)
+            frac = np.where(inside, c - i0, 0.0)
+            self._axes.insert(0, (torch.from_numpy(i0), torch.from_numpy(frac.astype(np.float32)),
+                                  torch.from_numpy(inside)))
+
+    @staticmethod
+    def _lerp(x: torch.Tensor, axis: int, i0: torch.Tensor, frac: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        lo = x.index_select(axis, i0)
+        hi = x.index_select(axis, torch.clamp(i0 + 1, max=x.shape[axis] - 1))
+        out = torch.lerp(lo, hi, frac.view(shape))
+        if not bool(inside.all()):
+            out *= inside.view(shape).to(out.dtype)        # outside the field's grid: zero displacement (ITK)
+        return out
+
+    def planes(self, k0: int, k1: int) -> np.ndarray:
+        i0, frac, inside = (t[k0:k1] for t in self._axes[0])
+        lo = int(i0.min())
+        x = self.src[lo:int(i0.max()) + 2]
+        x = self._lerp(x, 0, i0 - lo, frac, inside)
+        x = self._lerp(x, 1, *self._axes[1])
+        return self._lerp(x, 2, *self._axes[2]).numpy()
+
+    def at(self, kji) -> np.ndarray:
+        out = np.zeros((len(kji[0]), 3))
+        parts = []
+        for axis, idx in enumerate(kji):
+            i0, frac, inside = (t.numpy()[np.asarray(idx)] for t in self._axes[axis])
+            parts.append((i0, frac.astype(np.float64), inside))
+        src = self.src.numpy()
+        for corner in range(8):
+            bits = [(corner >> (2 - a)) & 1 for a in range(3)]
+            w = np.ones(len(out))
+            index = []
+            for a, (i0, frac, inside) in enumerate(parts):
+                w = w * np.where(bits[a], frac, 1.0 - frac) * inside
+                index.append(np.minimum(i0 + bits[a], src.shape[a] - 1))
+            out += w[:, None] * src[tuple(index)]
+        return out
+
+
 # -- the composition -----------------------------------------------------------------------------------------------
+FIELD_GRIDS = ("working", "fixed")   # where u and w are stored: the method's own grid (default) or the fixed grid
+
+
 def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transform, fixed: sitk.Image,
                    moving: sitk.Image, moving_seg: sitk.Image | None = None, fold_region=None,
-                   grid_lines: int = 16) -> ComposedResult:
+                   grid_lines: int = 16, field_grid: str = "working") -> ComposedResult:
     """The method's field (working grid, voxel units) and affine, chained with the initial alignment, as the result
     contract's transforms, Jacobian, fold statistics, deformation grid, warped images and maps on the fixed grid.
 
+    ``field_grid``: "working" stores u (and w) on the method's own grid, padded by the taper — the working grid
+    spans the fixed image's box, so no value is resampled and T at every fixed voxel is what it is with "fixed";
+    "fixed" resamples them onto the padded fixed grid (a full-resolution float64 field, as before). The Jacobian,
+    fold statistics and deformation grid are on the fixed grid either way, computed from the stored field as ITK
+    interpolates it (``FieldOnGrid``), slab by slab, in float32.
     ``fold_region(det) -> sitk.Image | None``: where percent_folded_foreground is counted (None: overall)."""
+    if field_grid not in FIELD_GRIDS:
+        raise ValueError(f"compose_result(): field_grid must be one of {FIELD_GRIDS}, got {field_grid!r}")
     fixed_geom = Geometry.of(fixed)
+    on_fixed = field_grid == "fixed"
     A = chained_affine(align_t, est.affine_lps)
     m_a = affine_matrix(A)
     det_a = float(np.linalg.det(m_a[:3, :3]))
 
-    # forward: u on the padded fixed grid; U takes the image's buffer and hands it back without a copy
+    # forward: u on the padded working (or fixed) grid; U takes the image's buffer and hands it back without a copy
     u_w = lps_from_vox_disp(est.disp_vox.detach().double().cpu()[0].numpy(), work_geom)
-    u_img, u_geom, u_pad, u_taper = _field_on_fixed(u_w, work_geom, fixed_geom)
+    u_img, u_geom, u_pad, u_taper = _field_on_fixed(u_w, work_geom, fixed_geom if on_fixed else None)
     del u_w
     U = sitk.DisplacementFieldTransform(u_img)
     u_field = U.GetDisplacementField()
-    u = _interior(sitk.GetArrayViewFromImage(u_field), u_pad)      # (K, J, I, 3) on the fixed grid, read-only view
+    stored = sitk.GetArrayViewFromImage(u_field)                   # (K', J', I', 3), read-only view
+    # u at the fixed voxels: the interior of the fixed-grid field, or the stored field read as ITK reads it
+    u = _interior(stored, u_pad) if on_fixed else FieldOnGrid(stored, u_geom, fixed_geom)
     det = jacobian_det_lps(u, fixed_geom, dtype=torch.float32)     # float32: rounding ~1e-6 on O(1) values
     if det_a != 1.0:
         det *= np.float32(det_a)                                   # det ∇T = det(A)·det(I + ∇u)
@@ -193,7 +272,7 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     folds = fold_stats(det, None if region is None else sitk.GetArrayViewFromImage(region))
     lines = deformation_grid_lines(u, fixed_geom, det, lines_per_axis=grid_lines,
                                    affine_lps=None if np.array_equal(m_a, np.eye(4)) else m_a)
-    del u, u_field
+    del u, stored, u_field
     T = composite(A, U)                                            # copies U's field; U is dropped below
     del U
 
@@ -203,14 +282,15 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     if est.inverse_disp_vox is not None:
         inv_geom_src = est.inverse_geometry or work_geom
         w_src = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), inv_geom_src)
-        w_img, w_geom, w_pad, w_taper = _field_on_fixed(w_src, inv_geom_src,
-                                                        fixed_geom if est.inverse_geometry is None else None)
+        w_on_fixed = on_fixed and est.inverse_geometry is None
+        w_img, w_geom, w_pad, w_taper = _field_on_fixed(w_src, inv_geom_src, fixed_geom if w_on_fixed else None)
         del w_src
         inv_T = composite(sitk.DisplacementFieldTransform(w_img), A.GetInverse())
         del w_img
         inv_info = {"inverse_field_grid": w_geom.to_dict(), "inverse_field_pad_voxels_ijk": list(w_pad),
                     "inverse_taper_mm_ijk": [round(v, 3) for v in w_taper],
-                    "inverse_field_grid_is": "the fixed grid, padded" if est.inverse_geometry is None else
+                    "inverse_field_grid_is": "the fixed grid, padded" if w_on_fixed else
+                    "the working grid, padded" if est.inverse_geometry is None else
                     "the method's inverse grid (FieldEstimate.inverse_geometry), padded"}
         if est.inverse_geometry is None or est.inverse_geometry == work_geom:
             method_info["inverse_consistency_working_grid"] = inverse_consistency_vox(  # float32, as the method made them
@@ -227,6 +307,8 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     chain = {"affine_lps": m_a.tolist(), "det_affine": det_a,
              "method_affine_lps": None if est.affine_lps is None else np.asarray(est.affine_lps, float).tolist(),
              "field_grid": u_geom.to_dict(), "field_pad_voxels_ijk": list(u_pad),
+             "field_grid_is": "the fixed grid, padded" if on_fixed else "the working grid, padded",
+             "field_grid_option": field_grid,
              "taper_mm_ijk": [round(v, 3) for v in u_taper],
              **inv_info}
     data = ResultData(transform=T, inverse=inv_T, jacobian=det, fixed_geometry=fixed_geom, grid=lines,

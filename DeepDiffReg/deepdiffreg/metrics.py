@@ -34,9 +34,12 @@ def dice_summary(per_label: dict[int, float]) -> dict:
             "per_label": {str(k): round(v, 5) for k, v in per_label.items()}}
 
 
-def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry, dtype: torch.dtype = torch.float64,
-                     slab: int = 16) -> np.ndarray:
+def jacobian_det_lps(disp_lps, geom: Geometry, dtype: torch.dtype = torch.float64, slab: int = 16) -> np.ndarray:
     """det(I + ∇u) of a physical displacement (K, J, I, 3) LPS mm on ``geom`` → (K, J, I) array of ``dtype``.
+
+    ``disp_lps``: an array, or any object with ``shape`` (K, J, I, 3) and ``planes(k0, k1)`` giving the
+    (k1 − k0, J, I, 3) displacement of those k-planes (``compose.FieldOnGrid``: a coarse stored field read at the
+    fixed voxels as ITK interpolates it), so the full-resolution field need never be held at once.
 
     Computed in the index frame (vectors rotated by Dᵀ and scaled by 1/spacing), so it is right on oblique,
     anisotropic grids; a pure translation gives 1 and an affine x ↦ Ax gives det A. Derivatives are central
@@ -49,20 +52,24 @@ def jacobian_det_lps(disp_lps: np.ndarray, geom: Geometry, dtype: torch.dtype = 
     """
     m_inv_t = torch.from_numpy(np.ascontiguousarray(
         np.linalg.inv(geom.direction @ np.diag(geom.spacing_ijk)).T)).to(dtype)
-    arr = np.asarray(disp_lps)
-    if any(st < 0 for st in arr.strides):                 # torch takes no negative strides (flipped views)
-        arr = np.ascontiguousarray(arr)
+    if hasattr(disp_lps, "planes"):
+        shape, planes = tuple(disp_lps.shape[:3]), disp_lps.planes
+    else:
+        arr = np.asarray(disp_lps)
+        if any(st < 0 for st in arr.strides):             # torch takes no negative strides (flipped views)
+            arr = np.ascontiguousarray(arr)
+        shape, planes = arr.shape[:3], lambda k0, k1: arr[k0:k1]
+    if min(shape) < 2:
+        raise ValueError("jacobian_det_lps(): every axis needs at least 2 voxels")
+    n_k = shape[0]
+    out = torch.empty(shape, dtype=dtype)
     with warnings.catch_warnings():  # a read-only view (sitk.GetArrayViewFromImage) is fine: it is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        u = torch.from_numpy(arr)                          # (K, J, I, 3), no copy
-    if min(u.shape[:3]) < 2:
-        raise ValueError("jacobian_det_lps(): every axis needs at least 2 voxels")
-    n_k = u.shape[0]
-    out = torch.empty(u.shape[:3], dtype=dtype)
-    for k0 in range(0, n_k, slab):
-        k1 = min(k0 + slab, n_k)
-        lo, hi = max(k0 - 1, 0), min(k1 + 1, n_k)           # halo plane on each side (inside the grid)
-        out[k0:k1] = _det_slab(u[lo:hi].to(dtype) @ m_inv_t, k0 - lo, k1 - k0)
+        for k0 in range(0, n_k, slab):
+            k1 = min(k0 + slab, n_k)
+            lo, hi = max(k0 - 1, 0), min(k1 + 1, n_k)       # halo plane on each side (inside the grid)
+            u = torch.from_numpy(planes(lo, hi))            # (k', J, I, 3), no copy
+            out[k0:k1] = _det_slab(u.to(dtype) @ m_inv_t, k0 - lo, k1 - k0)
     return out.numpy()
 
 

@@ -26,7 +26,7 @@ import torch
 from . import __version__
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .compat import OUT_OF_MEMORY_ERRORS
-from .compose import TRANSFORM_CHAIN, ComposedResult, compose_result
+from .compose import FIELD_GRIDS, TRANSFORM_CHAIN, ComposedResult, compose_result
 from .devices import resolve_device
 from .errors import BadInput, OutOfMemory
 from .frames import Geometry
@@ -62,6 +62,8 @@ class RegisterRequest:
     method_options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     grid_lines: int = 16
+    field_grid: str = "working"      # where transform.h5's u and inverse.h5's w are stored (compose.FIELD_GRIDS):
+                                     # the method's working grid (default) or the full-resolution fixed grid
 
 
 def check_request(req: RegisterRequest) -> None:
@@ -83,6 +85,8 @@ def check_request(req: RegisterRequest) -> None:
     number(req.align_erode_mm, "--align-erode-mm", positive=False)
     if req.align not in ("affine", "rigid", "none"):
         raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
+    if req.field_grid not in FIELD_GRIDS:
+        raise BadInput(f"--field-grid must be one of {', '.join(FIELD_GRIDS)}, got {req.field_grid!r}")
     if not isinstance(req.grid_lines, int) or req.grid_lines < 2:
         raise BadInput(f"grid_lines must be an integer >= 2, got {req.grid_lines!r}")
     for flag, path in (("--fixed", req.fixed), ("--moving", req.moving), ("--out", req.out_dir)):
@@ -252,7 +256,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     composed = compose_result(est, pair.geometry, alignment.transform, inputs.fixed, inputs.moving,
                               moving_seg=inputs.moving_seg if inputs.fixed_seg is not None else None,
                               fold_region=lambda det: _fold_region(det, inputs.fixed, user_fg),
-                              grid_lines=req.grid_lines)
+                              grid_lines=req.grid_lines, field_grid=req.field_grid)
     parts["compose"] = round(time.perf_counter() - t0, 3)   # transforms, Jacobian, folds, grid, warped images
     t0 = time.perf_counter()
     report = _report(req, method, device, inputs, alignment, pair.geometry, spacing, est, composed)

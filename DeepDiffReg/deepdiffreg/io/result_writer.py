@@ -407,11 +407,13 @@ class GridLines:
     values: np.ndarray
 
 
-def deformation_grid_lines(disp_lps: np.ndarray, geom: Geometry, scalar: np.ndarray,
+def deformation_grid_lines(disp_lps, geom: Geometry, scalar: np.ndarray,
                            lines_per_axis: int = 16, affine_lps: np.ndarray | None = None) -> GridLines:
     """Lines of a regular lattice in fixed space, every vertex moved by T (x ↦ A(x + u(x))).
 
-    ``disp_lps``: (K, J, I, 3) LPS mm on ``geom``; ``scalar``: (K, J, I) value sampled at each vertex;
+    ``disp_lps``: (K, J, I, 3) LPS mm on ``geom``, an array or any object with ``shape`` and ``at(kji)`` giving
+    the (n, 3) displacement at integer indices (``compose.FieldOnGrid``: only the vertices are read);
+    ``scalar``: (K, J, I) value sampled at each vertex;
     ``affine_lps``: 4×4 homogeneous LPS matrix of A (None: identity).
     Lines run along each index axis through every ``step``-th voxel of the other two axes; vertices sit on every
     ``max(1, step // 4)``-th voxel, so bends show.
@@ -434,7 +436,7 @@ def deformation_grid_lines(disp_lps: np.ndarray, geom: Geometry, scalar: np.ndar
                 idx[:, axis], idx[:, others[0]], idx[:, others[1]] = along, a, b
                 kji = tuple(idx.T)
                 ijk1 = np.c_[idx[:, ::-1], np.ones(len(idx))]
-                moved = (ijk1 @ m.T)[:, :3] + disp_lps[kji]
+                moved = (ijk1 @ m.T)[:, :3] + (disp_lps.at(kji) if hasattr(disp_lps, "at") else disp_lps[kji])
                 pts.append(moved if affine_lps is None else moved @ a_lin.T + a_off)
                 vals.append(scalar[kji])
                 lengths.append(len(idx))
