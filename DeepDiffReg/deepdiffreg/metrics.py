@@ -13,18 +13,56 @@ from .field import jacobian_det, warp
 from .frames import Geometry
 
 
+def present_labels(labels: np.ndarray) -> list[int]:
+    """The distinct values of an integer label array, ascending (``np.unique``; a bincount when the values span
+    less than 2^20, which is ~10× faster on a 1 mm brain than sorting its 7 M voxels)."""
+    a = np.asarray(labels)
+    if a.size and np.issubdtype(a.dtype, np.integer):
+        lo, hi = int(a.min()), int(a.max())
+        if hi - lo < (1 << 20):
+            shifted = a.ravel() if lo == 0 else a.ravel().astype(np.int64) - lo
+            return [int(v) + lo for v in np.flatnonzero(np.bincount(shifted, minlength=hi - lo + 1))]
+    return [int(v) for v in np.unique(a)]
+
+
 def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
                    labels: list[int] | None = None) -> dict[int, float]:
-    """Dice of each label (default: the non-zero labels present in the fixed segmentation)."""
+    """Dice of each label (default: the non-zero labels present in the fixed segmentation).
+
+    Counted in one pass for all labels (each voxel's label mapped to its position in ``labels``, then three
+    bincounts) instead of three full-volume comparisons per label."""
     if fixed_labels.shape != warped_labels.shape:
         raise ValueError(f"dice_per_label(): shapes differ {fixed_labels.shape} vs {warped_labels.shape}")
     if labels is None:
-        labels = [int(v) for v in np.unique(fixed_labels) if v != 0]
+        labels = [v for v in present_labels(fixed_labels) if v != 0]
+    labels = [int(v) for v in labels]
+    if not labels:
+        return {}
+    f, w = np.asarray(fixed_labels).ravel(), np.asarray(warped_labels).ravel()
+    lo = min(labels)
+    span = max(labels) - lo + 1
+    if span <= (1 << 20):                                  # position of each label value: a lookup table
+        lut = np.zeros(span, np.int64)
+        lut[np.asarray(labels) - lo] = np.arange(1, len(labels) + 1)
+
+        def index_of(a: np.ndarray) -> np.ndarray:
+            off = a.astype(np.int64) - lo
+            ok = (off >= 0) & (off < span)
+            return np.where(ok, lut[np.where(ok, off, 0)], 0)  # 0: not one of ``labels``
+    else:
+        order = np.asarray(sorted(set(labels)))
+
+        def index_of(a: np.ndarray) -> np.ndarray:
+            pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
+            return np.where(order[pos] == a, pos + 1, 0)
+    fi, wi = index_of(f), index_of(w)
+    n = len(labels) + 1
+    both = np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
+    count_f, count_w = np.bincount(fi, minlength=n), np.bincount(wi, minlength=n)
     out = {}
-    for lab in labels:
-        a, b = fixed_labels == lab, warped_labels == lab
-        denom = a.sum() + b.sum()
-        out[int(lab)] = float(2.0 * np.logical_and(a, b).sum() / denom) if denom else float("nan")
+    for pos, lab in enumerate(labels, start=1):
+        denom = count_f[pos] + count_w[pos]
+        out[lab] = float(2.0 * both[pos] / denom) if denom else float("nan")
     return out
 
 

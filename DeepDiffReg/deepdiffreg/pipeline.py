@@ -33,7 +33,7 @@ from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
 from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
-from .metrics import dice_per_label, dice_summary, tre_mm
+from .metrics import dice_per_label, dice_summary, present_labels, tre_mm
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
                          working_grid)
 from .progress import Reporter
@@ -409,6 +409,15 @@ def _report(req: RegisterRequest, method, device: torch.device, inputs: _Inputs,
     return report
 
 
+def _is_identity(t: sitk.Transform) -> bool:
+    """Whether ``t`` maps every point to itself (an identity or a zero-parameter translation/affine)."""
+    if t.GetName() == "IdentityTransform" or (t.GetName() == "Transform" and not t.GetParameters()):
+        return True
+    if t.GetName() in ("AffineTransform", "TranslationTransform", "Euler3DTransform"):
+        return np.array_equal(affine_matrix(t), np.eye(4))
+    return False
+
+
 def evaluate_transforms(transforms: dict[str, sitk.Transform], fixed: sitk.Image, fixed_seg: sitk.Image | None,
                         moving_seg: sitk.Image | None, fixed_pts: np.ndarray | None,
                         moving_pts: np.ndarray | None, warped_segs: dict[str, sitk.Image] | None = None) -> dict:
@@ -422,10 +431,12 @@ def evaluate_transforms(transforms: dict[str, sitk.Transform], fixed: sitk.Image
     out: dict[str, Any] = {}
     if fixed_seg is not None and moving_seg is not None:
         f_lab = sitk.GetArrayFromImage(fixed_seg)
-        labels = sorted(set(np.unique(f_lab).tolist()) & set(np.unique(sitk.GetArrayFromImage(moving_seg)).tolist()) - {0})
+        labels = sorted(set(present_labels(f_lab)) & set(present_labels(sitk.GetArrayViewFromImage(moving_seg))) - {0})
         out["dice"] = {"labels": labels}
         for name, t in transforms.items():
             warped = warped_segs.get(name)
+            if warped is None and _is_identity(t) and Geometry.of(moving_seg) == Geometry.of(fixed):
+                warped = moving_seg                # nearest neighbour through the identity onto its own grid
             if warped is None:
                 warped = sitk.Resample(moving_seg, fixed, t, sitk.sitkNearestNeighbor, 0)
             # the view is read while ``warped`` (the image that owns the buffer) is alive

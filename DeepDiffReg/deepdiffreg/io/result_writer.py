@@ -423,7 +423,7 @@ def deformation_grid_lines(disp_lps, geom: Geometry, scalar: np.ndarray,
     m = geom.lps_from_ijk_matrix()
     if affine_lps is not None:
         a_lin, a_off = np.asarray(affine_lps, float)[:3, :3], np.asarray(affine_lps, float)[:3, 3]
-    pts, vals, lengths = [], [], []
+    runs, lengths = [], []
     for axis in range(3):  # array axis the lines run along
         others = [a for a in range(3) if a != axis]
         res = max(1, steps[axis] // 4)
@@ -434,14 +434,15 @@ def deformation_grid_lines(disp_lps, geom: Geometry, scalar: np.ndarray,
             for b in range(0, shape[others[1]], steps[others[1]]):
                 idx = np.zeros((len(along), 3), dtype=int)
                 idx[:, axis], idx[:, others[0]], idx[:, others[1]] = along, a, b
-                kji = tuple(idx.T)
-                ijk1 = np.c_[idx[:, ::-1], np.ones(len(idx))]
-                moved = (ijk1 @ m.T)[:, :3] + (disp_lps.at(kji) if hasattr(disp_lps, "at") else disp_lps[kji])
-                pts.append(moved if affine_lps is None else moved @ a_lin.T + a_off)
-                vals.append(scalar[kji])
+                runs.append(idx)
                 lengths.append(len(idx))
-    return GridLines(np.concatenate(pts).astype(np.float64), np.asarray(lengths, dtype=np.int64),
-                     np.concatenate(vals).astype(np.float32))
+    idx = np.concatenate(runs)                      # every vertex of every line, (N, 3) as (k, j, i)
+    kji = tuple(idx.T)
+    ijk1 = np.c_[idx[:, ::-1], np.ones(len(idx))]
+    moved = (ijk1 @ m.T)[:, :3] + (disp_lps.at(kji) if hasattr(disp_lps, "at") else disp_lps[kji])
+    pts = moved if affine_lps is None else moved @ a_lin.T + a_off
+    return GridLines(np.asarray(pts, dtype=np.float64), np.asarray(lengths, dtype=np.int64),
+                     np.asarray(scalar[kji], dtype=np.float32))
 
 
 def _ascii_rows(values: np.ndarray, fmt: str, per_row: int) -> str:
