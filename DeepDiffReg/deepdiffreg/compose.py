@@ -174,17 +174,19 @@ class FieldOnGrid:
 
     ``disp_lps``: (K', J', I', 3) LPS mm on ``src_geom``. ``shape``: the target's (K, J, I, 3).
     ``planes(k0, k1)`` → (k1 − k0, J, I, 3) float32 array (what ``metrics.jacobian_det_lps`` reads slab by slab);
-    ``at(kji)`` → (n, 3) float64 at integer target indices (the deformation grid's vertices).
+    ``at(kji)`` → (n, 3) float64 at integer target indices (the deformation grid's vertices), computed in float64.
     """
 
     def __init__(self, disp_lps: np.ndarray, src_geom: Geometry, target: Geometry):
         if not np.allclose(src_geom.direction, target.direction, atol=1e-9):
             raise ValueError("FieldOnGrid: the field's grid and the target grid need the same direction")
-        self.src = torch.from_numpy(np.ascontiguousarray(disp_lps, dtype=np.float32))   # (K', J', I', 3)
+        self.src64 = np.asarray(disp_lps, dtype=np.float64)                        # (K', J', I', 3), for at()
+        self.src = torch.from_numpy(np.ascontiguousarray(disp_lps, dtype=np.float32))   # the same, for planes()
         self.shape = tuple(target.shape_kji) + (3,)
         # continuous source index of each target voxel along each index axis (same direction: axis by axis)
         offset_ijk = target.direction.T @ (np.asarray(target.origin_lps) - np.asarray(src_geom.origin_lps))
-        self._axes = []                                   # per array axis (k, j, i): (i0, frac, inside)
+        self._axes = []                                   # per array axis (k, j, i): (i0, frac, inside), torch
+        self._axes64 = []                                 # the same in numpy, frac in float64 (for at())
         for a in range(3):                                # index axis a = array axis 2 - a
             n_src, n_tgt = src_geom.size_ijk[a], target.size_ijk[a]
             c = (offset_ijk[a] + np.arange(n_tgt) * target.spacing_ijk[a]) / src_geom.spacing_ijk[a]
@@ -194,6 +196,7 @@ class FieldOnGrid:
             frac = np.where(inside, c - i0, 0.0)
             self._axes.insert(0, (torch.from_numpy(i0), torch.from_numpy(frac.astype(np.float32)),
                                   torch.from_numpy(inside)))
+            self._axes64.insert(0, (i0, frac, inside))
 
     @staticmethod
     def _lerp(x: torch.Tensor, axis: int, i0: torch.Tensor, frac: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
@@ -218,9 +221,8 @@ class FieldOnGrid:
         out = np.zeros((len(kji[0]), 3))
         parts = []
         for axis, idx in enumerate(kji):
-            i0, frac, inside = (t.numpy()[np.asarray(idx)] for t in self._axes[axis])
-            parts.append((i0, frac.astype(np.float64), inside))
-        src = self.src.numpy()
+            parts.append(tuple(t[np.asarray(idx)] for t in self._axes64[axis]))
+        src = self.src64
         for corner in range(8):
             bits = [(corner >> (2 - a)) & 1 for a in range(3)]
             w = np.ones(len(out))

@@ -184,7 +184,7 @@ def write_pair(d) -> dict:
 def register_case(d, method: str, align: str = "affine", **kw) -> dict:
     """Run the pipeline on the pair (``use_known_alignment`` must be in effect for align="affine")."""
     get_method(method)
-    out = d / f"out_{method}_{align}"
+    out = d / ("_".join([f"out_{method}_{align}"] + [f"{k}-{v}" for k, v in sorted(kw.items())]))
     req = pipeline.RegisterRequest(str(d / "fixed.nii.gz"), str(d / "moving.nii.gz"), method, str(out), align=align,
                                    device="cpu", fixed_seg=str(d / "fixed_seg.nii.gz"),
                                    moving_seg=str(d / "moving_seg.nii.gz"), **kw)

@@ -1,5 +1,6 @@
 """Pieces of the pipeline's write stage that were made cheaper must give the numbers the straightforward way gives."""
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from deepdiffreg.metrics import fold_stats
@@ -34,3 +35,110 @@ def test_fold_statistics_with_folds_use_the_automatic_foreground_or_the_users_ma
     assert stats["num_folded"] == 2 and np.isclose(stats["percent_folded_foreground"], 100.0 / fg.sum())
     user = sitk.Cast(fixed > 1e9, sitk.sitkUInt8) + 1                  # all ones
     assert _fold_region(det, fixed, user) is user
+
+
+# -- the field grid: --field-grid fixed is today's writer; working gives the same T at every fixed voxel ----------
+def _compose_case():
+    """A 2 mm working field (with an inverse and a map) on an oblique anisotropic 1–1.5 mm fixed grid, an affine
+    initial alignment, and the pair — the inputs of compose_result."""
+    import torch
+    from deepdiffreg.frames import Geometry, vox_from_lps_disp
+    from deepdiffreg.methods.base import FieldEstimate, Map
+    from deepdiffreg.preprocess import working_grid
+    from synth import smooth_field_lps
+    fixed = blank(size=(34, 30, 26), spacing=(1.0, 1.2, 1.5))
+    fixed = from_array(phantom(points_lps(fixed), seed=0)[0], fixed)
+    moving = blank(size=(36, 32, 28), spacing=(1.1, 1.1, 1.3), origin=(-22.0, -16.0, -12.0))
+    moving = from_array(phantom(points_lps(moving), seed=1)[0], moving)
+    moving_seg = sitk.Cast(moving > 60, sitk.sitkUInt8)
+    work = working_grid(fixed, 2.0)
+    p = points_lps(work.reference_image())
+    u = smooth_field_lps(p, amplitude=3.0)
+    w = -0.9 * smooth_field_lps(p, amplitude=3.0)
+    tensor = lambda a: torch.from_numpy(vox_from_lps_disp(a, work).astype(np.float32))[None]  # noqa: E731
+    unc = torch.from_numpy(np.abs(u[..., 0]).astype(np.float32))[None, None]
+    est = FieldEstimate(disp_vox=tensor(u), inverse_disp_vox=tensor(w), maps={"uncertainty": Map(unc, "mm")})
+    align = sitk.AffineTransform(3)
+    align.SetMatrix((1.03, 0.02, 0.0, -0.01, 0.98, 0.03, 0.0, 0.01, 1.01))
+    align.SetTranslation((1.5, -2.0, 0.7))
+    align.SetCenter((1.0, 2.0, -1.0))
+    return est, work, align, fixed, moving, moving_seg, Geometry
+
+
+def _old_compose(est, work, align, fixed, moving, moving_seg, Geometry):
+    """What compose_result computed before the field grid was chosen for the field: the tapered working field
+    resampled (float64, ITK) onto the padded fixed grid, the float64 Jacobian and the grid lines of that whole
+    array, warped images through [A, U]."""
+    import math
+    import torch
+    from deepdiffreg.compose import composite, padded_geometry, sample_field, taper_lengths_mm, tapered_field
+    from deepdiffreg.frames import displacement_image, lps_from_vox_disp
+    from deepdiffreg.io.result_writer import deformation_grid_lines
+    from deepdiffreg.metrics import jacobian_det_lps
+    fg = Geometry.of(fixed)
+    u_w = lps_from_vox_disp(est.disp_vox.double()[0].numpy(), work)
+    padded, pgeom, n = tapered_field(u_w, work, taper_lengths_mm(u_w, work))
+    src = sitk.DisplacementFieldTransform(displacement_image(padded, pgeom))
+    pad = tuple(math.ceil(k * hs / hf - 1e-9) + 1 for k, hs, hf in zip(n, work.spacing_ijk, fg.spacing_ijk))
+    field = sample_field(src, padded_geometry(fg, pad))
+    arr = sitk.GetArrayFromImage(field)
+    pk, pj, pi = pad[::-1]
+    inner = arr[pk:-pk, pj:-pj, pi:-pi]
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(align.GetMatrix()).reshape(3, 3)
+    m[:3, 3] = np.asarray(align.GetTranslation()) + np.asarray(align.GetCenter()) - m[:3, :3] @ align.GetCenter()
+    det = jacobian_det_lps(inner, fg, dtype=torch.float64) * np.linalg.det(m[:3, :3])
+    lines = deformation_grid_lines(inner, fg, det.astype(np.float32), affine_lps=m)
+    size = field.GetSize()
+    T = composite(align, sitk.DisplacementFieldTransform(field))       # takes the field's buffer
+    return {"T": T, "field_size": size, "det": det, "grid": lines,
+            "warped": sitk.GetArrayFromImage(sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0, sitk.sitkFloat32)),
+            "seg": sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0))}
+
+
+def _on_fixed(t, fixed):
+    from deepdiffreg.pipeline import displacement_on_grid
+    return sitk.GetArrayFromImage(displacement_on_grid([t], fixed))
+
+
+def test_field_grid_fixed_is_the_old_writer_and_working_the_same_T_at_every_fixed_voxel(tmp_path):
+    from deepdiffreg.compose import compose_result
+    from deepdiffreg.io.result_writer import AtomicResultDir, write_result
+    case = _compose_case()
+    est, work, align, fixed, moving, moving_seg, Geometry = case
+    old = _old_compose(*case)
+    got = {g: compose_result(est, work, align, fixed, moving, moving_seg, field_grid=g) for g in ("fixed", "working")}
+    new = got["fixed"].data
+    # --field-grid fixed: the old writer's field, Jacobian, grid and warped images (float32 precision)
+    assert got["fixed"].chain["field_grid"]["size"] == list(old["field_size"])
+    np.testing.assert_allclose(_on_fixed(new.transform, fixed), _on_fixed(old["T"], fixed), atol=1e-12)
+    np.testing.assert_allclose(new.jacobian, old["det"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(new.grid.points, old["grid"].points, atol=1e-9)
+    np.testing.assert_allclose(new.grid.values, old["grid"].values, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(new.warped), old["warped"], atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(new.warped_seg), old["seg"])
+    # --field-grid working: u stored on the padded working grid (no value resampled), the same T at every fixed
+    # voxel, hence the same Jacobian, grid and warped images
+    wk = got["working"].data
+    chain = got["working"].chain
+    assert chain["field_grid"]["spacing"] == list(work.spacing_ijk) and chain["field_grid_option"] == "working"
+    assert np.prod(chain["field_grid"]["size"]) < np.prod(old["field_size"]) / 4
+    np.testing.assert_allclose(_on_fixed(wk.transform, fixed), _on_fixed(old["T"], fixed), atol=1e-9)
+    np.testing.assert_allclose(wk.jacobian, old["det"], rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(wk.grid.points, old["grid"].points, atol=1e-7)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(wk.warped), old["warped"], atol=1e-5)
+    assert np.array_equal(sitk.GetArrayFromImage(wk.warped_seg), old["seg"])
+    assert got["working"].folds == pytest.approx(got["fixed"].folds, rel=1e-5)
+    # between the fixed voxels the two files differ by the second interpolation of the full-res one only
+    rng = np.random.default_rng(0)
+    idx = rng.uniform(0, np.asarray(fixed.GetSize()) - 1, (400, 3))
+    pts = [fixed.TransformContinuousIndexToPhysicalPoint(p.tolist()) for p in idx]
+    diff = [np.subtract(wk.transform.TransformPoint(p), new.transform.TransformPoint(p)) for p in pts]
+    assert 0 < np.abs(diff).max() < 0.1
+    # and the written transform file is that much smaller
+    sizes = {}
+    for g, c in got.items():
+        out = tmp_path / g
+        write_result(AtomicResultDir(str(out)), c.data, {"method": "test"})
+        sizes[g] = (out / "transform.h5").stat().st_size
+    assert sizes["working"] < sizes["fixed"] / 4
