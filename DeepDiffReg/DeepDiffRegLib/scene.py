@@ -1,7 +1,7 @@
 """Load a DeepDiffReg result directory into an MRML scene (Qt-free; the scene is an argument).
 
 The result contract is in conventions.md: ``transform.h5`` is T (fixed point -> moving point, LPS): one ITK
-composite of an affine A and a displacement field u on the (padded) fixed grid, T(x) = A(x + u(x)). Slicer loads
+composite of an affine A and a displacement field u on the (padded) working grid, T(x) = A(x + u(x)). Slicer loads
 it as one transform node (a ``vtkMRMLTransformNode`` holding a general transform, not necessarily a
 ``vtkMRMLGridTransformNode``) whose TransformFromParent is T, so making it the moving volume's parent shows the
 moving volume aligned to the fixed one; its grid part is interpolated linearly, as ITK does.

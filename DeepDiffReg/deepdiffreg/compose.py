@@ -8,22 +8,29 @@ the method's displacement in LPS mm. transform.h5 holds ONE flat ITK CompositeTr
     [1] DisplacementFieldTransform U: x + u(x)  so T(x) = A(U(x)) = A(x + u(x))
 
 A stays its own transform, so the affine holds everywhere: outside the field's grid ITK, ANTs and Slicer all give
-T(x) = A(x). u is sampled on the fixed image's own grid, padded by a few voxels on each side over which u falls
-linearly to exactly 0 at the padded grid's outer layer: there ITK's "zero outside the field" and Slicer's "edge
-value outside the grid" are the same number, so the two agree everywhere. Inside the fixed grid u is what it always
-was. The ramp along index axis a is L_a = e_a / TAPER_SLOPE long, e_a the largest displacement component that
-points out of the grid's two faces across axis a (only that component can fold the ramp: there
-det ∇(x + u) ≈ 1 − e_a / L_a ≥ 1 − TAPER_SLOPE), at least TAPER_MIN_VOXELS voxels and at most TAPER_MAX_MM, so T = A
-from TAPER_MAX_MM outside the fixed image on (fold-free beside it while e_a ≤ TAPER_MAX_MM).
+T(x) = A(x). u is stored on the method's own working grid (``field_grid="working"``, the default: the fixed image's
+box at the working spacing, first to last voxel centre, so every fixed voxel lies inside it and nothing is
+resampled) or, with ``field_grid="fixed"``, resampled onto the fixed image's own grid (full resolution, float64:
+~190 MB for a 1 mm brain). Either grid is padded by a few voxels on each side over which u falls linearly to
+exactly 0 at the padded grid's outer layer: there ITK's "zero outside the field" and Slicer's "edge value outside
+the grid" are the same number, so the two agree everywhere. At every fixed voxel centre both files give the same T
+(the full-resolution field is the working field sampled there); between voxel centres the fixed-grid file adds a
+second linear interpolation (measured: docs/field-grid.md). The ramp along index axis a is L_a = e_a / TAPER_SLOPE
+long, e_a the largest displacement component that points out of the grid's two faces across axis a (only that
+component can fold the ramp: there det ∇(x + u) ≈ 1 − e_a / L_a ≥ 1 − TAPER_SLOPE), at least TAPER_MIN_VOXELS
+voxels and at most TAPER_MAX_MM, so T = A from TAPER_MAX_MM outside the fixed image on (fold-free beside it while
+e_a ≤ TAPER_MAX_MM).
 
 inverse.h5 holds T⁻¹(y) = A⁻¹(y) + w(A⁻¹(y)) (moving point → fixed point), w the method's inverse field, which
 lives in fixed space: [0] DisplacementFieldTransform W: y' + w(y'), [1] AffineTransform A⁻¹ (applied first). w is
-sampled on the padded fixed grid as u is (the working grid spans the fixed image's box, so the fixed grid is where w
-has data, at the resolution of the forward field); a method that states its own inverse grid
-(``FieldEstimate.inverse_geometry``) gets w written on that grid, padded the same way, not resampled.
+stored on the same grid as u (padded working grid, or padded fixed grid with ``field_grid="fixed"``); a method that
+states its own inverse grid (``FieldEstimate.inverse_geometry``) gets w written on that grid, padded the same way,
+not resampled.
 
-The Jacobian is det ∇T in physical space, det(A)·det(I + ∇u) on the fixed grid; the deformation grid's vertices
-are moved by the whole T; the warped images are resampled through the composite.
+The Jacobian is det ∇T in physical space, det(A)·det(I + ∇u) on the fixed grid, from u as ITK interpolates the
+stored field at the fixed voxels (``FieldOnGrid``, slab by slab in float32: no full-resolution copy of u is made
+with the working grid); the deformation grid's vertices are moved by the whole T; the warped images are resampled
+through the composite.
 """
 from __future__ import annotations
 
@@ -324,8 +331,9 @@ TRANSFORM_CHAIN = (
     "transform.h5: one flat ITK CompositeTransform of [0] AffineTransform A and [1] DisplacementFieldTransform "
     "U(x) = x + u(x); ITK applies the last transform first, so T(x) = A(x + u(x)) maps a fixed-space LPS point to "
     "a moving-space LPS point. A = A_init after A_method (initial_alignment.matrix_lps times the method's own "
-    "affine; transform_geometry.affine_lps). u (LPS mm) lives on transform_geometry.field_grid: the fixed grid "
-    "padded by field_pad_voxels_ijk voxels per side, over which u falls linearly to exactly 0; outside that grid "
+    "affine; transform_geometry.affine_lps). u (LPS mm) lives on transform_geometry.field_grid: the working grid "
+    "(the fixed image's box at the working spacing; with --field-grid fixed the fixed grid) padded by "
+    "field_pad_voxels_ijk voxels per side, over which u falls linearly to exactly 0; outside that grid "
     "u = 0, so T(x) = A(x) there. inverse.h5: one flat CompositeTransform of [0] DisplacementFieldTransform "
     "W(y') = y' + w(y') (w on transform_geometry.inverse_field_grid, in fixed space) and [1] AffineTransform A^-1, "
     "so T^-1(y) = A^-1(y) + w(A^-1(y)) maps a moving-space point to a fixed-space point. Slicer loads each file "

@@ -5,7 +5,7 @@ compose the result (compose.py: T = A ∘ (id + u) as an ITK composite, Jacobian
 report → result directory (io.result_writer.write_result, atomic).
 
 The written transform is T(x) = A(x + u(x)) for fixed-space points x (ITK resampling direction), A = A_init after
-the method's own affine, kept as its own transform beside the displacement u on the (padded) fixed grid, so T = A
+the method's own affine, kept as its own transform beside the displacement u on the (padded) working grid, so T = A
 outside the field's grid too. The inverse (when the method has one) is T⁻¹(y) = A⁻¹(y) + w(A⁻¹(y)), w the method's
 inverse field in fixed space. compose.py and report.json's "transform_chain" say exactly how the files chain.
 """
