@@ -13,15 +13,20 @@ from .field import jacobian_det, warp
 from .frames import Geometry
 
 
+_CHUNK = 1 << 20   # voxels per pass of the label counts: their int64 temporaries stay at a few MB
+
+
 def present_labels(labels: np.ndarray) -> list[int]:
-    """The distinct values of an integer label array, ascending (``np.unique``; a bincount when the values span
-    less than 2^20, which is ~10× faster on a 1 mm brain than sorting its 7 M voxels)."""
-    a = np.asarray(labels)
+    """The distinct values of an integer label array, ascending (``np.unique``; bincounts over chunks when the
+    values span less than 2^20, ~10× faster on a 1 mm brain than sorting its 7 M voxels and without its copies)."""
+    a = np.asarray(labels).ravel()
     if a.size and np.issubdtype(a.dtype, np.integer):
         lo, hi = int(a.min()), int(a.max())
         if hi - lo < (1 << 20):
-            shifted = a.ravel() if lo == 0 else a.ravel().astype(np.int64) - lo
-            return [int(v) + lo for v in np.flatnonzero(np.bincount(shifted, minlength=hi - lo + 1))]
+            seen = np.zeros(hi - lo + 1, bool)
+            for c0 in range(0, a.size, _CHUNK):
+                seen |= np.bincount(a[c0:c0 + _CHUNK].astype(np.int64) - lo, minlength=hi - lo + 1) > 0
+            return [int(v) + lo for v in np.flatnonzero(seen)]
     return [int(v) for v in np.unique(a)]
 
 
@@ -30,7 +35,7 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
     """Dice of each label (default: the non-zero labels present in the fixed segmentation).
 
     Counted in one pass for all labels (each voxel's label mapped to its position in ``labels``, then three
-    bincounts) instead of three full-volume comparisons per label."""
+    bincounts, chunk by chunk) instead of three full-volume comparisons per label."""
     if fixed_labels.shape != warped_labels.shape:
         raise ValueError(f"dice_per_label(): shapes differ {fixed_labels.shape} vs {warped_labels.shape}")
     if labels is None:
@@ -38,29 +43,24 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
     labels = [int(v) for v in labels]
     if not labels:
         return {}
+    order = np.asarray(sorted(set(labels)), dtype=np.int64)
+
+    def index_of(a: np.ndarray) -> np.ndarray:        # 1 + position in ``order``, 0: not one of the labels
+        a = a.astype(np.int64)
+        pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
+        return np.where(order[pos] == a, pos + 1, 0)
+
     f, w = np.asarray(fixed_labels).ravel(), np.asarray(warped_labels).ravel()
-    lo = min(labels)
-    span = max(labels) - lo + 1
-    if span <= (1 << 20):                                  # position of each label value: a lookup table
-        lut = np.zeros(span, np.int64)
-        lut[np.asarray(labels) - lo] = np.arange(1, len(labels) + 1)
-
-        def index_of(a: np.ndarray) -> np.ndarray:
-            off = a.astype(np.int64) - lo
-            ok = (off >= 0) & (off < span)
-            return np.where(ok, lut[np.where(ok, off, 0)], 0)  # 0: not one of ``labels``
-    else:
-        order = np.asarray(sorted(set(labels)))
-
-        def index_of(a: np.ndarray) -> np.ndarray:
-            pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
-            return np.where(order[pos] == a, pos + 1, 0)
-    fi, wi = index_of(f), index_of(w)
-    n = len(labels) + 1
-    both = np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
-    count_f, count_w = np.bincount(fi, minlength=n), np.bincount(wi, minlength=n)
+    n = len(order) + 1
+    both, count_f, count_w = (np.zeros(n, np.int64) for _ in range(3))
+    for c0 in range(0, f.size, _CHUNK):
+        fi, wi = index_of(f[c0:c0 + _CHUNK]), index_of(w[c0:c0 + _CHUNK])
+        both += np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
+        count_f += np.bincount(fi, minlength=n)
+        count_w += np.bincount(wi, minlength=n)
     out = {}
-    for pos, lab in enumerate(labels, start=1):
+    for lab in labels:
+        pos = int(np.searchsorted(order, lab)) + 1
         denom = count_f[pos] + count_w[pos]
         out[lab] = float(2.0 * both[pos] / denom) if denom else float("nan")
     return out
@@ -121,19 +121,36 @@ def _det_slab(d_ijk: torch.Tensor, start: int, count: int) -> torch.Tensor:
 def fold_stats(det: np.ndarray, foreground: np.ndarray | None = None) -> dict:
     """% of voxels with det ≤ 0 (overall and inside the foreground), min/max det, std of log det where det > 0.
 
-    Reductions run in ``det``'s own dtype: numpy sums float32 pairwise, so the float32 std of a 1 mm brain's log det
-    agrees with a float64 one to ~1e-7 relative, at a tenth of the time.
+    Counted over chunks of k-planes (no full-size temporaries: a CT-sized det is 300 MB in float32), log det in
+    ``det``'s own dtype with float64 sums, two passes (mean, then the squared deviations), so the std agrees with a
+    float64 one to ~1e-7 relative.
     """
-    folded = det <= 0
-    pos = det[det > 0]
-    out = {"num_voxels": int(det.size), "num_folded": int(folded.sum()),
-           "percent_folded": float(100.0 * folded.mean()),
-           "min_det": float(det.min()), "max_det": float(det.max()),
-           "std_log_det": float(np.log(pos).std()) if pos.size else float("nan")}
-    if foreground is not None and foreground.any():
-        out["percent_folded_foreground"] = float(100.0 * folded[foreground > 0].mean())
-    else:
-        out["percent_folded_foreground"] = out["percent_folded"]
+    flat = np.asarray(det).reshape(len(det), -1) if np.ndim(det) > 1 else np.asarray(det)[:, None]
+    fg = None if foreground is None else np.asarray(foreground).reshape(flat.shape)
+    step = max(1, _CHUNK // max(1, flat.shape[1]))
+    n_fold = n_pos = n_fg = n_fg_fold = 0
+    s1 = 0.0
+    lo, hi = np.inf, -np.inf
+    for k0 in range(0, len(flat), step):
+        d = flat[k0:k0 + step]
+        folded = d <= 0
+        n_fold += int(folded.sum())
+        lo, hi = min(lo, float(d.min())), max(hi, float(d.max()))
+        pos = d[d > 0]
+        n_pos += pos.size
+        s1 += float(np.log(pos).sum(dtype=np.float64))
+        if fg is not None:
+            inside = fg[k0:k0 + step] > 0
+            n_fg += int(inside.sum())
+            n_fg_fold += int((folded & inside).sum())
+    mean = s1 / n_pos if n_pos else float("nan")
+    s2 = 0.0
+    for k0 in range(0, len(flat), step):
+        d = flat[k0:k0 + step]
+        s2 += float(np.square(np.log(d[d > 0]) - mean, dtype=np.float64).sum())
+    out = {"num_voxels": int(flat.size), "num_folded": n_fold, "percent_folded": float(100.0 * n_fold / flat.size),
+           "min_det": lo, "max_det": hi, "std_log_det": float(np.sqrt(s2 / n_pos)) if n_pos else float("nan")}
+    out["percent_folded_foreground"] = float(100.0 * n_fg_fold / n_fg) if n_fg else out["percent_folded"]
     return out
 
 
