@@ -266,7 +266,7 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     det_a = float(np.linalg.det(m_a[:3, :3]))
 
     # forward: u on the padded working (or fixed) grid; U takes the image's buffer and hands it back without a copy
-    u_w = lps_from_vox_disp(est.disp_vox.detach().double().cpu()[0].numpy(), work_geom)
+    u_w = lps_from_vox_disp(est.disp_vox.detach().float().cpu()[0].numpy(), work_geom)  # float64 out
     u_img, u_geom, u_pad, u_taper = _field_on_fixed(u_w, work_geom, fixed_geom if on_fixed else None)
     del u_w
     U = sitk.DisplacementFieldTransform(u_img)
@@ -290,7 +290,7 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     method_info: dict[str, Any] = {}
     if est.inverse_disp_vox is not None:
         inv_geom_src = est.inverse_geometry or work_geom
-        w_src = lps_from_vox_disp(est.inverse_disp_vox.detach().double().cpu()[0].numpy(), inv_geom_src)
+        w_src = lps_from_vox_disp(est.inverse_disp_vox.detach().float().cpu()[0].numpy(), inv_geom_src)
         w_on_fixed = on_fixed and est.inverse_geometry is None
         w_img, w_geom, w_pad, w_taper = _field_on_fixed(w_src, inv_geom_src, fixed_geom if w_on_fixed else None)
         del w_src

@@ -191,27 +191,62 @@ def available_memory_mb(device: torch.device) -> float | None:
     return None if avail is None else avail / 2 ** 20
 
 
-# Bytes per fixed-grid voxel for the outputs (float64 field, Jacobian and its gradients, warped image, grid).
-_BYTES_PER_FIXED_VOXEL = 260
+# The run's CPU memory besides the method's own (``Capabilities.bytes_per_working_voxel``), from what each stage
+# holds; checked against measured peaks by Testing/engine/test_memory_estimate.py (docs/memory.md):
+_BASE_MB = 500                # interpreter, torch, SimpleITK, numpy and the engine imported, allocator slack
+# per fixed voxel: the fixed image (float32), its segmentation, det ∇T (float32), the warped image (float32) and
+# segmentation, the label copy of the Dice pass and the transient copies of reading and smoothing; the Jacobian,
+# fold statistics and label counts run over slabs and chunks (compose.py, metrics.py)
+_BYTES_PER_FIXED_VOXEL = 24
+_BYTES_PER_MOVING_VOXEL = 8   # the moving image (float32) and its segmentation
+# per working voxel, the result stage's part on the working grid: u and w in LPS mm (float64, tapered and padded)
+# held by the two transforms and the copy each composite makes, the method's float32 fields, FieldOnGrid's float32
+# and float64 copies of u
+_BYTES_PER_WORKING_VOXEL = 150
+# --field-grid fixed: u and w resampled onto the padded fixed grid (float64 vectors) and the composite's copy of u
+_BYTES_PER_FIXED_VOXEL_FULL_FIELD = 56
+# Measured peaks (ru_maxrss) of a run with a method that holds next to nothing, 2 mm working grid, 1 mm voxels:
+# 96³ 555 MB, 160×192×224 865 MB, 512×512×300 (0.8×0.8×1.5 mm) 4331 MB; these constants give 550, 885, 4819 MB.
 
 
-def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int, ...], fixed_spacing: tuple[float, ...],
-                 spacing_mm: float | None, device: torch.device) -> dict:
-    """Estimate the peak memory of a run and refuse it up front (OutOfMemory) when it cannot fit."""
+def memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing_mm: float | None,
+                     field_grid: str = "working") -> dict[str, float]:
+    """The up-front estimate of a run's peak memory in MB, by part: "base" (imports), "fixed" and "moving" (what
+    the run holds per voxel of each image), "working" (the result stage's fields on the working grid), "method"
+    (the method's estimate, ``bytes_per_working_voxel``) and "full_field" (``field_grid="fixed"`` only)."""
     n_fixed, n_moving = float(np.prod(fixed_size)), float(np.prod(moving_size))
     ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
     n_work = n_fixed * ratio
-    host_mb = (n_fixed * _BYTES_PER_FIXED_VOXEL + n_moving * 40) / 2 ** 20
-    method_mb = n_work * method_cls.caps.bytes_per_working_voxel / 2 ** 20
-    need = {"cpu": host_mb + (method_mb if device.type == "cpu" else 0.0)}
+    mb = 1.0 / 2 ** 20
+    return {"base": float(_BASE_MB), "fixed": n_fixed * _BYTES_PER_FIXED_VOXEL * mb,
+            "moving": n_moving * _BYTES_PER_MOVING_VOXEL * mb, "working": n_work * _BYTES_PER_WORKING_VOXEL * mb,
+            "method": n_work * method_cls.caps.bytes_per_working_voxel * mb,
+            "full_field": n_fixed * _BYTES_PER_FIXED_VOXEL_FULL_FIELD * mb if field_grid == "fixed" else 0.0}
+
+
+def check_memory(method_cls, fixed_size: tuple[int, ...], moving_size: tuple[int, ...], fixed_spacing: tuple[float, ...],
+                 spacing_mm: float | None, device: torch.device, field_grid: str = "working") -> dict:
+    """Estimate the peak memory of a run (``memory_budget_mb``) and refuse it up front (OutOfMemory) when it cannot
+    fit, naming what would make it fit."""
+    parts = memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing_mm, field_grid)
+    host = sum(v for k, v in parts.items() if k != "method")
+    need = {"cpu": host + (parts["method"] if device.type == "cpu" else 0.0)}
     if device.type == "cuda":
-        need["gpu"] = method_mb
+        need["gpu"] = parts["method"]
     for where, mb in need.items():
         avail = available_memory_mb(torch.device("cuda") if where == "gpu" else torch.device("cpu"))
         if avail is not None and mb > avail:
+            hints = []
+            if where == "gpu":
+                hints.append("--device cpu")
+            if parts["method"] + parts["working"] > 0.2 * mb:
+                hints.append(f"a coarser --spacing (now {spacing_mm:g} mm)" if spacing_mm else "a coarser --spacing")
+            if parts["full_field"] > 0:
+                hints.append(f"--field-grid working (saves {parts['full_field'] / 1024:.1f} GB)")
+            hints.append("crop the images to the region of interest")
             raise OutOfMemory(f"this run needs about {mb / 1024:.1f} GB of {where.upper()} memory but only "
-                              f"{avail / 1024:.1f} GB is free (fixed image {'x'.join(map(str, fixed_size))}); crop the "
-                              f"images or use a coarser --spacing" + (" or --device cpu" if where == "gpu" else ""))
+                              f"{avail / 1024:.1f} GB is free (fixed image {'x'.join(map(str, fixed_size))}); "
+                              + ", or ".join(hints))
     return {k: round(v, 1) for k, v in need.items()}
 
 
@@ -296,7 +331,8 @@ def _load(req: RegisterRequest, method_cls, device: torch.device, reporter: Repo
     headers = images.read_header(req.fixed), images.read_header(req.moving)
     if all(headers):  # refuse runs that cannot fit before reading the voxels
         check_memory(method_cls, headers[0][0], headers[1][0], headers[0][1],
-                     req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device), device)
+                     req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device), device,
+                     req.field_grid)
     fixed = images.read_image(req.fixed, "fixed image")
     moving = images.read_image(req.moving, "moving image")
     images.check_intensities(fixed, "fixed image")
