@@ -7,6 +7,7 @@
 - ``known-N`` (``known-15``): the synthesised image of label map N and the same image deformed by a known smooth
   diffeomorphism (the true map is stored, so the displacement error is known voxel by voxel);
 - ``brats-002``: BraTSReg_002 T1, follow-up (fixed) → pre-operative (moving), 6 landmarks → TRE;
+- ``ct-512``: a synthetic CT-sized pair, 512×512×300 voxels of 0.8×0.8×1.5 mm (``ct_pair.py``), generated;
 - ``quick-phantom`` (``--quick``): a tiny generated phantom pair (labels + landmarks), no ../shared needed (tests).
 
 A pair is a dict: name, kind, description and the paths fixed, moving and, when it has them, fixed_seg,
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput
+from .ct_pair import CT_PAIR, build_ct_pair
 
 ALL_PAIRS = ("ixi-1", "ixi-2", "synth-15-16", "brats-002", "known-15")
 QUICK_PAIR = "quick-phantom"
@@ -239,7 +241,7 @@ _PAIR_NAME = re.compile(r"^(ixi-\d+|synth-\d+-\d+|known-\d+|brats-002)$")
 def check_pair_names(names: list[str]) -> None:
     """Refuse a pair name no builder knows, before any data folder is looked at (one-line BadInput)."""
     for name in names:
-        if name != QUICK_PAIR and not _PAIR_NAME.match(name):
+        if name not in (QUICK_PAIR, CT_PAIR) and not _PAIR_NAME.match(name):
             raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}")
 
 
@@ -248,6 +250,8 @@ def build_pairs(names: list[str], data: Path | None, work: Path) -> dict[str, di
     for name in names:
         if name == QUICK_PAIR:
             pairs[name] = _quick_pair(work)
+        elif name == CT_PAIR:                       # generated, needs no data folder (benchmark/ct_pair.py)
+            pairs[name] = build_ct_pair(work)
         elif name.startswith("ixi-"):
             ixi = _ixi_pairs(data)
             if name not in ixi:
