@@ -140,7 +140,7 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
              "below 1 is faster."] if ref else []),
           "- **Stage profile**: seconds per stage of report.json `timings_s` — *load* (reading images, "
           "segmentations, landmarks), *align* (initial alignment), *preprocess* (resampling onto the working grid), "
-          "*register* (the network or the optimisation), *write* (the result: field on the fixed grid, Jacobian, "
+          "*register* (the network or the optimisation), *write* (the result: transforms, Jacobian, "
           "inverse, warped images, metrics, files) — and *start-up/exit* = wall − engine (interpreter start, "
           "imports, exit). A peer's *register* is its whole registration call (its affine stage included).",
           f"- **ρ (uncertainty vs error)**, rows of methods with an uncertainty map only: {UNCERTAINTY_DEFINITION}",
