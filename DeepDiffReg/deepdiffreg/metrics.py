@@ -44,11 +44,18 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
     if not labels:
         return {}
     order = np.asarray(sorted(set(labels)), dtype=np.int64)
+    lo, span = int(order[0]), int(order[-1] - order[0]) + 1
+    if span <= (1 << 20):        # a lookup table over the labels' range, one slot below and one above it
+        lut = np.zeros(span + 2, np.int64)
+        lut[order - lo + 1] = np.arange(1, len(order) + 1)
 
-    def index_of(a: np.ndarray) -> np.ndarray:        # 1 + position in ``order``, 0: not one of the labels
-        a = a.astype(np.int64)
-        pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
-        return np.where(order[pos] == a, pos + 1, 0)
+        def index_of(a: np.ndarray) -> np.ndarray:    # 1 + position in ``order``, 0: not one of the labels
+            return lut[np.clip(a.astype(np.int64) - (lo - 1), 0, span + 1)]
+    else:
+        def index_of(a: np.ndarray) -> np.ndarray:
+            a = a.astype(np.int64)
+            pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
+            return np.where(order[pos] == a, pos + 1, 0)
 
     f, w = np.asarray(fixed_labels).ravel(), np.asarray(warped_labels).ravel()
     n = len(order) + 1
