@@ -29,14 +29,43 @@ def resample(image: sitk.Image, geom: Geometry, transform: sitk.Transform | None
                          image.GetPixelID())
 
 
+# FWHM = 2.355 σ: a Gaussian whose FWHM is the target spacing removes what that spacing cannot hold.
+_FWHM_PER_SIGMA = 2.355
+
+
 def smooth_for_downsampling(image: sitk.Image, target_spacing: float) -> sitk.Image:
-    """Gaussian anti-aliasing before resampling to a coarser grid (σ from the spacing ratio)."""
-    sigma = [max(0.0, (target_spacing ** 2 - s ** 2)) ** 0.5 / 2.355 for s in image.GetSpacing()]
-    if max(sigma) < 1e-3:
+    """Low-pass ``image`` for sampling at ``target_spacing`` mm; resample the result (it may be on a coarser grid).
+
+    The blur is a Gaussian of variance (target² − spacing²)/2.355² mm² per axis, as before, but most of it is taken
+    by block means first: each axis is averaged over k ≈ target/spacing voxels (BinShrink, variance
+    (k² − 1)·spacing²/12), and a recursive Gaussian supplies the rest on the k× smaller image. A recursive Gaussian
+    on a 1 mm brain costs ~0.3 s per image on one core, the block mean a few ms. The image is first padded at
+    its upper ends with edge copies to a multiple of k voxels, so the block grid covers the whole box: every
+    point of a grid spanning the first to last voxel centre (working_grid) lies within half a block of a block
+    centre, where linear interpolation still reads the image. Returns the image itself when nothing needs to go.
+    """
+    spacing = np.asarray(image.GetSpacing(), float)
+    var_mm2 = np.maximum(target_spacing ** 2 - spacing ** 2, 0.0) / _FWHM_PER_SIGMA ** 2
+    if np.sqrt(var_mm2).max() < 1e-3:
+        return image
+    # working grids span the box exactly, so their spacing is a hair under the nominal one (1.99 mm for "2 mm"):
+    # a block may be up to 10 % coarser than the target spacing, never more than the target variance allows
+    ratio = target_spacing / spacing
+    k = np.floor(np.minimum(ratio + 0.1, np.sqrt(1.0 + 12.0 / _FWHM_PER_SIGMA ** 2 * (ratio ** 2 - 1.0))))
+    k = np.maximum(1, k).astype(int)
+    size = np.asarray(image.GetSize())
+    k = np.minimum(k, np.maximum(size // 4, 1))           # keep ≥ 4 blocks per axis on tiny images
+    if k.max() > 1:
+        pad = [int(v) for v in (-size) % k]
+        if any(pad):
+            image = sitk.ZeroFluxNeumannPad(image, [0, 0, 0], pad)
+        image = sitk.BinShrink(image, [int(v) for v in k])
+        var_mm2 = np.maximum(var_mm2 - (k ** 2 - 1) * spacing ** 2 / 12.0, 0.0)
+    sigma = np.sqrt(var_mm2)
+    if sigma.max() < 1e-3:
         return image
     # The recursive Gaussian needs σ > 0 on every axis; a σ of 1 % of a voxel leaves an axis as it is.
-    sigma = [max(sg, 0.01 * sp) for sg, sp in zip(sigma, image.GetSpacing())]
-    return sitk.SmoothingRecursiveGaussian(image, sigma)
+    return sitk.SmoothingRecursiveGaussian(image, [max(float(sg), 0.01 * sp) for sg, sp in zip(sigma, image.GetSpacing())])
 
 
 def intensity_window(arr: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5) -> tuple[float, float]:

@@ -1,5 +1,5 @@
 from .kl import kl_laplacian
 from .regularizers import gradient_l2, jacobian_penalty
-from .similarity import local_ncc, mse, ncc_loss
+from .similarity import LocalNCC, local_ncc, mse, ncc_loss
 
-__all__ = ["kl_laplacian", "local_ncc", "ncc_loss", "mse", "gradient_l2", "jacobian_penalty"]
+__all__ = ["kl_laplacian", "LocalNCC", "local_ncc", "ncc_loss", "mse", "gradient_l2", "jacobian_penalty"]

@@ -1,0 +1,83 @@
+"""NODEO's coarse-to-fine levels and stopping rule (methods/nodeo.py): the rule ends a level on a plateau and only
+there; a coarse level shares the working grid's corners; coarse-to-fine registers a phantom as well as the working
+grid alone."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from deepdiffreg.field import warp
+from deepdiffreg.frames import Geometry
+from deepdiffreg.methods.base import PairOnGrid
+from deepdiffreg.methods.nodeo import NODEO, StoppingRule, pyramid
+from deepdiffreg.metrics import dice_per_label, dice_summary
+from deepdiffreg.preprocess import robust_normalise
+
+
+def _run(rule: StoppingRule, losses) -> int | None:
+    """Iteration (1-based) at which ``rule`` stops on ``losses``, None if it never does."""
+    for n, loss in enumerate(losses, start=1):
+        if rule.update(float(loss)):
+            return n
+    return None
+
+
+def test_stopping_rule_ends_a_plateau_and_only_a_plateau():
+    falling = 1.0 - 0.01 * np.arange(100)                          # 1 % of the loss per iteration: never stops
+    assert _run(StoppingRule(1e-3, 10), falling) is None
+    plateau = np.r_[1.0 - 0.01 * np.arange(30), np.full(60, 0.71)]  # falls for 30 iterations, then flat
+    stopped = _run(StoppingRule(1e-3, 10), plateau)
+    assert stopped is not None and 30 < stopped <= 45               # within about a window of the plateau's start
+    assert _run(StoppingRule(0.0, 10), plateau) is None             # tolerance 0: every iteration runs
+    # flat from the start (the initial network's first iterations): nothing before the minimum
+    assert _run(StoppingRule(1e-3, 10, min_iterations=40), np.full(60, 0.8)) == 40
+    # a transient rise (Adam overshooting) followed by new lows does not stop it
+    bump = np.r_[1.0 - 0.01 * np.arange(20), np.full(8, 0.95), 0.80 - 0.01 * np.arange(30)]
+    assert _run(StoppingRule(1e-3, 10), bump) is None
+
+
+def _pair(paths, spacing_ijk=None):
+    fixed = sitk.ReadImage(paths["fixed"], sitk.sitkFloat32)
+    moving = sitk.ReadImage(paths["moving"], sitk.sitkFloat32)
+    to_t = lambda img: torch.from_numpy(robust_normalise(sitk.GetArrayFromImage(img)))[None, None]  # noqa: E731
+    return PairOnGrid(to_t(fixed), to_t(moving), Geometry.of(fixed))
+
+
+def test_coarse_level_shares_the_corners_and_skips_tiny_grids(pair):
+    p = _pair(pair)
+    levels = pyramid(p, 1)
+    (coarse, fine) = levels
+    assert fine.factor == 1 and coarse.factor == 2 and fine.fixed is p.fixed
+    assert coarse.shape == tuple((n - 1) // 2 + 1 if (n - 1) % 2 == 0 else round((n - 1) / 2) + 1 for n in fine.shape)
+    # a linear ramp along the last axis keeps its end values: the coarse grid spans the same box
+    ramp = torch.linspace(0, 1, fine.shape[2]).expand(1, 1, *fine.shape).contiguous()
+    small = pyramid(PairOnGrid(ramp, ramp, p.geometry), 1)[0].fixed
+    assert abs(float(small[..., 0].mean())) < 0.05 and abs(float(small[..., -1].mean()) - 1) < 0.05
+    # a grid that would fall under 16 voxels per axis gets no coarse level
+    tiny = PairOnGrid(p.fixed[..., :20, :20, :20], p.moving[..., :20, :20, :20], p.geometry)
+    assert len(pyramid(tiny, 2)) == 1
+
+
+def test_coarse_to_fine_registers_as_well_as_the_working_grid_alone(pair):
+    p = _pair(pair)
+    fixed_lab = sitk.GetArrayFromImage(sitk.ReadImage(pair["fixed_seg"]))
+    moving_lab = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(pair["moving_seg"])).astype(np.float32))
+    labels = sorted(set(np.unique(fixed_lab).tolist()) - {0})
+
+    def dice(disp):
+        warped = warp(moving_lab[None, None], disp, mode="nearest")[0, 0].numpy()
+        return dice_summary(dice_per_label(fixed_lab, warped, labels))["mean"]
+
+    before = dice(torch.zeros(1, 3, *p.fixed.shape[2:]))
+    torch.set_num_threads(1)
+    single = NODEO(coarse_levels=0).estimate(p, torch.device("cpu"), lambda f, m: None)
+    multi = NODEO(coarse_levels=1).estimate(p, torch.device("cpu"), lambda f, m: None)
+    assert [lv["grid"] for lv in multi.info["levels"]][-1] == list(p.fixed.shape[2:])
+    assert len(multi.info["levels"]) == 2 and multi.info["levels"][0]["iterations"] >= 40
+    d_single, d_multi = dice(single.disp_vox), dice(multi.disp_vox)
+    assert d_single > before + 0.04, (before, d_single)
+    assert d_multi >= d_single - 0.01, (d_single, d_multi)
+    # the working grid's share of the iterations is what costs: coarse-to-fine needs fewer of them there
+    assert multi.info["levels"][-1]["iterations"] <= single.info["levels"][-1]["iterations"]
