@@ -279,15 +279,46 @@ def _known_pair(data: Path, work: Path, n: int = 15, seed: int = 2026) -> dict[s
     return {"name": f"known-{n}", "kind": "known", "description": desc, **{k: str(v) for k, v in files.items()}}
 
 
-def _same_pair(data: Path, work: Path, n: int = 1, seed: int = 2027) -> dict[str, Any]:
-    """A follow-up-like pair of one subject: held-out IXI validation subject ``n`` (1-based; T1 2 mm whole head)
-    as the fixed image with its own noise, and the same image deformed by a known small smooth diffeomorphism
-    with independent noise and a smooth multiplicative bias as the moving image (see the module docstring)."""
+def same_subject_deformation(t1, seg, files: dict[str, Path], seed: int) -> dict[str, float]:
+    """Write a same-subject pair from one image ``t1`` (float32) and its label map ``seg`` (brain = label > 0):
+    fixed = t1 with noise, moving = t1 deformed by a random smooth diffeomorphism exp(v) scaled to a mean
+    displacement of ``SAME_MEAN_MM`` over the brain, times a smooth bias, with its own noise; the true map in
+    ``files["true_transform"]``. Returns the true displacement's {"mean", "max"} (mm) over the brain."""
     import SimpleITK as sitk
     import torch
 
     from ..field import integrate_ss
     from ..frames import Geometry
+    geom = Geometry.of(t1)
+    shape = geom.shape_kji
+    spacing = torch.tensor(geom.spacing_ijk[::-1], dtype=torch.float32).view(1, 3, 1, 1, 1)   # mm per voxel, k j i
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn((1, 3) + tuple(max(2, round(s * float(sp) / SAME_CONTROL_MM) + 1)
+                                        for s, sp in zip(shape, spacing.flatten())), generator=g, dtype=torch.float64)
+    v = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True).float() / spacing
+    brain = torch.from_numpy(sitk.GetArrayFromImage(seg) > 0)
+    mm = lambda u: (u * spacing).norm(dim=1)[0]  # noqa: E731  (|u| in mm per voxel)
+    v = v * (SAME_MEAN_MM / float(mm(integrate_ss(v))[brain].mean()))
+    u = mm(integrate_ss(v))[brain]
+    a = sitk.GetArrayFromImage(t1)
+    top = float(np.percentile(a, 99))
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    bias = 1.0 + SAME_BIAS * np.sin(np.pi * i / 2 + phase[0]) * np.cos(np.pi * j / 2 + phase[1]) \
+        * np.cos(np.pi * k / 2 + phase[2])
+    noisy = lambda x: np.clip(x + rng.normal(0, SAME_NOISE * top, x.shape), 0, None)  # noqa: E731
+    fixed = sitk.GetImageFromArray(noisy(a).astype(np.float32))
+    fixed.CopyInformation(t1)
+    _deform(fixed, seg, v, files, moving_image=lambda m: noisy(m * bias))
+    return {"mean": float(u.mean()), "max": float(u.max())}
+
+
+def _same_pair(data: Path, work: Path, n: int = 1, seed: int = 2027) -> dict[str, Any]:
+    """A follow-up-like pair of one subject: held-out IXI validation subject ``n`` (1-based; T1 2 mm whole head)
+    through ``same_subject_deformation`` (see the module docstring)."""
+    import SimpleITK as sitk
+
     from ..train.real_data import split_ixi
     _, val = split_ixi(data / "ixi")
     if not 1 <= n <= len(val):
@@ -301,41 +332,15 @@ def _same_pair(data: Path, work: Path, n: int = 1, seed: int = 2027) -> dict[str
         seg = sitk.DICOMOrient(sitk.ReadImage(str(data / "ixi" / "seg" / f"{sid}_T1_DLMUSE.nii.gz"), sitk.sitkInt16),
                                "LPS")
         seg.CopyInformation(t1)
-        geom = Geometry.of(t1)
-        shape = geom.shape_kji
-        spacing_kji = np.asarray(geom.spacing_ijk[::-1], np.float64)
-        g = torch.Generator().manual_seed(seed)
-        coarse = torch.randn((1, 3) + tuple(max(2, round(s * sp / SAME_CONTROL_MM) + 1)
-                                            for s, sp in zip(shape, spacing_kji)), generator=g, dtype=torch.float64)
-        v = torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=True).float()
-        v = v / torch.from_numpy(spacing_kji).float().view(1, 3, 1, 1, 1)          # isotropic in mm
-        brain = torch.from_numpy(sitk.GetArrayFromImage(seg) > 0)
-
-        def mm(u):                       # |u| in mm per voxel
-            return (u * torch.from_numpy(spacing_kji).float().view(1, 3, 1, 1, 1)).norm(dim=1)[0]
-
-        v = v * (SAME_MEAN_MM / float(mm(integrate_ss(v))[brain].mean()))
-        u = mm(integrate_ss(v))[brain]
-        a = sitk.GetArrayFromImage(t1)
-        top = float(np.percentile(a, 99))
-        rng = np.random.default_rng(seed)
-        k, j, i = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
-        phase = rng.uniform(0, 2 * np.pi, 3)
-        bias = 1.0 + SAME_BIAS * np.sin(np.pi * i / 2 + phase[0]) * np.cos(np.pi * j / 2 + phase[1]) \
-            * np.cos(np.pi * k / 2 + phase[2])
-        noisy = lambda x: np.clip(x + rng.normal(0, SAME_NOISE * top, x.shape), 0, None)  # noqa: E731
-        fixed = sitk.GetImageFromArray(noisy(a).astype(np.float32))
-        fixed.CopyInformation(t1)
-        _deform(fixed, seg, v, files, moving_image=lambda m: noisy(m * bias))
+        u = same_subject_deformation(t1, seg, files, seed)
         desc = (f"one subject, IXI {sid} (held-out validation subject {n}; T1 2 mm whole head, DLMUSE labels): fixed = "
                 f"the image with Gaussian noise σ {SAME_NOISE:g}×p99, moving = the same image deformed by a known "
                 f"smooth diffeomorphism exp(v) (v: Gaussian noise on a {SAME_CONTROL_MM:g} mm control grid, upsampled, "
-                f"scaled to a mean displacement of {float(u.mean()):.2f} mm over the brain, peak {float(u.max()):.2f} mm), "
+                f"scaled to a mean displacement of {u['mean']:.2f} mm over the brain, peak {u['max']:.2f} mm), "
                 f"a smooth multiplicative bias (±{SAME_BIAS:g}) and its own noise; true fixed → moving map exp(−v); "
                 f"registered with `--no-align` (a follow-up scan of one patient: no affine to find); seed {seed}")
-        (d / "pair.json").write_text(json.dumps({"description": desc, "subject": sid,
-                                                 "true_displacement_mm": {"mean": float(u.mean()),
-                                                                          "max": float(u.max())}}, indent=1))
+        (d / "pair.json").write_text(json.dumps({"description": desc, "subject": sid, "true_displacement_mm": u},
+                                                indent=1))
     info = json.loads((d / "pair.json").read_text())
     return {"name": f"same-{n}", "kind": "same", "description": info["description"],
             "register_args": ["--no-align"], **{k: str(v) for k, v in files.items()}}

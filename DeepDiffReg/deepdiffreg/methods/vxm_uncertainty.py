@@ -111,16 +111,16 @@ LK_RIDGE = 0.1               # ridge of the local 3×3 system, × the mean squar
 
 
 def residual_disp_mm(fixed: torch.Tensor, warped: torch.Tensor, mm_per_vox: torch.Tensor,
-                     win: int = LK_WINDOW) -> torch.Tensor:
+                     win: int = LK_WINDOW, ridge: float = LK_RIDGE) -> torch.Tensor:
     """``residual``: the displacement the images still ask for after registration, in mm — per voxel the local
     least-squares shift δ of the warped moving image towards the fixed one (Lucas–Kanade over a win³ box:
-    (Σ∇w∇wᵀ + εI) δ = Σ∇w (f − w)), ε = ``LK_RIDGE`` × the mean |∇w|², so flat regions give small shifts rather
+    (Σ∇w∇wᵀ + εI) δ = Σ∇w (f − w)), ε = ``ridge`` × the mean |∇w|², so flat regions give small shifts rather
     than noise divided by nothing. fixed, warped: (1, 1, D, H, W) net grid in [0, 1]. Returns (1, 1, D, H, W)."""
     g = torch.stack(torch.gradient(warped[0, 0]), 0)[None]                      # (1, 3, D, H, W) per voxel
     r = fixed - warped
     a = torch.stack([box_sum(g[:, i:i + 1] * g[:, j:j + 1], win)[0, 0] for i in range(3) for j in range(3)], -1)
     b = torch.stack([box_sum(g[:, i:i + 1] * r, win)[0, 0] for i in range(3)], -1)
-    eps = LK_RIDGE * float((g ** 2).sum(1).mean()) * win ** 3
+    eps = ridge * float((g ** 2).sum(1).mean()) * win ** 3
     a = a.reshape(*a.shape[:3], 3, 3) + eps * torch.eye(3, dtype=a.dtype, device=a.device)
     delta = torch.linalg.solve(a, b.unsqueeze(-1))[..., 0]                      # (D, H, W, 3) voxels
     return _norm_mm(delta.permute(3, 0, 1, 2)[None], mm_per_vox)
