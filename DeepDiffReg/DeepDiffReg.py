@@ -343,7 +343,7 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         k = self.ui.deviceComboBox.findData(p.device)
         if k >= 0:
             self.ui.deviceComboBox.setCurrentIndex(k)
-        self.ui.methodDescriptionLabel.text = m.description if m else ""
+        self.ui.methodDescriptionLabel.text = m.facts_text if m else ""
         self.ui.modelLabel.text = m.model_text if m else ""
         self._buildOptionWidgets(m)
 

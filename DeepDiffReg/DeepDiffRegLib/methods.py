@@ -7,7 +7,8 @@ copy of the engine's registry: until the engine has answered, the panel lists no
 remembered from the last session, see ``DeepDiffReg.py``).
 
 JSON read, per method: ``name``, ``title``, ``description``, ``default`` (bool), ``learned``, ``has_inverse``,
-``default_spacing_mm``, ``caps`` (dict, kept as is), ``options`` (list of {``name``, ``flag``, ``type`` in
+``default_spacing_mm``, ``contrasts`` ("same" | "different"; else ``caps.contrasts``), ``caps`` (dict, kept as is;
+``uncertainty`` and ``uncertainty_qa`` are read for the uncertainty line), ``options`` (list of {``name``, ``flag``, ``type`` in
 int|float|bool|str|choice|int_list, ``default``, ``optional`` (None allowed), ``min``, ``max``, ``choices``,
 ``help``, ``negative_flag`` (bool options: the flag that turns it off)}), ``variants`` ({variant: {option name:
 value}}), ``models`` (list of {``id``, ``version``, ``source``, ``path``, ``licence``, ``card``, ...}).
@@ -115,6 +116,29 @@ class MethodInfo:
     options: list[OptionSpec] = field(default_factory=list)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     models: list[dict[str, Any]] = field(default_factory=list)
+    contrasts: str = "same"           # "same" | "different": what a run gets (the installed model's statement)
+
+    @property
+    def contrast_text(self) -> str:
+        """One line for the panel: whether the method registers images of different contrasts."""
+        if self.contrasts == "different":
+            return "Contrasts: also different ones (e.g. T1 to T2)."
+        return "Contrasts: one only — both images must look alike (e.g. T1 to T1), not T1 to T2."
+
+    @property
+    def uncertainty_text(self) -> str | None:
+        """One line for the panel about the method's uncertainty map; None when it has none."""
+        if not self.caps.get("uncertainty"):
+            return None
+        if self.caps.get("uncertainty_qa"):
+            return "Uncertainty map: validated against the true error (QA)."
+        return ("Uncertainty map: unreliable — it does not follow the registration error closely enough to be "
+                "used as QA (see docs/benchmarks.md).")
+
+    @property
+    def facts_text(self) -> str:
+        """The description and the lines above, as the panel shows them under the method list."""
+        return "\n".join(t for t in (self.description, self.contrast_text, self.uncertainty_text) if t)
 
     def option(self, name: str) -> OptionSpec | None:
         return next((o for o in self.options if o.name == name), None)
@@ -162,7 +186,9 @@ def parse_methods_json(text: str) -> list[MethodInfo]:
                               default=bool(r.get("default", False)), learned=bool(r.get("learned", False)),
                               has_inverse=bool(r.get("has_inverse", True)),
                               default_spacing_mm=r.get("default_spacing_mm"), caps=dict(r.get("caps") or {}),
-                              options=options, variants=variants, models=list(r.get("models") or [])))
+                              options=options, variants=variants, models=list(r.get("models") or []),
+                              contrasts="different" if (r.get("contrasts") or (r.get("caps") or {}).get("contrasts"))
+                              == "different" else "same"))
     return out
 
 

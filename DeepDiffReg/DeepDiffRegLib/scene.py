@@ -213,6 +213,13 @@ def _adopt(target, loaded, scene):
     return target
 
 
+def uncertainty_reliable(report: dict[str, Any]) -> bool:
+    """Whether report.json declares the uncertainty map fit for QA (``method_info.uncertainty_qa.reliable``);
+    a report that says nothing is not taken as QA."""
+    qa = (report.get("method_info") or {}).get("uncertainty_qa") or {}
+    return qa.get("reliable") is True
+
+
 def _file(report: dict[str, Any], result_dir: str, key: str, default: str | None) -> str | None:
     name = (report.get("files") or {}).get(key, default)
     if not name:
@@ -422,7 +429,13 @@ def load_result(scene, result_dir: str, fixed_node=None, moving_node=None, *, lo
 
     upath = _file(report, result_dir, "uncertainty", None)
     if upath is not None:
-        res.uncertainty = logics.load_volume(upath, f"{prefix} uncertainty")
+        reliable = uncertainty_reliable(report)
+        res.uncertainty = logics.load_volume(upath, f"{prefix} uncertainty"
+                                             + ("" if reliable else " (unreliable, not QA)"))
+        res.uncertainty.SetAttribute("DeepDiffReg.uncertaintyReliable", "true" if reliable else "false")
+        if not reliable:
+            note = ((report.get("method_info") or {}).get("uncertainty_qa") or {}).get("note")
+            res.warnings.append("the uncertainty map is not validated as QA" + (f": {note}" if note else ""))
 
     for n in res.nodes():
         set_attributes(n, attrs)

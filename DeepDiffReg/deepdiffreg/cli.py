@@ -141,19 +141,36 @@ def _add_methods(sub) -> None:
     p.set_defaults(func=_cmd_methods)
 
 
+CONTRAST_TEXT = {"same": "one contrast only (both images must look alike, e.g. T1 to T1)",
+                 "different": "also different contrasts (e.g. T1 to T2)"}
+
+
 def _cmd_methods(args) -> int:
     from .io.weights import list_models
-    from .methods.base import all_methods
+    from .methods.base import all_methods, contrasts_of
     models = list_models()
-    rows = [{**c.describe(), "models": [m for m in models if m.get("method") == c.name]}
-            for _, c in sorted(all_methods().items())]
+    rows = []
+    for _, c in sorted(all_methods().items()):
+        mine = [{**m, "contrasts": contrasts_of(c, m), "contrasts_from": "model" if "contrasts" in m else "method"}
+                for m in models if m.get("method") == c.name]
+        # what a run gets: the first installed model's statement for a learned method, else the declaration
+        rows.append({**c.describe(), "contrasts": mine[0]["contrasts"] if mine else c.caps.contrasts,
+                     "models": mine})
     if args.json:
         print(json.dumps(rows, indent=2, default=str, allow_nan=False))
     else:
         for r in rows:
             print(f"{r['name']:10s} {r['description']}{'  (default)' if r['default'] else ''}")
+            print(f"{'':10s}   contrasts: {CONTRAST_TEXT[r['contrasts']]}")
+            if r["caps"]["uncertainty"]:
+                print(f"{'':10s}   uncertainty map: "
+                      + ("validated as QA" if r["caps"]["uncertainty_qa"] else
+                         "not validated as QA (it does not follow the registration error closely; see "
+                         "docs/benchmarks.md)"))
             for m in r["models"]:
-                print(f"{'':10s}   model {m.get('id')} v{m.get('version')} ({m.get('status', 'installed')})")
+                print(f"{'':10s}   model {m.get('id')} v{m.get('version')} ({m.get('status', 'installed')}), "
+                      f"contrasts: {m['contrasts']}"
+                      + ("" if m["contrasts_from"] == "model" else " (the model states none: the method's declaration)"))
             if r["learned"] and not r["models"]:
                 print(f"{'':10s}   no trained model installed (`deepdiffreg train --method {r['name']}` or "
                       f"`deepdiffreg models import`)")

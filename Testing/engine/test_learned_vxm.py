@@ -351,6 +351,8 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
     assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
     assert calls[-1] == 1.0
+    qa = est.info["uncertainty_qa"]              # report.json says whether the map may be read as QA, and why
+    assert qa["reliable"] is VxmDiff.caps.uncertainty_qa and qa["note"]
     # forward ∘ inverse ≈ identity (exp(v)∘exp(−v), per stage of a cascade); the border-clamped compositions of a
     # cascade err most in the few voxels next to the margin, hence a percentile rather than the maximum
     comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)

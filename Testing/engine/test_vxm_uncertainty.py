@@ -69,3 +69,52 @@ def test_sampled_without_samples_is_the_network_variance():
     # with samples: a constant velocity variance gives a positive, finite map of the same order
     s8 = sampled_std_mm(mu, logvar, samples=8, steps=7, seed=0, mm_per_half_vox=MM)
     assert torch.isfinite(s8).all() and 0.1 < float(s8.mean()) < 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the other candidate maps (docs/benchmarks.md, "Uncertainty candidates"): each is zero when there is nothing to
+# measure and the right size when there is
+
+def _pattern(shape=(24, 28, 26)):
+    z, y, x = torch.meshgrid(*[torch.linspace(0, 1, n) for n in shape], indexing="ij")
+    return (0.5 + 0.2 * torch.sin(9 * x) * torch.cos(7 * y) + 0.2 * torch.sin(8 * z))[None, None]
+
+
+def test_residual_shift_recovers_a_known_shift_and_is_zero_when_aligned():
+    from deepdiffreg.field import warp
+    from deepdiffreg.methods.vxm_uncertainty import residual_disp_mm
+    f = _pattern()
+    mm = torch.tensor([2.0, 2.0, 2.0])
+    assert float(residual_disp_mm(f, f, mm).max()) < 1e-6
+    shift = torch.zeros(1, 3, *f.shape[2:])
+    shift[:, 1] = 0.5                                       # half a voxel along the second array axis
+    w = warp(f, shift)                                      # w(x) = f(x + s): f is w shifted back by s
+    exact = residual_disp_mm(f, w, mm, ridge=0.0)[0, 0, 4:-4, 4:-4, 4:-4]
+    assert float(exact.median()) == pytest.approx(1.0, rel=0.15)        # 0.5 voxel = 1 mm
+    # the ridge shrinks the estimate where gradients are weak (flat regions: small, not noise / 0)
+    est = residual_disp_mm(f, w, mm)[0, 0, 4:-4, 4:-4, 4:-4]
+    assert 0.3 < float(est.median()) < float(exact.median()) and float(est.max()) < 1.2
+
+
+def test_inconsistency_and_flip_maps_are_zero_for_consistent_estimates():
+    from deepdiffreg.methods.vxm_uncertainty import flip_std_mm, inconsistency_mm
+    mm = torch.tensor([1.0, 2.0, 3.0])
+    u = torch.zeros(1, 3, 10, 12, 14)
+    u[:, 0], u[:, 2] = 0.5, -0.25                           # a translation: its inverse is −u
+    assert float(inconsistency_mm(u, -u, mm).abs().max()) < 1e-6
+    expect = 2 * math.sqrt((0.5 * 1.0) ** 2 + (0.25 * 3.0) ** 2)
+    assert torch.allclose(inconsistency_mm(u, u, mm), torch.tensor(expect))   # not inverses: twice the size
+    assert float(flip_std_mm(u, u, mm).max()) == 0.0
+    assert torch.allclose(flip_std_mm(u, -u, mm), torch.tensor(expect / 2))
+
+
+def test_refine_shift_is_zero_at_the_objective_minimum_and_grows_away_from_it():
+    from deepdiffreg.methods.vxm_uncertainty import refine_shift_mm
+    mm = torch.tensor([4.0, 4.0, 4.0])
+    mu = torch.zeros(1, 3, 8, 8, 8)
+    at_min = refine_shift_mm(mu, lambda v: ((v - mu) ** 2).sum(), 5, 0.1, 7, mm)
+    assert float(at_min.max()) < 1e-6
+    target = torch.zeros_like(mu)
+    target[..., 4:, :, :] = 1.0                             # the objective wants a shift in one half only
+    moved = refine_shift_mm(mu, lambda v: ((v - target) ** 2).sum(), 5, 0.1, 7, mm)[0, 0]
+    assert float(moved[6:].mean()) > 3 * float(moved[:2].mean()) and float(moved[6:].mean()) > 0.5

@@ -285,3 +285,25 @@ def test_extensions_index_checks():
             assert f"/{repo_name}/" in url and "/main/" in url, url
             assert os.path.isfile(os.path.join(REPO, url.split("/main/", 1)[1])), url
     assert repo_name in meta["EXTENSION_HOMEPAGE"]
+
+
+def test_panel_shows_contrasts_and_whether_the_uncertainty_map_is_qa(fixture_methods):
+    """Under the method list the panel shows each method's description, whether it handles different contrasts
+    (from `methods --json`: what a run gets) and, for a method with an uncertainty map, whether that map is
+    validated as QA — an unvalidated one is called unreliable."""
+    from deepdiffreg.methods.base import all_methods, contrasts_of
+    engine = all_methods()
+    assert {m.contrasts for m in fixture_methods} == {"same", "different"}   # the registry has both kinds
+    for m in fixture_methods:
+        cls = engine[m.name]
+        assert m.contrasts == contrasts_of(cls, m.models[0] if m.models else None)
+        text = m.facts_text
+        assert text.startswith(m.description) and m.contrast_text in text
+        assert ("different" in m.contrast_text) == (m.contrasts == "different")
+        if cls.caps.uncertainty:
+            assert m.uncertainty_text in text
+            assert ("unreliable" in m.uncertainty_text) == (not cls.caps.uncertainty_qa)
+        else:
+            assert m.uncertainty_text is None
+    src = open(os.path.join(MODULE_DIR, "DeepDiffReg.py")).read()
+    assert "methodDescriptionLabel.text = m.facts_text" in src

@@ -173,3 +173,33 @@ def test_older_single_field_result_still_loads_linear(mrml, tmp_path):
     mask = interior_mask(sitk.ReadImage(case["fixed"]), sitk.ReadImage(case["moving"]),
                          sitk.ReadTransform(case["out_dir"] + "/transform.h5"))
     assert mask.sum() > 3000 and np.abs(shown - warped)[mask].max() < 2e-3
+
+
+def test_uncertainty_map_labelled_unreliable_unless_the_report_declares_it_qa(mrml, tmp_path):
+    """An uncertainty map loads under its own name only when report.json declares it fit for QA
+    (``method_info.uncertainty_qa.reliable``); otherwise — declared unreliable, or not said at all — its node
+    says "unreliable, not QA", carries the attribute, and the load reports why."""
+    import json
+    import shutil
+
+    import synthetic
+    names = {}
+    for case_name, qa_entry in (("unreliable", {"reliable": False, "note": "rho 0.31 below 0.5"}),
+                                ("silent", None), ("qa", {"reliable": True})):
+        case = synthetic.write_result_dir(str(tmp_path / case_name))
+        out = case["out_dir"]
+        shutil.copy(out + "/jacobian.nii.gz", out + "/uncertainty.nii.gz")   # any scalar map on the fixed grid
+        rep = json.loads(open(out + "/report.json").read())
+        rep.setdefault("files", {})["uncertainty"] = "uncertainty.nii.gz"
+        if qa_entry is not None:
+            rep.setdefault("method_info", {})["uncertainty_qa"] = qa_entry
+        open(out + "/report.json", "w").write(json.dumps(rep))
+        lg, fixed, moving = _load_inputs(mrml, case)
+        res = ddscene.load_result(mrml.scene, out, fixed, moving, logics=lg, name_prefix=case_name)
+        names[case_name] = (res.uncertainty.GetName(), res.uncertainty.GetAttribute("DeepDiffReg.uncertaintyReliable"),
+                            [w for w in res.warnings if "uncertainty" in w])
+    assert names["qa"] == ("qa uncertainty", "true", [])
+    for case_name in ("unreliable", "silent"):
+        name, attr, warnings = names[case_name]
+        assert name.endswith("(unreliable, not QA)") and attr == "false" and len(warnings) == 1
+    assert "rho 0.31 below 0.5" in names["unreliable"][2][0]

@@ -71,15 +71,23 @@ def evaluate_transform(pair: dict[str, Any], transforms: dict[str, Any]) -> dict
 
 
 def displacement_error_of(pair: dict[str, Any], transform) -> tuple[dict[str, Any], np.ndarray]:
-    """|T_est(x) − T_true(x)| in mm over the fixed brain (fixed label > 0); returns (summary, error map)."""
+    """|T_est(x) − T_true(x)| in mm over the fixed brain (fixed label > 0); returns (summary, error map).
+
+    The summary also holds ``true_mean_mm``, the mean |T_true(x) − x| (the error of doing nothing, the identity),
+    and ``ratio_to_identity`` = mean error / true_mean_mm: below 1 the method did better than doing nothing
+    (the do-no-harm ratio of same-subject pairs)."""
     import SimpleITK as sitk
     fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
     field = lambda t: sitk.GetArrayFromImage(displacement_of(t, fixed))  # noqa: E731
-    err = np.linalg.norm(field(transform) - field(sitk.ReadTransform(str(pair["true_transform"]))), axis=-1)
+    true = field(sitk.ReadTransform(str(pair["true_transform"])))
+    err = np.linalg.norm(field(transform) - true, axis=-1)
     region = sitk.GetArrayFromImage(sitk.ReadImage(pair["fixed_seg"])) > 0
     e = err[region]
+    true_mean = float(np.linalg.norm(true[region], axis=-1).mean())
     return ({"mean_mm": round(float(e.mean()), 4), "median_mm": round(float(np.median(e)), 4),
-             "p95_mm": round(float(np.percentile(e, 95)), 4), "voxels": int(e.size)}, err)
+             "p95_mm": round(float(np.percentile(e, 95)), 4), "voxels": int(e.size),
+             "true_mean_mm": round(true_mean, 4),
+             "ratio_to_identity": round(float(e.mean()) / true_mean, 4) if true_mean > 0 else None}, err)
 
 
 def displacement_error(pair: dict[str, Any], out_dir: Path, report: dict) -> tuple[dict[str, Any], np.ndarray]:

@@ -81,6 +81,7 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
                  f"{_f(s['rho_label_mean'], '{:.3f}')} |")
     L += ["", "Dice means are over the pairs with labels, TRE over the pairs with landmarks, the rest over all pairs "
               "the method ran on.", ""]
+    L += _trust_table(result)
     L += _profile_table(result)
     for name, pair in result["pairs"].items():
         L += [f"### {name}", "", pair["description"] + ".", "",
@@ -105,7 +106,10 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
             de = r.get("displacement_error")
             if de:
                 notes.append(f"{r['method']} displacement error vs the true map: mean {de['mean_mm']:.2f} mm, median "
-                             f"{de['median_mm']:.2f} mm, 95th percentile {de['p95_mm']:.2f} mm ({de['voxels']} brain voxels)")
+                             f"{de['median_mm']:.2f} mm, 95th percentile {de['p95_mm']:.2f} mm ({de['voxels']} brain voxels)"
+                             + (f"; {_ratio(de['ratio_to_identity'])} the true mean displacement "
+                                f"({de['true_mean_mm']:.2f} mm, the error of doing nothing)"
+                                if de.get("ratio_to_identity") is not None else ""))
             uv = r.get("uncertainty_vs_error")
             if uv:
                 if "error" in uv:
@@ -144,10 +148,76 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
           "inverse, warped images, metrics, files) — and *start-up/exit* = wall − engine (interpreter start, "
           "imports, exit). A peer's *register* is its whole registration call (its affine stage included).",
           f"- **ρ (uncertainty vs error)**, rows of methods with an uncertainty map only: {UNCERTAINTY_DEFINITION}",
-          "- **known-N pairs**: the moving image is the fixed one deformed by a known map, so the *displacement "
-          "error* |T(x) − T_true(x)| (mm, over the fixed brain) is measured for every method, and "
-          "ρ_displacement is the Spearman correlation of the uncertainty with that true error.", ""]
+          "- **known-N and same-N pairs**: the moving image is the fixed one deformed by a known map, so the "
+          "*displacement error* |T(x) − T_true(x)| (mm, over the fixed brain) is measured for every method, and "
+          "ρ_displacement is the Spearman correlation of the uncertainty with that true error. On same-N pairs "
+          "(one real subject, a small deformation, registered with `--no-align`) the error is also given as a "
+          "multiple of the true mean displacement — the error of doing nothing.", ""]
     return "\n".join(L)
+
+
+def _trust_table(result: dict[str, Any]) -> list[str]:
+    """One row per method: what a clinician asks of it — the do-no-harm ratio on same-subject pairs (displacement
+    error / true mean displacement; below 1: better than doing nothing), the displacement error on the other
+    known-deformation pairs, landmark TRE after the (initial) affine vs after the method (follow-up pairs; the
+    method should not make it worse), Dice on cross-contrast pairs, and how its uncertainty map follows the true
+    error. Only the columns of pair kinds in the run are shown."""
+    kinds = {n: p.get("kind") for n, p in result["pairs"].items()}
+    ok = [r for r in result["runs"] if r["status"] == "ok"]
+
+    def cells(method: str, kind: str | None, fn) -> str:
+        vals = [fn(r) for r in ok if r["method"] == method and (kind is None or kinds.get(r["pair"]) == kind)]
+        vals = [v for v in vals if v is not None]
+        return " / ".join(vals) if vals else "—"
+
+    de = lambda k: lambda r: (None if not r.get("displacement_error") else  # noqa: E731
+                              f"{r['displacement_error']['mean_mm']:.2f} mm ({_ratio(r['displacement_error'].get('ratio_to_identity'))})"
+                              if k == "same" else f"{r['displacement_error']['mean_mm']:.2f} mm")
+
+    def tre(r):
+        t = r.get("tre_mm")
+        if not t:
+            return None
+        a, b = _get(t, "initial_alignment", "mean"), _get(t, "after", "mean")
+        worse = a is not None and b is not None and b > a
+        return f"{_f(a, '{:.2f}')} → {_f(b, '{:.2f}')}{' (worse)' if worse else ''}"
+
+    def dice(r):
+        d = r.get("dice")
+        return None if not d else f"{_f(_get(d, 'initial_alignment', 'mean'))} → {_f(_get(d, 'after', 'mean'))}"
+
+    def rho(r):
+        v = _get(r, "uncertainty_vs_error", "rho_displacement")
+        return None if v is None else f"{v:.2f}"
+
+    cols = []
+    if "same" in kinds.values():
+        cols.append(("same-subject: displacement error (× true mean)", "same", de("same")))
+    if "known" in kinds.values():
+        cols.append(("known deformation: displacement error", "known", de("known")))
+    if any("tre_mm" in r for r in ok):
+        cols.append(("TRE after affine → after method (mm)", None, tre))
+    if "contrast" in kinds.values():
+        cols.append(("cross-contrast Dice: affine → after", "contrast", dice))
+    if any(_get(r, "uncertainty_vs_error", "rho_displacement") is not None for r in ok):
+        cols.append(("ρ(uncertainty, true error)", None, rho))
+    if not cols:
+        return []
+    names = lambda kind: ", ".join(n for n, k in kinds.items() if k == kind)  # noqa: E731
+    L = ["### Trust: do no harm, follow-up TRE, other contrasts, uncertainty", "",
+         "| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for s in result["summary"]:
+        L.append(f"| {s['method']} | " + " | ".join(cells(s["method"], k, fn) for _, k, fn in cols) + " |")
+    L += ["", "Per pair, in the order of the run"
+          + (f"; same-subject pairs: {names('same')} — × true mean = mean displacement error / mean true "
+             "displacement over the brain (1.00× is what doing nothing gives; below is better)"
+             if "same" in kinds.values() else "")
+          + (f"; cross-contrast pairs: {names('contrast')}" if "contrast" in kinds.values() else "")
+          + "; TRE: mean over the landmarks after the initial alignment (a peer: its own affine stage) and after "
+            "the whole transform, *(worse)* when the method moved the landmarks further apart; ρ: Spearman "
+            "correlation of the uncertainty map with the true displacement error over the fixed brain "
+            "(known-deformation and same-subject pairs).", ""]
+    return L
 
 
 def _profile_table(result: dict[str, Any]) -> list[str]:
@@ -212,6 +282,11 @@ pre-aligned — the engine's affine initial alignment handles it) with their DLM
 subjects are held-out validation subjects of the learned methods (`deepdiffreg.train.real_data.split_ixi`).
 `synth-15-16`: T1-like images synthesised from the SynthSeg label maps 15 and 16 (kept out of training), built in the
 work folder. `brats-002`: the BraTS-Reg case BraTSReg_002 (T1, follow-up → pre-operative) with 6 landmark pairs.
+`known-15`: the synthesised image of label map 15 and a copy deformed by a known smooth map (peak 8 mm).
+`same-1`: one held-out IXI subject and a copy of it deformed by a known small smooth map (mean 1 mm, peak ≈ 3.5 mm)
+with its own noise and bias, registered with `--no-align` — a follow-up scan; the do-no-harm check.
+`contrast-15-16`: label maps 15 and 16 synthesised as a T1-like fixed and a T2-like moving image (independent
+intensity tables) — a cross-contrast pair with labels.
 
 **Metrics.** Dice before (identity) / after the initial alignment / after registration, landmark TRE, the share of
 folded voxels (det ∇T ≤ 0) and the std of log det on the fixed grid, wall time and peak memory of the register

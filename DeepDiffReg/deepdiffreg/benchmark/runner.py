@@ -75,11 +75,13 @@ def _error_of(log: Path, code: int) -> str:
 
 
 def _pair_args(pair: dict[str, Any]) -> list[str]:
+    """The pair's files as register flags, then the flags the pair asks every method to run with
+    (``register_args``, e.g. ``--no-align`` for a same-subject pair)."""
     out = []
     for key in ("fixed_seg", "moving_seg", "fixed_landmarks", "moving_landmarks"):
         if key in pair:
             out += [f"--{key.replace('_', '-')}", pair[key]]
-    return out
+    return out + list(pair.get("register_args", ()))
 
 
 def run_method(pair: dict[str, Any], row: MethodRow, out_dir: Path, threads: int | None,

@@ -90,10 +90,16 @@ class Capabilities:
     learned: bool = False              # needs weights from models/ (the registry's entries with method == name)
     inverse: str | None = "numerical"  # "exact" (exp(-v), a network's backward field), "numerical", None
     uncertainty: bool = False          # returns an "uncertainty" map
+    uncertainty_qa: bool = False       # that map follows the true registration error well enough to be read as QA
+                                       # (benchmark: Spearman ρ ≥ UNCERTAINTY_QA_RHO against the true displacement
+                                       # error on every known-deformation pair); False: shown labelled unreliable
     own_affine: bool = False           # learns its own alignment (FieldEstimate.affine_lps)
     default_align: str = "affine"      # the engine's initial alignment when the user gives none: affine|rigid|none
     spacing_mm: tuple[tuple[str, float], ...] = (("cpu", 2.0),)  # working spacing per device type ("cpu" fallback)
-    contrasts: str = "same"            # "same": intensity similarity (MSE/demons); "different": local NCC/MI-like
+    contrasts: str = "same"            # "same": mono-contrast only (MSE/demons-like similarity, or weights trained
+                                       # on mono-contrast pairs); "different": handles two contrasts (local NCC,
+                                       # MI, contrast-agnostic training). A learned method's model entry may state
+                                       # its own ("contrasts" in the manifest): ``contrasts_of``
     bytes_per_working_voxel: int = 1000  # peak memory of ``estimate`` per working-grid voxel (estimate)
     reference: bool = False            # a classical reference the learned methods are compared with on the
                                        # training validation pairs (the benchmark's validation table)
@@ -106,6 +112,17 @@ class Capabilities:
         d = dataclasses.asdict(self)
         d["spacing_mm"] = dict(self.spacing_mm)
         return d
+
+
+CONTRASTS = ("same", "different")
+UNCERTAINTY_QA_RHO = 0.5       # the ρ an uncertainty map must reach to be declared QA (issue 18)
+
+
+def contrasts_of(cls: type["Method"], model: dict[str, Any] | None = None) -> str:
+    """What a method handles: the model entry's ``contrasts`` when it states one (weights decide for a learned
+    method), else the method's declared ``caps.contrasts``."""
+    stated = (model or {}).get("contrasts")
+    return stated if stated in CONTRASTS else cls.caps.contrasts
 
 
 _MISSING = object()
@@ -356,6 +373,10 @@ def register_method(cls: type[Method]) -> type[Method]:
     missing = [v for v in cls.benchmark_variants if v not in cls.variants]
     if missing:
         raise ValueError(f"{cls.name}: benchmark_variants {missing} are not declared in variants")
+    if cls.caps.contrasts not in CONTRASTS:
+        raise ValueError(f"{cls.name}: caps.contrasts must be one of {', '.join(CONTRASTS)}")
+    if cls.caps.uncertainty_qa and not cls.caps.uncertainty:
+        raise ValueError(f"{cls.name}: caps.uncertainty_qa without an uncertainty map")
     if cls.caps.default_align not in ("affine", "rigid", "none"):
         raise ValueError(f"{cls.name}: default_align must be affine, rigid or none")
     REGISTRY[cls.name] = cls

@@ -12,9 +12,11 @@ What this file adds to the shared core (nn/vxm_model.py, nn/wrappers.py, losses/
   warp the moving image, the last one registers what is left, φ = φ1 ∘ … ∘ φK; refinement and the uncertainty
   act on the last stage's velocity, given the earlier ones;
 - inverse = exp(−v) on the same grid (a cascade: exp(−vK) ∘ … ∘ exp(−v1));
-- uncertainty (methods/vxm_uncertainty.py): by default the diagonal Laplace posterior of the model's own objective
-  for this pair at μ, with the image noise re-estimated from the local residual (``--vxm-uncertainty laplace``);
-  ``sampled`` gives the network's variance head as in the paper (S velocity samples integrated);
+- uncertainty (methods/vxm_uncertainty.py): by default ``refine`` — how far a few more steps of the model's own
+  objective move the result (the candidate that followed the true error best, docs/benchmarks.md); ``laplace`` (the
+  diagonal Laplace posterior of that objective), ``sampled`` (the network's variance head, as in the paper) and
+  the other measured candidates on request. The map is declared not QA (``caps.uncertainty_qa``: its measured ρ
+  against the true error is below 0.5) and report.json ``method_info.uncertainty_qa`` says so;
 - ``--refine N``: N Adam steps on μ with the method's loss (MSE/σ² + λ·Laplacian prior term of the KL);
 - the training protocol of ``deepdiffreg train --method vxm-diff`` (methods/learned.py): its training options
   (loss weights, Dice term, cascade stages, channels), the negative ELBO (+ Dice) of a batch, validation fields,
@@ -36,10 +38,20 @@ from ..nn.unet import DEFAULT_DEC, DEFAULT_ENC
 from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, svf_stage,
                             training_step_loss)
 from ..nn.wrappers import Cascade, OnNetGrid, Refine
-from .base import Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
+from .base import UNCERTAINTY_QA_RHO, Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
 from .refine import RefineOptions
-from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
+from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, refine_shift_mm, residual_disp_mm,
+                              sampled_std_mm, stage_std_mm)
+
+UNCERTAINTY_KINDS = ("refine", "laplace", "sampled", "stages", "consistency", "flip", "residual")
+# How well the default map (``refine``) followed the true displacement error (Spearman ρ over the fixed brain) on
+# the benchmark's known-deformation pairs, for the weights it was measured with (docs/benchmarks.md, "Uncertainty
+# candidates"). Below UNCERTAINTY_QA_RHO there, so ``caps.uncertainty_qa`` is False and report.json says so;
+# other weights or another map: not measured (null), still not QA.
+UNCERTAINTY_MEASURED = {"kind": "refine", "weights_sha256": "980fe910dcde96257faf5af79d3d64cf794c385276688bbb9a0138587ea2a7e0",
+                        "rho_displacement": {"same-1": None, "known-15": None},
+                        "source": "docs/benchmarks.md (benchmark run of 2026-12-02, weights v0.5.0)"}
 
 
 # Adam step of --refine, in ½-grid voxels. Measured on ixi-2 (IXI631 ← IXI633, whole head, v0.4.0, 50 steps):
@@ -48,13 +60,27 @@ from .vxm_uncertainty import laplace_std_mm, sampled_std_mm
 REFINE_LR = 0.025
 
 
+def _uncertainty_qa(kind: str, model: dict[str, Any]) -> dict[str, Any]:
+    """What report.json says about the map: not QA (``caps.uncertainty_qa``), and the ρ measured for this map
+    and these weights when they are the ones measured (``UNCERTAINTY_MEASURED``), else null."""
+    m = UNCERTAINTY_MEASURED
+    same = kind == m["kind"] and model.get("sha256") == m["weights_sha256"]
+    return {"reliable": VxmDiff.caps.uncertainty_qa, "threshold_rho": UNCERTAINTY_QA_RHO,
+            "measured_rho_displacement": dict(m["rho_displacement"]) if same else None,
+            "measured_in": m["source"] if same else None,
+            "note": ("the map does not follow the registration error closely enough to be used as QA "
+                     f"(Spearman rho against the true error below {UNCERTAINTY_QA_RHO:g} on the benchmark's "
+                     "known-deformation pairs)") if same else
+                    "not measured for these weights or this map; not validated as QA"}
+
+
 @register_method
 class VxmDiff(Trainable, LearnedMethod):
     name = "vxm-diff"
     title = "VoxelMorph-diff (learned, with uncertainty)"
     description = "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with uncertainty"
     flag_prefix = "vxm"
-    caps = Capabilities(learned=True, inverse="exact", uncertainty=True, contrasts="same",
+    caps = Capabilities(learned=True, inverse="exact", uncertainty=True, uncertainty_qa=False, contrasts="same",
                         spacing_mm=(("cpu", 2.0),))
     variants = {"refine": {"refine": 50}}
     benchmark_variants = ("refine",)   # the benchmark's vxm-diff+refine row
@@ -65,11 +91,15 @@ class VxmDiff(Trainable, LearnedMethod):
                                             "swapped pair (one more pass); off: the network's forward prediction "
                                             "only (the paper)")
         int_steps: int = option(7, min=0, max=20, help="scaling-and-squaring steps (the model was trained with 7)")
-        uncertainty: str = option("laplace", choices=("laplace", "sampled"),
-                                  help="uncertainty map: 'laplace' = posterior of the model's objective for this pair, "
-                                       "'sampled' = the network's own variance head (see methods/vxm_uncertainty.py)")
+        uncertainty: str = option("refine", choices=UNCERTAINTY_KINDS,
+                                  help="uncertainty map: 'refine' = how far --vxm-uncertainty-steps more steps of the "
+                                       "model's own objective move the result (default: it followed the true error "
+                                       "best); 'laplace' = posterior std of that objective; 'sampled' = the "
+                                       "network's variance head; 'stages', 'consistency', 'flip', 'residual': "
+                                       "other measured candidates (methods/vxm_uncertainty.py, docs/benchmarks.md)")
         uncertainty_samples: int = option(8, min=0, max=1000, help="velocity samples for --vxm-uncertainty sampled "
                                                                    "(0: exp(logvar), no sampling)")
+        uncertainty_steps: int = option(10, min=1, max=10_000, help="Adam steps of --vxm-uncertainty refine")
         refine_lr: float = option(REFINE_LR, min=0.0, max=10.0, help="Adam step for --vxm-refine (½-grid voxels)")
         seed: int = option(0, min=0, help="random seed of the uncertainty samples")
 
@@ -82,13 +112,13 @@ class VxmDiff(Trainable, LearnedMethod):
         # a cascade's earlier stages warp the moving image, the last one registers what they leave; refinement
         # optimises the last stage's velocity given the earlier ones (for one network: the network's velocity)
         stages = [svf_stage(u, steps, symmetric) for u in stage_nets(net)]
+        sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
+
+        def loss_fn(d, m_in, fp):          # the last stage's SVF d on the pair it sees (net grid)
+            warped = warp(m_in, d.disp(fp.shape[2:]))
+            return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(d.velocity)
+
         if o["refine"] > 0:
-            sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
-
-            def loss_fn(d, m_in, fp):          # the last stage's SVF d on the pair it sees (net grid)
-                warped = warp(m_in, d.disp(fp.shape[2:]))
-                return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(d.velocity)
-
             stages[-1] = Refine(stages[-1], loss_fn, o["refine"], float(o["refine_lr"]),
                                 progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
         with torch.no_grad():
@@ -103,6 +133,8 @@ class VxmDiff(Trainable, LearnedMethod):
             disp, inv = res.disp_vox(), res.inverse_disp_vox()
             mm = res.grid.mm_per_voxel(mu.shape[2:], mu.dtype, mu.device)   # mm per ½-grid voxel, canonical axes
             kind, ns = o["uncertainty"], int(o["uncertainty_samples"])
+            net_mm = res.grid.mm_per_voxel(fp.shape[2:], mu.dtype, mu.device)    # mm per net-grid voxel
+            plain = [svf_stage(u, steps, symmetric) for u in stage_nets(net)]  # the stages without refinement
             if kind == "laplace":
                 unc = laplace_std_mm(mu, fp, m_in, last.disp(fp.shape[2:]), cfg["prior_lambda"],
                                      cfg["image_sigma"], mm)
@@ -114,9 +146,38 @@ class VxmDiff(Trainable, LearnedMethod):
                 info["uncertainty"] = (f"sampled: sqrt(trace of the displacement covariance) in mm over {ns} "
                                        f"velocity samples z = mu + exp(logvar/2)*eps" if ns > 0 else
                                        "sampled: sqrt(trace of the velocity posterior covariance exp(logvar)) in mm")
+            elif kind == "stages":
+                unc = stage_std_mm(last.exp(), mm)
+                info["uncertainty"] = "stages: |exp(v_K)|, the last cascade stage's correction, mm"
+            elif kind == "consistency":
+                one_way = Cascade([svf_stage(u, steps, False) for u in stage_nets(net)])
+                grid = tuple(fp.shape[2:])
+                unc = inconsistency_mm(one_way(res.moving, fp).disp(grid), one_way(fp, res.moving).disp(grid), net_mm)
+                info["uncertainty"] = ("consistency: |u + w o (id + u)| of the forward-only predictions u (moving, "
+                                       "fixed) and w (swapped pair), mm")
+            elif kind == "flip":
+                grid = tuple(fp.shape[2:])
+                mirrored = Cascade(plain)(res.moving.flip(4), fp.flip(4)).disp(grid).flip(4)
+                mirrored = mirrored * torch.tensor([1.0, 1.0, -1.0], dtype=mirrored.dtype,
+                                                   device=mirrored.device).view(1, 3, 1, 1, 1)
+                unc = flip_std_mm(Cascade(plain)(res.moving, fp).disp(grid), mirrored, net_mm)
+                info["uncertainty"] = ("flip: |u - mirror(u of the left-right mirrored pair)| / 2 (test-time "
+                                       "augmentation, unrefined network), mm")
+            elif kind == "residual":
+                unc = residual_disp_mm(fp, warp(res.moving, phi.disp(fp.shape[2:])), net_mm)
+                info["uncertainty"] = ("residual: local least-squares shift (Lucas-Kanade, 7^3 net voxels) between "
+                                       "the fixed and the warped moving image after registration, mm")
+            elif kind == "refine":
+                ns = int(o["uncertainty_steps"])
+                unc = refine_shift_mm(mu, lambda v: loss_fn(last.with_param(v), m_in, fp), ns,
+                                      float(o["refine_lr"]), steps, mm)
+                info["uncertainty"] = (f"refine: |exp(v') - exp(v)| after {ns} more Adam steps of the model's own "
+                                       f"objective (MSE/sigma^2 + Laplacian prior) from the result's last-stage "
+                                       f"velocity v, averaged over 3^3 half-grid voxels, mm")
             else:
-                raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} (laplace | sampled)")
+                raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} ({' | '.join(UNCERTAINTY_KINDS)})")
             unc = res.scalar_to_work(unc)
+            info["uncertainty_qa"] = _uncertainty_qa(kind, model)
             info["velocity_std_mean_halfgrid_vox"] = float(torch.exp(0.5 * logvar).mean())
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
@@ -184,4 +245,7 @@ class VxmDiff(Trainable, LearnedMethod):
                 "input_grid": {"spacing_mm": config.get("spacing_mm", 2.0), "size_multiple": 2 ** len(config["enc"]),
                                "orientation": "LPS-aligned array axes (the method reorients internally)"},
                 "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
-                            "on synthetic random-contrast label-map pairs)"}
+                            "on synthetic random-contrast label-map pairs)",
+                # what the weights handle: the training config may state it (contrast-agnostic training), else the
+                # method's declaration (mono-contrast: the image term is MSE)
+                "contrasts": config.get("contrasts", cls.caps.contrasts)}
