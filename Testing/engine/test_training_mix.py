@@ -184,3 +184,12 @@ def test_train_cli_refuses_a_mix_over_one(tmp_path):
     assert r.returncode == 2
     assert "--same-prob" in r.stderr and "> 1" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_displacement_error_is_zero_for_the_true_map_and_one_for_doing_nothing():
+    from deepdiffreg.train.validate import displacement_error
+    p = mix(real_prob=0.0, same_prob=1.0).sample(2)
+    true, brain = p["disp_true"], (p["fixed_labels"][0, 0] > 0).numpy()
+    exact, nothing = displacement_error(true, true, brain), displacement_error(torch.zeros_like(true), true, brain)
+    assert exact["disp_err_mm"] == 0.0 and exact["disp_true_mm"] > 0
+    assert nothing["disp_err_ratio"] == pytest.approx(1.0) and nothing["disp_err_mm"] == pytest.approx(nothing["disp_true_mm"])
