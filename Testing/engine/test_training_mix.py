@@ -192,4 +192,5 @@ def test_displacement_error_is_zero_for_the_true_map_and_one_for_doing_nothing()
     true, brain = p["disp_true"], (p["fixed_labels"][0, 0] > 0).numpy()
     exact, nothing = displacement_error(true, true, brain), displacement_error(torch.zeros_like(true), true, brain)
     assert exact["disp_err_mm"] == 0.0 and exact["disp_true_mm"] > 0
-    assert nothing["disp_err_ratio"] == pytest.approx(1.0) and nothing["disp_err_mm"] == pytest.approx(nothing["disp_true_mm"])
+    assert nothing["disp_err_ratio"] == pytest.approx(1.0)
+    assert nothing["disp_err_mm"] == pytest.approx(nothing["disp_true_mm"])

@@ -138,7 +138,8 @@ def _mix_from_args(args) -> dict[str, float]:
     """The pair-kind probabilities of the training mix (datasets.MixedPairs), checked: each in [0, 1], together at
     most 1 (the rest are shared-contrast label-map pairs). ``--synthetic`` has no real pairs (--real-prob unused)."""
     from ..errors import BadInput
-    mix = {"real_prob": 0.0 if args.synthetic else args.real_prob, "same_prob": args.same_prob, "zero_prob": args.zero_prob,
+    mix = {"real_prob": 0.0 if args.synthetic else args.real_prob, "same_prob": args.same_prob,
+           "zero_prob": args.zero_prob,
            "contrast_prob": args.contrast_prob}
     for k, v in mix.items():
         if not 0.0 <= v <= 1.0:

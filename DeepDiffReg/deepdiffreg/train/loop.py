@@ -205,7 +205,8 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
 
 
 def _prepare_for_training(method, net, config: dict[str, Any]) -> None:
-    """The method's ``prepare_for_training`` hook, with the run's config when the hook takes one (methods/learned.py)."""
+    """The method's ``prepare_for_training`` hook, with the run's config when the hook takes one
+    (methods/learned.py)."""
     import inspect
     takes_config = len(inspect.signature(method.prepare_for_training).parameters) >= 2
     method.prepare_for_training(net, config) if takes_config else method.prepare_for_training(net)

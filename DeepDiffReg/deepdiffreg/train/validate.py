@@ -2,8 +2,8 @@
 through the Method itself (orientation handling, grid resampling, symmetric inference, refinement, maps): Dice
 before (= affine) / after, % folded voxels in the fixed brain, runtime; for a method with an uncertainty map, how it
 relates to the registration error (label disagreement after warping, |f − m∘φ|); optionally other methods on the
-same pairs in the same run (``compare``); on pairs whose true map is known (``disp_true``, e.g. same-subject pairs) the displacement
-error against it.
+same pairs in the same run (``compare``); on pairs whose true map is known (``disp_true``, e.g. same-subject pairs) the
+displacement error against it.
 
     python -m deepdiffreg.train.validate --method M [WEIGHTS] [--cache DIR] [--set NAME=VALUE ...]
                                          [--compare OTHER ...] [--json OUT]
