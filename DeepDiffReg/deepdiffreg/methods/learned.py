@@ -34,6 +34,9 @@ checkpoints/resume, EMA, validation, CSV/PNG logs and publishing, for every meth
 
 ``batch`` (train/datasets.py): {"fixed", "moving": (1, 1, D, H, W) float in [0, 1] on the training grid,
 "fixed_labels", "moving_labels": (1, 1, D, H, W) int64 when the data has them, ...}, already on the device.
+``"same_contrast"`` (bool, default True): False for pairs whose two images were rendered with independent
+intensity tables (train/datasets.py ``contrast`` pairs) — a loss that matches intensities must leave them alone.
+``"kind"`` names the kind of pair (real-image, same-head, zero-labelmap, contrast, synth, ...).
 ``step``: a ``TrainStep`` (the step index, the run's seed, a torch generator seeded for the run, the device).
 """
 from __future__ import annotations
@@ -145,7 +148,8 @@ class Trainable:
 
     @classmethod
     def prepare_for_training(cls, net: nn.Module) -> None:
-        """Called once before the first step (e.g. freeze the stages that are not trained)."""
+        """Called once before the first step (e.g. freeze the stages that are not trained). A method whose hook
+        takes a second parameter gets the run's config too: ``prepare_for_training(net, config)``."""
 
     @classmethod
     def model_card(cls, config: dict[str, Any]) -> dict[str, Any]:

@@ -200,6 +200,10 @@ class VxmDiff(Trainable, LearnedMethod):
                              help="networks in a recursive cascade (φ1∘φ2∘…); with --init from a model with fewer "
                                   "stages, the earlier stages are that model (frozen) and the last one is fine-tuned "
                                   "on what they leave")
+        train_stages: str = option("last", choices=("last", "all"),
+                                   help="which cascade stages are trained: the last one on what the frozen earlier "
+                                        "ones leave, or all of them end to end (each stage's KL term added; needed "
+                                        "when the earlier stages must learn something new, e.g. other contrasts)")
         enc: tuple[int, ...] = option(DEFAULT_ENC, min=1, max=1024, help="encoder channels (stride-2 blocks)")
         dec: tuple[int, ...] = option(DEFAULT_DEC, min=1, max=1024, help="decoder channels")
 
@@ -219,8 +223,10 @@ class VxmDiff(Trainable, LearnedMethod):
         load_stages(net, weights)
 
     @classmethod
-    def prepare_for_training(cls, net) -> None:
-        for unet in stage_nets(net)[:-1]:            # a cascade trains its last stage only
+    def prepare_for_training(cls, net, config: dict[str, Any] | None = None) -> None:
+        if (config or {}).get("train_stages", "last") == "all":
+            return
+        for unet in stage_nets(net)[:-1]:            # by default a cascade trains its last stage only
             unet.requires_grad_(False)
 
     @classmethod
@@ -233,7 +239,8 @@ class VxmDiff(Trainable, LearnedMethod):
             rng = np.random.default_rng(step.seed * 31 + step.index)
             n = min(int(config.get("dice_labels", 8)), len(present))
             labels = [int(x) for x in rng.choice(present, n, replace=False)] if present else None
-        return training_step_loss(net, batch["moving"], batch["fixed"], config, step.generator, fl, ml, labels)
+        return training_step_loss(net, batch["moving"], batch["fixed"], config, step.generator, fl, ml, labels,
+                                  same_contrast=bool(batch.get("same_contrast", True)))
 
     @classmethod
     def validation_disp(cls, net, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any]) -> torch.Tensor:

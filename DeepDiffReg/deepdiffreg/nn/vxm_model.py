@@ -7,7 +7,8 @@ then resized to the full grid (values rescaled to the full grid's voxel units, `
 Cascade (config ``"stages": K`` > 1, a recursive cascade of the same network, Zhao et al. ICCV 2019): stage k
 registers the moving image already warped by stages 1..k−1 and the maps compose, φ = φ1 ∘ φ2 ∘ … ∘ φK (each
 φk = exp(vk), so the result stays diffeomorphic and its inverse is exp(−vK) ∘ … ∘ exp(−v1)). Training updates
-the last stage only; the earlier ones are frozen (they are the previous model). The cascade, symmetric inference and
+the last stage only by default (the earlier ones are frozen: they are the previous model); config
+``train_stages: all`` fine-tunes every stage end to end. The cascade, symmetric inference and
 the exp(−v) inverse are the generic wrappers of nn/wrappers.py; ``svf_stage`` makes one U-Net a registration module.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .wrappers import SVF, Cascade, Symmetric
 DEFAULT_CONFIG: dict[str, Any] = {
     "method": "vxm-diff", "enc": list(DEFAULT_ENC), "dec": list(DEFAULT_DEC), "int_steps": 7,
     "image_sigma": 0.02, "prior_lambda": 20.0, "spacing_mm": 2.0, "dice_weight": 0.0, "dice_grid": "full",
-    "dice_labels": 8,
+    "dice_labels": 8, "train_stages": "last",
 }
 
 
@@ -146,26 +147,53 @@ def load_stages(net: VxmDiffUNet | VxmCascade, obj: dict[str, Any]) -> None:
         unet.load_state_dict(old[min(k, have - 1)].state_dict())
 
 
+def _trained_prior_stages(nets: list[VxmDiffUNet], moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
+                          generator: torch.Generator | None
+                          ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Every stage but the last, *with* gradients (config ``train_stages: all``): each samples its velocity
+    z_k = μ_k + σ_k·ε as the last one does, on the moving image warped by the stages before it. Returns their
+    composed displacement (fixed grid, voxels; None for one network), the moving image warped by it and the sum
+    of their KL terms."""
+    prior, m_in, kl = None, moving, moving.new_zeros(())
+    for unet in nets[:-1]:
+        mu, logvar = unet(m_in, fixed)
+        z = sample_velocity(mu, logvar, generator)
+        d = resize_disp(integrate_ss(z, config["int_steps"]), tuple(fixed.shape[2:]))
+        prior = d if prior is None else compose(prior, d)
+        m_in = warp(moving, prior)
+        kl = kl + kl_laplacian(mu, logvar, config["prior_lambda"])
+    return prior, m_in, kl
+
+
 def training_step_loss(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
                        generator: torch.Generator | None = None, fixed_lab: torch.Tensor | None = None,
-                       moving_lab: torch.Tensor | None = None, dice_labels: list[int] | None = None
-                       ) -> dict[str, torch.Tensor]:
+                       moving_lab: torch.Tensor | None = None, dice_labels: list[int] | None = None,
+                       same_contrast: bool = True) -> dict[str, torch.Tensor]:
     """Negative ELBO for one pair (one sample, K = 1): recon_mse(f, m∘φ_z)/σ² + KL, plus an optional Dice term.
-    For a cascade the terms are those of the last stage's velocity, φ = φ_prior ∘ exp(z); the earlier stages are
-    frozen and run as at inference (symmetric), so the last one learns the residuals it will be shown."""
-    prior, _, m_in = prior_stages(net, moving, fixed, config["int_steps"], symmetric=True)
-    mu, logvar = stage_nets(net)[-1](m_in, fixed)
+    For a cascade the terms are those of the last stage's velocity, φ = φ_prior ∘ exp(z); by default (config
+    ``train_stages: last``) the earlier stages are frozen and run as at inference (symmetric), so the last one
+    learns the residuals it will be shown; ``train_stages: all`` trains them too (sampled, with their KL terms
+    added). ``same_contrast=False`` (a pair rendered with two intensity tables): the Gaussian likelihood of the
+    intensities does not hold, so the MSE term is left out (and not reported) and only the KL and Dice terms act."""
+    nets = stage_nets(net)
+    if config.get("train_stages", "last") == "all":
+        prior, m_in, kl_prior = _trained_prior_stages(nets, moving, fixed, config, generator)
+    else:
+        (prior, _, m_in), kl_prior = prior_stages(net, moving, fixed, config["int_steps"], symmetric=True), None
+    mu, logvar = nets[-1](m_in, fixed)
     z = sample_velocity(mu, logvar, generator)
     u_half = integrate_ss(z, config["int_steps"])
     disp = resize_disp(u_half, tuple(fixed.shape[2:]))
     if prior is not None:
         u_half = compose(resize_disp(prior, tuple(u_half.shape[2:])), u_half)
         disp = compose(prior, disp)
-    warped = warp(moving, disp)
-    recon = recon_mse(fixed, warped, config["image_sigma"])
     kl = kl_laplacian(mu, logvar, config["prior_lambda"])
-    loss = recon + kl
-    out = {"recon": recon, "kl": kl}
+    if kl_prior is not None:
+        kl = kl + kl_prior
+    loss, out = kl, {"kl": kl}
+    if same_contrast:
+        recon = recon_mse(fixed, warp(moving, disp), config["image_sigma"])
+        loss, out["recon"] = loss + recon, recon
     if config.get("dice_weight", 0) > 0 and fixed_lab is not None and dice_labels:
         dl = soft_dice_loss(fixed_lab, moving_lab, u_half if config.get("dice_grid") == "half" else disp, dice_labels)
         loss = loss + config["dice_weight"] * dl

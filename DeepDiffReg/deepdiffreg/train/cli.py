@@ -45,6 +45,18 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="fraction of real pairs shown whole-head (not skull-stripped), as the pipeline may feed them")
     p.add_argument("--real-affine", type=float, default=2.0,
                    help="scale of the random residual affine on real moving images (1: ±3°, ±3 %% scale, ±1.5 vox)")
+    p.add_argument("--same-prob", type=float, default=0.0,
+                   help="fraction of same-subject pairs: one real scan or rendered label map, two small random "
+                        "deformations (the moving one also a small rigid motion), independent bias and noise")
+    p.add_argument("--zero-prob", type=float, default=0.0,
+                   help="fraction of zero-deformation pairs (the same anatomy twice, independent bias and noise)")
+    p.add_argument("--contrast-prob", type=float, default=0.0,
+                   help="fraction of label-map pairs whose two images get independent random intensity tables, "
+                        "blur, bias and noise (contrast-agnostic training; no intensity-matching loss on them); the "
+                        "rest after --real-prob, --same-prob, --zero-prob, --contrast-prob: label-map pairs of one "
+                        "shared contrast")
+    p.add_argument("--same-std-vox", type=float, default=1.0,
+                   help="largest std (voxels) of the velocity noise of the same-subject deformations")
     p.add_argument("--init", default=None, help="start a new run from these weights (a best.pt/last.pt/models file)")
     p.add_argument("--init-steps", type=int, default=0, help="steps already behind --init (recorded in the manifest)")
     p.add_argument("--ema", type=float, default=0.0,
@@ -122,6 +134,23 @@ def _method_of_run(out: Path, init: str | None) -> str:
     raise BadInput("say which method to train: --method NAME (no run to resume in --out, no --init weights)")
 
 
+def _mix_from_args(args) -> dict[str, float]:
+    """The pair-kind probabilities of the training mix (datasets.MixedPairs), checked: each in [0, 1], together at
+    most 1 (the rest are shared-contrast label-map pairs). ``--synthetic`` has no real pairs (--real-prob unused)."""
+    from ..errors import BadInput
+    mix = {"real_prob": 0.0 if args.synthetic else args.real_prob, "same_prob": args.same_prob,
+           "zero_prob": args.zero_prob,
+           "contrast_prob": args.contrast_prob}
+    for k, v in mix.items():
+        if not 0.0 <= v <= 1.0:
+            raise BadInput(f"--{k.replace('_', '-')} must lie in [0, 1], got {v:g}")
+    if sum(mix.values()) > 1.0 + 1e-9:
+        raise BadInput(f"--real-prob + --same-prob + --zero-prob + --contrast-prob = {sum(mix.values()):g} > 1")
+    if not 0.0 <= args.same_std_vox <= 10.0:
+        raise BadInput(f"--same-std-vox must lie in [0, 10], got {args.same_std_vox:g}")
+    return {**mix, "same_std_vox": args.same_std_vox}
+
+
 def run_train(args) -> int:
     import dataclasses
 
@@ -131,9 +160,11 @@ def run_train(args) -> int:
 
     cls = get_trainable(args.method or _method_of_run(Path(args.out), args.init))
     topts = training_options_from_args(args, cls)
+    mix = _mix_from_args(args)
     if args.synthetic:
         from .datasets import synthetic_training_data
-        data, val, desc = synthetic_training_data(args.synthetic, seed=args.seed)
+        data, val, desc = synthetic_training_data(args.synthetic, seed=args.seed,
+                                                  **{k: v for k, v in mix.items() if k != "real_prob"})
         licence = SYNTH_DATA_LICENCE
     else:
         from .datasets import MixedPairs, training_sets, validation_pairs
@@ -142,8 +173,7 @@ def run_train(args) -> int:
         cache = prepare_cache(Path(args.cache), data_root / "ixi", data_root / "labelmaps",
                               log=lambda s: print(s, file=sys.stderr))
         real, maps = training_sets(cache)
-        data = MixedPairs(real, maps, seed=args.seed, real_prob=args.real_prob, head_prob=args.head_prob,
-                          real_affine=args.real_affine)
+        data = MixedPairs(real, maps, seed=args.seed, head_prob=args.head_prob, real_affine=args.real_affine, **mix)
         val = validation_pairs(cache)
         desc = (f"{len(real)} IXI T1 (affine-aligned; skull-stripped and whole head) + {len(maps)} SynthSeg label "
                 f"maps (synthetic contrasts); validation: 10 held-out IXI subjects, label maps 15/16")
@@ -151,13 +181,15 @@ def run_train(args) -> int:
     settings = TrainSettings(out_dir=args.out, steps=args.steps, lr=args.lr, seed=args.seed,
                              val_every=args.val_every, threads=args.threads, device=args.device, method=cls.name,
                              model=cls.config_from(topts), max_seconds=args.max_hours * 3600, init=args.init,
-                             ema=args.ema)
+                             ema=args.ema, data={"description": desc, **mix, **({} if args.synthetic else {
+                                 "head_prob": args.head_prob, "real_affine": args.real_affine})})
     print(f"training {cls.name} on {desc}; {len(val)} validation pairs", file=sys.stderr)
     res = train(settings, data, val, log=lambda s: print(s, flush=True))
     if args.publish:
         training = {"data": desc, **({} if args.synthetic else {"real_prob": args.real_prob,
                                                                  "head_prob": args.head_prob,
                                                                  "real_affine": args.real_affine}),
+                    **{k: v for k, v in mix.items() if k != "real_prob"},
                     **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(topts).items()},
                     "ema": args.ema, "lr": args.lr, "seed": args.seed,
                     "init": Path(args.init).name if args.init else None, "steps_before_init": args.init_steps}

@@ -45,6 +45,7 @@ class TrainSettings:
     max_seconds: float = 0.0          # stop (with a checkpoint) after this wall time; 0 = no limit
     init: str | None = None           # weights file to start a new run from (ignored when resuming)
     ema: float = 0.0                  # > 0: validate and save an exponential moving average of the weights
+    data: dict[str, Any] = field(default_factory=dict)    # the training data and its mix, recorded in settings.json
 
 
 def method_of(settings: TrainSettings):
@@ -150,7 +151,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
             opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
             log(f"initialised from {settings.init}")
         csv_path.write_text(",".join(csv_fields(method)) + "\n")
-    method.prepare_for_training(net)
+    _prepare_for_training(method, net, config)
     ema = _Ema(net, settings.ema, state.get("ema")) if settings.ema > 0 else None   # resumed with the run
     (out / "settings.json").write_text(json.dumps({**asdict(settings), "method": method.name, "model": config},
                                                   indent=1))
@@ -201,6 +202,14 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
         if last:
             break
     return {"step": step, "best_val_dice": best, "out_dir": str(out), "method": method.name}
+
+
+def _prepare_for_training(method, net, config: dict[str, Any]) -> None:
+    """The method's ``prepare_for_training`` hook, with the run's config when the hook takes one
+    (methods/learned.py)."""
+    import inspect
+    takes_config = len(inspect.signature(method.prepare_for_training).parameters) >= 2
+    method.prepare_for_training(net, config) if takes_config else method.prepare_for_training(net)
 
 
 class _Ema:

@@ -2,7 +2,8 @@
 through the Method itself (orientation handling, grid resampling, symmetric inference, refinement, maps): Dice
 before (= affine) / after, % folded voxels in the fixed brain, runtime; for a method with an uncertainty map, how it
 relates to the registration error (label disagreement after warping, |f − m∘φ|); optionally other methods on the
-same pairs in the same run (``compare``).
+same pairs in the same run (``compare``); on pairs whose true map is known (``disp_true``, e.g. same-subject pairs) the
+displacement error against it.
 
     python -m deepdiffreg.train.validate --method M [WEIGHTS] [--cache DIR] [--set NAME=VALUE ...]
                                          [--compare OTHER ...] [--json OUT]
@@ -26,11 +27,12 @@ from ..frames import Geometry
 from ..methods.base import PairOnGrid, get_method
 from ..metrics import dice_per_label, pearson, spearman
 from .cli import DEFAULT_CACHE
+from .real_data import CANON_SPACING
 
 
 def lps_2mm(shape) -> Geometry:
     """The canonical training grid's geometry (LPS-aligned array axes, 2 mm) for a (D, H, W) shape."""
-    return Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), tuple(shape[::-1]))
+    return Geometry((0.0, 0.0, 0.0), (CANON_SPACING,) * 3, (1, 0, 0, 0, 1, 0, 0, 0, 1), tuple(shape[::-1]))
 
 
 def _dice(fl: torch.Tensor, ml: torch.Tensor, labels: list[int]) -> dict[int, float]:
@@ -44,6 +46,15 @@ def _score(disp_vox: torch.Tensor, fl, ml, labels: list[int], brain: np.ndarray)
     det = jacobian_det(disp_vox)[0].numpy()
     return (wl, _dice(fl, wl, labels), 100.0 * float((det[brain] <= 0).sum()) / brain.sum(),
             int((det <= 0).sum()))
+
+
+def displacement_error(disp_vox: torch.Tensor, true_vox: torch.Tensor, brain: np.ndarray) -> dict[str, float]:
+    """Where the true fixed → moving map is known (same-subject pairs, ``disp_true``): the mean over the fixed
+    brain of |u − u_true| in mm (canonical 2 mm grid), the mean |u_true| (the error of doing nothing) and their
+    ratio (the do-no-harm target of issue 18: ≤ 0.6)."""
+    err = ((disp_vox - true_vox).norm(dim=1)[0].numpy()[brain] * CANON_SPACING).mean()
+    true = (true_vox.norm(dim=1)[0].numpy()[brain] * CANON_SPACING).mean()
+    return {"disp_err_mm": float(err), "disp_true_mm": float(true), "disp_err_ratio": float(err / max(true, 1e-12))}
 
 
 def _run(method, pair: PairOnGrid):
@@ -76,19 +87,23 @@ def evaluate_method(method: str, weights: Path | str | None = None, cache: Path 
         wl, dl, fold_pct, n_folds = _score(est.disp_vox, fl, ml, labels, brain)
         row = {"pair": p["name"], "dice_affine": d0, "dice_after": float(np.mean(list(dl.values()))),
                "fold_pct_brain": fold_pct, "folds": n_folds, "seconds": round(sec, 2)}
+        if p.get("disp_true") is not None:
+            row.update(displacement_error(est.disp_vox, p["disp_true"], brain))
         for o in others:
             est_o, sec_o = _run(o, pair)
             _, dl_o, fold_o, _ = _score(est_o.disp_vox, fl, ml, labels, brain)
             row.update({f"{o.name}_dice": float(np.mean(list(dl_o.values()))), f"{o.name}_fold_pct_brain": fold_o,
                         f"{o.name}_seconds": round(sec_o, 2)})
+            if p.get("disp_true") is not None:
+                row.update({f"{o.name}_{k}": v for k, v in
+                            displacement_error(est_o.disp_vox, p["disp_true"], brain).items() if k != "disp_true_mm"})
         if "uncertainty" in est.maps:
             row.update(_uncertainty_vs_error(est, p, wl, dl, labels, brain))
         if "refine_loss_start" in est.info:
             row["refine_loss"] = [est.info["refine_loss_start"], est.info["refine_loss_end"]]
         rows.append(row)
-    keys = [k for k in rows[0] if isinstance(rows[0][k], float) and k not in ("unc_mm_where_mismatch",)] \
-        if rows else []
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys if k != "folds"}
+    keys = list(dict.fromkeys(k for r in rows for k in r if isinstance(r[k], float) and k != "unc_mm_where_mismatch"))
+    summary = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}   # over the pairs that have k
     ixi = [r for r in rows if r["pair"].startswith("ixi")]
     for k in ["dice_affine", "dice_after"] + [f"{o.name}_dice" for o in others]:
         summary[f"ixi_{k}"] = float(np.mean([r[k] for r in ixi])) if ixi else None
