@@ -368,6 +368,17 @@ def check_pair_names(names: list[str]) -> None:
             raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}")
 
 
+def _pair_numbers(name: str, count: int, usage: str) -> tuple[int, ...]:
+    """The ``count`` integers after a pair name's prefix (``known-15`` -> (15,)); BadInput naming ``usage``."""
+    try:
+        numbers = tuple(int(v) for v in name.split("-")[1:1 + count])
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count:
+        raise BadInput(f"pair {name!r}: use {usage}")
+    return numbers
+
+
 def build_pairs(names: list[str], data: Path | None, work: Path) -> dict[str, dict[str, Any]]:
     pairs: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -382,24 +393,15 @@ def build_pairs(names: list[str], data: Path | None, work: Path) -> dict[str, di
             pairs[name] = ixi[name]
         elif name.startswith(("synth-", "contrast-")):
             kind = name.split("-")[0]
-            try:
-                a, b = (int(v) for v in name.split("-")[1:3])
-            except ValueError:
-                raise BadInput(f"pair {name!r}: use {kind}-A-B with two label map numbers") from None
+            a, b = _pair_numbers(name, 2, f"{kind}-A-B with two label map numbers")
             pairs[name] = _synth_pair(data, work, a, b, "t1" if kind == "synth" else "t2")
         elif name.startswith("same-"):
-            try:
-                n = int(name.split("-")[1])
-            except ValueError:
-                raise BadInput(f"pair {name!r}: use same-N with a validation subject number") from None
+            (n,) = _pair_numbers(name, 1, "same-N with a validation subject number")
             pairs[name] = _same_pair(data, work, n)
         elif name == "brats-002":
             pairs[name] = _brats_pair(data)
         elif name.startswith("known-"):
-            try:
-                n = int(name.split("-")[1])
-            except ValueError:
-                raise BadInput(f"pair {name!r}: use known-N with a label map number") from None
+            (n,) = _pair_numbers(name, 1, "known-N with a label map number")
             pairs[name] = _known_pair(data, work, n)
         else:
             raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}")
