@@ -68,7 +68,6 @@ def test_known_affine_gives_its_determinant():
     assert np.allclose(det, np.linalg.det(a), atol=1e-9)
 
 
-@register_method
 class _KnownField(Method):
     """Test method: returns a fixed asymmetric voxel field (channel 0 ≠ 1 ≠ 2), so axis permutations show."""
     name = "_test_known_field"
@@ -82,7 +81,11 @@ class _KnownField(Method):
         return FieldEstimate(disp_vox=disp, inverse_disp_vox=None)
 
 
-def test_pipeline_writes_fixed_to_moving_lps_on_fixed_grid(tmp_path):
+def test_pipeline_writes_fixed_to_moving_lps_on_fixed_grid(tmp_path, monkeypatch):
+    # in the registry only for this test: other tests compare the registry with `methods --json`
+    from deepdiffreg.methods import base
+    monkeypatch.setitem(base.REGISTRY, _KnownField.name, _KnownField)   # removed again after the test
+    register_method(_KnownField)                                         # the registry's declaration checks
     fixed = blank()
     p = points_lps(fixed)
     fixed = from_array(image_from_labels(phantom_labels(p)), fixed)
