@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +33,7 @@ from .io import images
 from .io.result_writer import AtomicResultDir, write_result
 from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
 from .metrics import dice_per_label, dice_summary, present_labels, tre_mm
+from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
                          working_grid)
 from .progress import Reporter
@@ -153,30 +153,8 @@ def _fold_region(det: np.ndarray, fixed: sitk.Image, user_fg: sitk.Image | None)
     return foreground_mask(fixed)
 
 
-def _peak_cpu_memory_mb() -> float | None:
-    """Peak resident memory of this process in MB, on every platform (None when it cannot be told).
-
-    POSIX: ``getrusage`` ru_maxrss, which Linux gives in KiB and macOS in bytes. Windows (no ``resource``
-    module): psutil's ``peak_wset`` when psutil is installed, else None.
-    """
-    try:
-        import resource  # POSIX only: imported here so that the engine loads on Windows
-    except ImportError:
-        resource = None
-    if resource is not None:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(rss / (2 ** 20 if sys.platform == "darwin" else 1024.0), 1)
-    try:
-        import psutil
-        info = psutil.Process().memory_info()
-        peak = getattr(info, "peak_wset", None) or info.rss
-        return round(peak / 2 ** 20, 1)
-    except Exception:  # noqa: BLE001 - psutil absent or the call unsupported: no number rather than a failure
-        return None
-
-
 def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"cpu": _peak_cpu_memory_mb()}
+    out = {"cpu": peak_cpu_memory_mb()}
     if device.type == "cuda":
         out["gpu"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return out
