@@ -191,14 +191,14 @@ def memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing
                      field_grid: str = "working") -> dict[str, float]:
     """The up-front estimate of a run's peak memory in MB, by part: "base" (imports), "fixed" and "moving" (what
     the run holds per voxel of each image), "working" (the result stage's fields on the working grid), "method"
-    (the method's estimate, ``bytes_per_working_voxel``) and "full_field" (``field_grid="fixed"`` only)."""
+    (the method's estimate, ``bytes_per_working_voxel`` and ``extra_memory_mb``) and "full_field" (``field_grid="fixed"`` only)."""
     n_fixed, n_moving = float(np.prod(fixed_size)), float(np.prod(moving_size))
     ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
     n_work = n_fixed * ratio
     mb = 1.0 / 2 ** 20
     return {"base": float(_BASE_MB), "fixed": n_fixed * _BYTES_PER_FIXED_VOXEL * mb,
             "moving": n_moving * _BYTES_PER_MOVING_VOXEL * mb, "working": n_work * _BYTES_PER_WORKING_VOXEL * mb,
-            "method": n_work * method_cls.caps.bytes_per_working_voxel * mb,
+            "method": n_work * method_cls.caps.bytes_per_working_voxel * mb + method_cls.caps.extra_memory_mb,
             "full_field": n_fixed * _BYTES_PER_FIXED_VOXEL_FULL_FIELD * mb if field_grid == "fixed" else 0.0}
 
 

@@ -113,3 +113,49 @@ def test_refusal_names_what_would_make_it_fit(monkeypatch):
     # the working field grid needs less by the full-resolution field's part, and fits here
     assert check_memory(_Like, (512, 512, 300), (512, 512, 300), (0.8, 0.8, 1.5), 2.0, torch.device("cpu"),
                         "working")["cpu"] == pytest.approx(need - parts["full_field"], abs=0.2)
+
+
+def _ready_methods() -> list[str]:
+    """Every registered method that can run here (learned ones only with their weights present)."""
+    from deepdiffreg.methods.base import all_methods
+    ready = []
+    for name, cls in sorted(all_methods().items()):
+        if name.startswith("_"):
+            continue
+        try:
+            cls().check_ready()
+        except Exception:  # noqa: BLE001 - weights absent: nothing to measure
+            continue
+        ready.append(name)
+    return ready
+
+
+# each method's estimate on a small pair: at least its measured peak (an over-estimate: a run that starts does not
+# run out of memory for lack of budget), at most METHOD_FACTOR times it (a machine is not refused for much less)
+METHOD_FACTOR = 2.0
+METHOD_PAIR = (112, 128, 144)   # 1 mm voxels: 2 mm working grid 56×64×72, 3 mm 38×43×48
+
+
+@pytest.fixture(scope="module")
+def method_pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("method_pair")
+    _pair(str(d), METHOD_PAIR, (1.0, 1.0, 1.0))
+    return d
+
+
+@pytest.mark.parametrize("name", _ready_methods())
+def test_each_method_estimate_is_above_its_measured_peak(method_pair, name):
+    from deepdiffreg.methods.base import get_method
+    d = method_pair
+    out = d / f"out-{name}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "deepdiffreg", "register", "--fixed", str(d / "f.nii"),
+                          "--moving", str(d / "m.nii"), "--fixed-seg", str(d / "fs.nii"), "--moving-seg",
+                          str(d / "ms.nii"), "--method", name, "--out", str(out), "--device", "cpu", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak = json.loads((out / "report.json").read_text())["peak_memory_mb"]["cpu"]   # the process's own VmHWM
+    cls = get_method(name)
+    est = sum(memory_budget_mb(cls, METHOD_PAIR, METHOD_PAIR, (1.0, 1.0, 1.0), cls.caps.spacing_for("cpu")).values())
+    print(f"\n{name}: peak {peak:.0f} MB, estimate {est:.0f} MB ({est / peak:.2f}x)")
+    assert peak <= est <= METHOD_FACTOR * peak, (peak, est)
