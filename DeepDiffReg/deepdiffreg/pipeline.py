@@ -183,8 +183,10 @@ _BYTES_PER_MOVING_VOXEL = 8   # the moving image (float32) and its segmentation
 _BYTES_PER_WORKING_VOXEL = 150
 # --field-grid fixed: u and w resampled onto the padded fixed grid (float64 vectors) and the composite's copy of u
 _BYTES_PER_FIXED_VOXEL_FULL_FIELD = 56
-# Measured peaks (ru_maxrss) of a run with a method that holds next to nothing, 2 mm working grid, 1 mm voxels:
-# 96³ 555 MB, 160×192×224 865 MB, 512×512×300 (0.8×0.8×1.5 mm) 4331 MB; these constants give 550, 885, 4819 MB.
+# Measured peaks of a run with a method that holds next to nothing, 2 mm working grid, 1 mm voxels: 96³ 555 MB,
+# 160×192×224 865 MB, 512×512×300 (0.8×0.8×1.5 mm) 4331 MB; these constants give 550, 885, 4819 MB. With VmHWM
+# (peak_memory.py; 2026-12-02): 128×144×160 561 MB (estimate 665), 160×224×192 at 1.5 / 2 / 3 mm 838 / 762 /
+# 689 MB: the per-working-voxel part measures ~70-120 B, so 150 B keeps a margin (docs/field-grid.md).
 
 
 def memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing_mm: float | None,
