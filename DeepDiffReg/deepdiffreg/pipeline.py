@@ -35,7 +35,7 @@ from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
 from .metrics import dice_per_label, dice_summary, present_labels, tre_mm
 from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
-                         working_grid)
+                         working_grid, working_size)
 from .progress import Reporter
 
 # Share of the progress bar each stage gets (the method's own loop dominates).
@@ -195,8 +195,7 @@ def memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing
     the run holds per voxel of each image), "working" (the result stage's fields on the working grid), "method"
     (the method's estimate, ``bytes_per_working_voxel`` and ``extra_memory_mb``) and "full_field" (``field_grid="fixed"`` only)."""
     n_fixed, n_moving = float(np.prod(fixed_size)), float(np.prod(moving_size))
-    ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
-    n_work = n_fixed * ratio
+    n_work = float(np.prod(working_size(fixed_size, fixed_spacing, spacing_mm)))   # the grid working_grid makes
     mb = 1.0 / 2 ** 20
     return {"base": float(_BASE_MB), "fixed": n_fixed * _BYTES_PER_FIXED_VOXEL * mb,
             "moving": n_moving * _BYTES_PER_MOVING_VOXEL * mb, "working": n_work * _BYTES_PER_WORKING_VOXEL * mb,

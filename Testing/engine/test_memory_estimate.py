@@ -159,3 +159,18 @@ def test_each_method_estimate_is_above_its_measured_peak(method_pair, name):
     est = sum(memory_budget_mb(cls, METHOD_PAIR, METHOD_PAIR, (1.0, 1.0, 1.0), cls.caps.spacing_for("cpu")).values())
     print(f"\n{name}: peak {peak:.0f} MB, estimate {est:.0f} MB ({est / peak:.2f}x)")
     assert peak <= est <= METHOD_FACTOR * peak, (peak, est)
+
+
+@pytest.mark.parametrize("size, spacing, mm", [((512, 512, 300), (0.8, 0.8, 1.5), 3.0),
+                                               ((256, 256, 40), (1.0, 1.0, 6.0), 2.0),     # thick slices
+                                               ((128, 128, 75), (3.2, 3.2, 6.0), 3.0),     # coarser than 3 mm
+                                               ((64, 64, 56), (1.0, 1.0, 1.0), None)])
+def test_estimate_counts_the_working_grid_the_run_makes(size, spacing, mm):
+    """The estimate's working voxels are those of preprocess.working_grid (thick slices are resampled finer: a
+    1×1×6 mm image at 2 mm has 3× its slices on the working grid)."""
+    from deepdiffreg.preprocess import working_grid
+    img = sitk.Image(list(size), sitk.sitkUInt8)
+    img.SetSpacing(spacing)
+    n_work = int(np.prod(working_grid(img, mm).size_ijk))
+    part = memory_budget_mb(_Like, size, size, spacing, mm)["method"]
+    assert part == pytest.approx(n_work * _Like.caps.bytes_per_working_voxel / 2 ** 20)
