@@ -87,6 +87,7 @@ class DeepDiffRegParameterNode:
     methodOptions: str = "{}"                  # JSON {method name: {option name: value the user set}}
     workingSpacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0 = the preset's / method's default
     initialAlignment: bool = True
+    fieldGrid: Annotated[str, Choice(["working", "fixed"])] = "working"  # transform.h5's field grid (--field-grid)
     keepTemporaryFiles: bool = False
     outputTransform: vtkMRMLTransformNode
     outputInverse: vtkMRMLTransformNode
@@ -95,9 +96,12 @@ class DeepDiffRegParameterNode:
     outputWarped: vtkMRMLScalarVolumeNode
 
 
+# the Advanced "Field grid" choices: (label, engine --field-grid value); the trade-off is in the combo's tooltip
+FIELD_GRID_CHOICES = (("Working grid (default, smaller)", "working"), ("Fixed image grid (full resolution)", "fixed"))
+
 SETTINGS_PREFIX = "DeepDiffReg/"
 REMEMBERED = ("method", "preset", "device", "methodOptions", "workingSpacingMm", "initialAlignment",
-              "keepTemporaryFiles")
+              "fieldGrid", "keepTemporaryFiles")
 
 
 def user_options(p) -> dict:
@@ -144,10 +148,13 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         for label, key in (("Automatic (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")):
             self.ui.deviceComboBox.addItem(label, key)
+        for label, key in FIELD_GRID_CHOICES:
+            self.ui.fieldGridComboBox.addItem(label, key)
         self.ui.modelsTable.setHorizontalHeaderLabels(list(ddmodels.COLUMNS))
         self.ui.methodComboBox.currentIndexChanged.connect(self._onMethodChanged)
         self.ui.presetComboBox.currentIndexChanged.connect(self._onPresetChanged)
         self.ui.deviceComboBox.currentIndexChanged.connect(self._onDeviceChanged)
+        self.ui.fieldGridComboBox.currentIndexChanged.connect(self._onFieldGridChanged)
         self.ui.registerButton.connect("clicked(bool)", self.onRegisterButton)
         self.ui.centreWorstFoldButton.connect("clicked(bool)", self.onCentreWorstFold)
         self.ui.showTransformGridCheckBox.connect("toggled(bool)", self.onShowTransformGrid)
@@ -343,6 +350,9 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         k = self.ui.deviceComboBox.findData(p.device)
         if k >= 0:
             self.ui.deviceComboBox.setCurrentIndex(k)
+        k = self.ui.fieldGridComboBox.findData(p.fieldGrid)
+        if k >= 0:
+            self.ui.fieldGridComboBox.setCurrentIndex(k)
         self.ui.methodDescriptionLabel.text = m.facts_text if m else ""
         self.ui.modelLabel.text = m.model_text if m else ""
         self._buildOptionWidgets(m)
@@ -360,6 +370,10 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onDeviceChanged(self, _index=None):
         if self._parameterNode is not None:
             self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+
+    def _onFieldGridChanged(self, _index=None):
+        if self._parameterNode is not None:
+            self._parameterNode.fieldGrid = self.ui.fieldGridComboBox.currentData or "working"
 
     def _buildOptionWidgets(self, m):
         """One widget per option the method declares; showing the preset's variant value or the default."""
@@ -728,6 +742,7 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
         return ddcontroller.RunRequest(method=method, device=p.device, preset=p.preset,
                                        options=dict(user_options(p).get(method.name, {})),
                                        spacing_mm=p.workingSpacingMm or None, align=p.initialAlignment,
+                                       field_grid=p.fieldGrid or "working",
                                        keep_temporary_files=p.keepTemporaryFiles, context=p)
 
     @staticmethod

@@ -40,6 +40,7 @@ class RunRequest:
     options: dict[str, Any] = field(default_factory=dict)   # Advanced values the user set, by option name
     spacing_mm: float | None = None                         # user's working spacing; None/0 = the preset's
     align: bool = True
+    field_grid: str = "working"                             # where transform.h5 keeps u: "working" | "fixed"
     keep_temporary_files: bool = False
     extra_args: Sequence[str] = ()                          # appended verbatim (scripts, tests)
     context: Any = None                                     # what export/import need (the parameter node)
@@ -59,7 +60,7 @@ def build_register_command(python: str, request: RunRequest, files: dict[str, st
         fixed_seg=files.get("fixed_seg"), moving_seg=files.get("moving_seg"),
         fixed_landmarks=files.get("fixed_landmarks"), moving_landmarks=files.get("moving_landmarks"),
         fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, align=request.align, method_args=method_args,
-        extra=request.extra_args)
+        field_grid=request.field_grid, extra=request.extra_args)
 
 
 class RunController:

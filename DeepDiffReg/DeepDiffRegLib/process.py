@@ -303,7 +303,7 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
                      fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
                      fixed_mask: str | None = None, spacing_mm: float | None = None, align: bool = True,
                      method_args: Sequence[str] = (), overwrite: bool = True, threads: int | None = None,
-                     extra: Sequence[str] = ()) -> list[str]:
+                     field_grid: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """``[python, -m, deepdiffreg, register, ...]`` (the engine CLI, see the README).
 
     Only the engine's generic options are spelled here; everything method-specific comes in ``method_args``,
@@ -322,6 +322,8 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
         cmd += ["--spacing", f"{float(spacing_mm):g}"]
     if not align:
         cmd.append("--no-align")
+    if field_grid:           # "working" (the engine's default) or "fixed" (the full-resolution field)
+        cmd += ["--field-grid", field_grid]
     cmd += [str(a) for a in method_args]
     if overwrite:
         cmd.append("--overwrite")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,8 +33,9 @@ from .io import images
 from .io.result_writer import AtomicResultDir, write_result
 from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
 from .metrics import dice_per_label, dice_summary, present_labels, tre_mm
+from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
-                         working_grid)
+                         working_grid, working_size)
 from .progress import Reporter
 
 # Share of the progress bar each stage gets (the method's own loop dominates).
@@ -153,30 +153,8 @@ def _fold_region(det: np.ndarray, fixed: sitk.Image, user_fg: sitk.Image | None)
     return foreground_mask(fixed)
 
 
-def _peak_cpu_memory_mb() -> float | None:
-    """Peak resident memory of this process in MB, on every platform (None when it cannot be told).
-
-    POSIX: ``getrusage`` ru_maxrss, which Linux gives in KiB and macOS in bytes. Windows (no ``resource``
-    module): psutil's ``peak_wset`` when psutil is installed, else None.
-    """
-    try:
-        import resource  # POSIX only: imported here so that the engine loads on Windows
-    except ImportError:
-        resource = None
-    if resource is not None:
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return round(rss / (2 ** 20 if sys.platform == "darwin" else 1024.0), 1)
-    try:
-        import psutil
-        info = psutil.Process().memory_info()
-        peak = getattr(info, "peak_wset", None) or info.rss
-        return round(peak / 2 ** 20, 1)
-    except Exception:  # noqa: BLE001 - psutil absent or the call unsupported: no number rather than a failure
-        return None
-
-
 def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"cpu": _peak_cpu_memory_mb()}
+    out = {"cpu": peak_cpu_memory_mb()}
     if device.type == "cuda":
         out["gpu"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
     return out
@@ -205,22 +183,23 @@ _BYTES_PER_MOVING_VOXEL = 8   # the moving image (float32) and its segmentation
 _BYTES_PER_WORKING_VOXEL = 150
 # --field-grid fixed: u and w resampled onto the padded fixed grid (float64 vectors) and the composite's copy of u
 _BYTES_PER_FIXED_VOXEL_FULL_FIELD = 56
-# Measured peaks (ru_maxrss) of a run with a method that holds next to nothing, 2 mm working grid, 1 mm voxels:
-# 96³ 555 MB, 160×192×224 865 MB, 512×512×300 (0.8×0.8×1.5 mm) 4331 MB; these constants give 550, 885, 4819 MB.
+# Measured peaks of a run with a method that holds next to nothing, 2 mm working grid, 1 mm voxels: 96³ 555 MB,
+# 160×192×224 865 MB, 512×512×300 (0.8×0.8×1.5 mm) 4331 MB; these constants give 550, 885, 4819 MB. With VmHWM
+# (peak_memory.py; 2026-12-02): 128×144×160 561 MB (estimate 665), 160×224×192 at 1.5 / 2 / 3 mm 838 / 762 /
+# 689 MB: the per-working-voxel part measures ~70-120 B, so 150 B keeps a margin (docs/field-grid.md).
 
 
 def memory_budget_mb(method_cls, fixed_size, moving_size, fixed_spacing, spacing_mm: float | None,
                      field_grid: str = "working") -> dict[str, float]:
     """The up-front estimate of a run's peak memory in MB, by part: "base" (imports), "fixed" and "moving" (what
     the run holds per voxel of each image), "working" (the result stage's fields on the working grid), "method"
-    (the method's estimate, ``bytes_per_working_voxel``) and "full_field" (``field_grid="fixed"`` only)."""
+    (the method's estimate, ``bytes_per_working_voxel`` and ``extra_memory_mb``) and "full_field" (``field_grid="fixed"`` only)."""
     n_fixed, n_moving = float(np.prod(fixed_size)), float(np.prod(moving_size))
-    ratio = 1.0 if not spacing_mm else float(np.prod([min(1.0, s / spacing_mm) for s in fixed_spacing]))
-    n_work = n_fixed * ratio
+    n_work = float(np.prod(working_size(fixed_size, fixed_spacing, spacing_mm)))   # the grid working_grid makes
     mb = 1.0 / 2 ** 20
     return {"base": float(_BASE_MB), "fixed": n_fixed * _BYTES_PER_FIXED_VOXEL * mb,
             "moving": n_moving * _BYTES_PER_MOVING_VOXEL * mb, "working": n_work * _BYTES_PER_WORKING_VOXEL * mb,
-            "method": n_work * method_cls.caps.bytes_per_working_voxel * mb,
+            "method": n_work * method_cls.caps.bytes_per_working_voxel * mb + method_cls.caps.extra_memory_mb,
             "full_field": n_fixed * _BYTES_PER_FIXED_VOXEL_FULL_FIELD * mb if field_grid == "fixed" else 0.0}
 
 

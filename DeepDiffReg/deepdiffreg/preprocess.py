@@ -15,10 +15,21 @@ def working_grid(fixed: sitk.Image, spacing_mm: float | None, min_size: int = 8)
     if spacing_mm is None or spacing_mm <= 0:
         return g
     extent = g.physical_extent_mm()
-    size = np.maximum(np.round(extent / spacing_mm).astype(int) + 1, min_size)
-    size = np.minimum(size, np.asarray(g.size_ijk)) if spacing_mm < min(g.spacing_ijk) else size
+    size = working_size(g.size_ijk, g.spacing_ijk, spacing_mm, min_size)
     spacing = np.where(size > 1, extent / np.maximum(size - 1, 1), spacing_mm)
     return Geometry(g.origin_lps, tuple(float(s) for s in spacing), g.direction_lps, tuple(int(s) for s in size))
+
+
+def working_size(size_ijk, spacing_ijk, spacing_mm: float | None, min_size: int = 8) -> np.ndarray:
+    """The (i, j, k) size of ``working_grid`` for a fixed grid of ``size_ijk`` voxels of ``spacing_ijk`` mm: the
+    box at about ``spacing_mm`` (thick slices are resampled finer along their axis unless the whole image is
+    coarser than ``spacing_mm``); also what the up-front memory estimate counts (pipeline.memory_budget_mb)."""
+    size_ijk = np.asarray(size_ijk, int)
+    if spacing_mm is None or spacing_mm <= 0:
+        return size_ijk
+    extent = np.asarray(spacing_ijk, float) * (size_ijk - 1)
+    size = np.maximum(np.round(extent / spacing_mm).astype(int) + 1, min_size)
+    return np.minimum(size, size_ijk) if spacing_mm < min(spacing_ijk) else size
 
 
 def resample(image: sitk.Image, geom: Geometry, transform: sitk.Transform | None = None,

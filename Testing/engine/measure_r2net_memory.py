@@ -1,6 +1,6 @@
 """Peak memory and time of R2Net vs VoxelMorph-diff on CPU (not a test; numbers in docs/r2net.md).
 
-One measurement per fresh process (peak RSS from ``resource.getrusage`` is per process):
+One measurement per fresh process (peak RSS from ``deepdiffreg.peak_memory``, VmHWM on Linux, is per process):
 
     python Testing/engine/measure_r2net_memory.py fwd r2net 128        # network forward pass, random input
     python Testing/engine/measure_r2net_memory.py fwd r2net-svf 128
@@ -15,7 +15,6 @@ delta_mb, bytes_per_voxel (delta / voxels) and seconds. Untrained weights (the a
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from deepdiffreg.peak_memory import peak_cpu_memory_mb
+
 
 def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return peak_cpu_memory_mb()
 
 
 def main(argv: list[str]) -> None:

@@ -397,3 +397,40 @@ def test_ants_syn_peer_runs_beside_our_methods(tmp_path):
     cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
     assert cells[12] == f"{runs['demons']['wall_ratio_to_reference']:.2f}×"
     assert any(l.startswith("| quick-phantom | ants-syn |") for l in md.splitlines())
+
+
+def test_ct_pair_names_and_grids(tmp_path):
+    """ct-N: the ct-512 phantom over the same field of view on an N×N×round(300·N/512) grid; other names refused."""
+    from deepdiffreg.benchmark import pairs as P
+    from deepdiffreg.benchmark.ct_pair import build_ct_pair, ct_geometry
+    from deepdiffreg.errors import BadInput
+    assert ct_geometry("ct-512") == ((512, 512, 300), (0.8, 0.8, 1.5))
+    assert ct_geometry("ct-256") == ((256, 256, 150), (1.6, 1.6, 3.0))
+    assert ct_geometry("ct-128") == ((128, 128, 75), (3.2, 3.2, 6.0))
+    P.check_pair_names(["ct-128", "ct-256", "ct-512", "ct-100"])
+    for bad in ("ct-", "ct-abc", "ct-16", "ct-2048", "ct-128-2", "ct128"):
+        with pytest.raises(BadInput, match="unknown pair"):
+            P.check_pair_names([bad])
+    pair = P.build_pairs(["ct-64"], None, tmp_path)["ct-64"]      # generated: no data folder needed
+    assert pair["kind"] == "ct" and pair == build_ct_pair(tmp_path, "ct-64")   # built once, then reused
+    fixed, seg = sitk.ReadImage(pair["fixed"]), sitk.ReadImage(pair["moving_seg"])
+    assert fixed.GetSize() == (64, 64, 38) and seg.GetSize() == (64, 64, 38)
+    fov = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
+    assert np.allclose(fov, [409.6, 409.6, 450.0])                        # ct-512's field of view
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) >= {0, 1, 2, 3, 4, 7}
+
+
+def test_memory_growth_table_of_the_ct_pairs():
+    from deepdiffreg.benchmark.render import _memory_growth_table
+
+    def run(pair, method, fixed, peak, mb):
+        return {"pair": pair, "method": method, "kind": "method", "status": "ok", "wall_s": 10.0,
+                "voxels": {"fixed": fixed, "working": 1_000_000}, "peak_memory_mb": {"cpu": peak}, "transform_mb": mb}
+    result = {"pairs": {"ct-256": {"kind": "ct"}, "ct-128": {"kind": "ct"}, "synth-15-16": {"kind": "synth"}},
+              "runs": [run("ct-256", "nodeo", 9_830_400, 1500.0, 30.0), run("ct-128", "nodeo", 1_228_800, 700.0, 29.0),
+                       run("synth-15-16", "nodeo", 6_881_280, 900.0, 20.0)]}
+    lines = _memory_growth_table(result)
+    rows = [l for l in lines if l.startswith("| ct-")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ct-128", "| ct-256"]    # smallest first, ct pairs only
+    assert "| 9.83 | nodeo | 1.00 | 10.0 | 1500 | 152.6 | 30.0 |" in rows[1]
+    assert _memory_growth_table({"pairs": {"synth-15-16": {"kind": "synth"}}, "runs": result["runs"][2:]}) == []

@@ -186,7 +186,7 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     def method_words(req):
         cmd = ddcontroller.build_register_command("py", req, files, "out")
         generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--no-align", "--overwrite",
-                   "--fixed-mask"}
+                   "--fixed-mask", "--field-grid"}
         flags = {w for w in cmd if w.startswith("--")} - generic
         declared = {o.flag for o in req.method.options} | {o.negative_flag for o in req.method.options
                                                             if o.negative_flag}
@@ -196,8 +196,10 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     cmd = method_words(ddcontroller.RunRequest(nodeo, options={"iterations": 30, "lr": 0.005}))
     assert cmd[cmd.index("--nodeo-iterations") + 1] == "30" and "--nodeo-lr" not in cmd  # default: not passed
     assert "--spacing" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
-    cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast"))
+    assert cmd[cmd.index("--field-grid") + 1] == "working"   # the panel's default
+    cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", field_grid="fixed"))
     assert cmd[cmd.index("--spacing") + 1] == "4.5"  # the method's 3 mm x 1.5
+    assert cmd[cmd.index("--field-grid") + 1] == "fixed"     # Advanced: the full-resolution field
     fast = nodeo.variants["fast"]["iterations"]       # and the method's own "fast" variant
     assert cmd[cmd.index("--nodeo-iterations") + 1] == str(fast)
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", spacing_mm=2.0))

@@ -121,6 +121,20 @@ def test_ui_matches_widget_and_parameter_node():
     assert "methodOptionsLayout" in {lay.get("name") for lay in root.iter("layout")}
     tips = " ".join(p.find("string").text or "" for p in root.iter("property") if p.get("name") == "toolTip")
     assert "drawn on the FIXED image under this node" in tips  # the inverse's use in Slicer (issue 14 item 4)
+    # Advanced offers --field-grid (working default, fixed = full resolution), its trade-off in the tooltip with
+    # the numbers of docs/field-grid.md, and the choices are the engine's
+    field_combo = next(w for w in adv.iter("widget") if w.get("name") == "fieldGridComboBox")
+    tip = field_combo.find("property[@name='toolTip']/string").text
+    doc = open(os.path.join(REPO, "docs", "field-grid.md"), encoding="utf-8").read()
+    for number in ("24 MB", "193 MB", "0.014", "0.149"):
+        assert number in tip and number in doc, number
+    assert "--field-grid" in tip and "memory" in tip
+    assert "fieldGrid" in fields
+    choices = next(n for n in ast.walk(_tree(MODULE_FILE)) if isinstance(n, ast.Assign)
+                   and getattr(n.targets[0], "id", "") == "FIELD_GRID_CHOICES")
+    from deepdiffreg.compose import FIELD_GRIDS
+    values = [e.elts[1].value for e in choices.value.elts]
+    assert values[0] == "working" and sorted(values) == sorted(FIELD_GRIDS)
 
 
 def test_build_files_and_icons():

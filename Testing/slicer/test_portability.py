@@ -33,6 +33,7 @@ import sys, types
 sys.modules["resource"] = None          # as on Windows: `import resource` raises ImportError
 import deepdiffreg.pipeline as pl
 import torch
+sys.platform = "win32"                  # and no /proc/self/status (after the imports, which read the platform)
 mb = pl._peak_memory_mb(torch.device("cpu"))
 assert mb["cpu"] is None or mb["cpu"] > 10, mb    # psutil's number here (or none), never an ImportError
 print("windows-like", mb["cpu"])
@@ -47,13 +48,40 @@ def test_pipeline_imports_and_reports_memory_without_the_resource_module():
 
 
 def test_macos_ru_maxrss_is_bytes(monkeypatch):
-    import deepdiffreg.pipeline as pl
+    from deepdiffreg import peak_memory as pm
     fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=512 * 2 ** 20))
     monkeypatch.setitem(sys.modules, "resource", fake)
-    monkeypatch.setattr(pl.sys, "platform", "darwin")
-    assert pl._peak_cpu_memory_mb() == 512.0
-    monkeypatch.setattr(pl.sys, "platform", "linux")
-    assert pl._peak_cpu_memory_mb() == 512.0 * 1024  # Linux: KiB
+    monkeypatch.setattr(pm.sys, "platform", "darwin")
+    assert pm.peak_cpu_memory_mb() == 512.0
+    monkeypatch.setattr(pm.sys, "platform", "freebsd14")
+    assert pm.peak_cpu_memory_mb() == 512.0 * 1024  # the BSDs: KiB
+
+
+def test_linux_reads_its_own_high_water_mark(monkeypatch, tmp_path):
+    """Linux: VmHWM of /proc/self/status, not ru_maxrss (kept across exec: a child of a big parent would report
+    the parent's peak); ru_maxrss only when the file cannot be read."""
+    from deepdiffreg import peak_memory as pm
+    fake = types.SimpleNamespace(RUSAGE_SELF=0, getrusage=lambda who: types.SimpleNamespace(ru_maxrss=4096 * 1024))
+    monkeypatch.setitem(sys.modules, "resource", fake)
+    monkeypatch.setattr(pm.sys, "platform", "linux")
+    status = tmp_path / "status"
+    status.write_text("Name:\tpython\nVmPeak:\t 9000000 kB\nVmHWM:\t  563200 kB\nVmRSS:\t 100000 kB\n")
+    monkeypatch.setattr(pm, "STATUS", str(status))
+    assert pm.peak_cpu_memory_mb() == 550.0
+    monkeypatch.setattr(pm, "STATUS", str(tmp_path / "absent"))
+    assert pm.peak_cpu_memory_mb() == 4096.0
+
+
+def test_a_child_of_a_big_parent_reports_its_own_peak():
+    big = bytearray(400 * 2 ** 20)  # this process's resident set grows by 400 MB before the child starts
+    big[::4096] = b"x" * len(big[::4096])
+    env = dict(os.environ, PYTHONPATH=MODULE_DIR)
+    r = subprocess.run([sys.executable, "-c", "from deepdiffreg.peak_memory import peak_cpu_memory_mb as p; print(p())"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    del big
+    if sys.platform.startswith("linux"):
+        assert float(r.stdout) < 300, r.stdout   # a bare interpreter, not the parent's 400+ MB
 
 
 OLD_TORCH = r'''

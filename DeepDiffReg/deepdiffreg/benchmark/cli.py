@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import BadInput
 from . import analysis, peers as peers_mod, validation
-from .ct_pair import CT_PAIR
+from .ct_pair import is_ct_pair
 from .pairs import ALL_PAIRS, QUICK_PAIR, build_pairs, check_pair_names, missing_data, public_view
 from .render import _header_for, render_markdown
 from .rows import MethodRow, all_rows, default_rows, missing_weights, parse_rows
@@ -100,7 +100,7 @@ def cmd_benchmark(args) -> int:
     pair_names = list(args.pairs or ([QUICK_PAIR] if args.quick else ALL_PAIRS))
     check_pair_names(pair_names)
     data = None
-    if any(p not in (QUICK_PAIR, CT_PAIR) for p in pair_names):   # generated pairs need no data
+    if any(p != QUICK_PAIR and not is_ct_pair(p) for p in pair_names):   # generated pairs need no data
         data = Path(args.data) if args.data else _default_data()
         if data is None or not data.is_dir():
             raise BadInput(f"data folder not found: {args.data or '../shared/data'} (give --data, or use --quick)")

@@ -14,7 +14,9 @@
 - ``contrast-A-B`` (``contrast-15-16``): as ``synth-A-B`` but the moving image is T2-like — its own, independent
   per-label intensity table (CSF bright, white matter dark), blur and noise: a cross-contrast pair with labels;
 - ``brats-002``: BraTSReg_002 T1, follow-up (fixed) → pre-operative (moving), 6 landmarks → TRE;
-- ``ct-512``: a synthetic CT-sized pair, 512×512×300 voxels of 0.8×0.8×1.5 mm (``ct_pair.py``), generated;
+- ``ct-512``: a synthetic CT-sized pair, 512×512×300 voxels of 0.8×0.8×1.5 mm (``ct_pair.py``), generated; ``ct-N``
+  (``ct-128``, ``ct-256``, N from 64 to 1024): the same phantom over the same field of view on an N×N×(300·N/512)
+  grid, for the memory-growth table;
 - ``quick-phantom`` (``--quick``): a tiny generated phantom pair (labels + landmarks), no ../shared needed (tests).
 
 A pair is a dict: name, kind, description and the paths fixed, moving and, when it has them, fixed_seg,
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadInput
-from .ct_pair import CT_PAIR, build_ct_pair
+from .ct_pair import CT_N_RANGE, build_ct_pair, is_ct_pair
 
 ALL_PAIRS = ("ixi-1", "ixi-2", "synth-15-16", "brats-002", "known-15", "same-1", "contrast-15-16")
 QUICK_PAIR = "quick-phantom"
@@ -364,8 +366,9 @@ _PAIR_NAME = re.compile(r"^(ixi-\d+|(synth|contrast)-\d+-\d+|known-\d+|same-\d+|
 def check_pair_names(names: list[str]) -> None:
     """Refuse a pair name no builder knows, before any data folder is looked at (one-line BadInput)."""
     for name in names:
-        if name not in (QUICK_PAIR, CT_PAIR) and not _PAIR_NAME.match(name):
-            raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}")
+        if name != QUICK_PAIR and not is_ct_pair(name) and not _PAIR_NAME.match(name):
+            raise BadInput(f"unknown pair {name!r}; available: {', '.join(ALL_PAIRS)}, {QUICK_PAIR}, "
+                           f"ct-N ({CT_N_RANGE[0]} ≤ N ≤ {CT_N_RANGE[1]}: ct-128, ct-256, ct-512)")
 
 
 def _pair_numbers(name: str, count: int, usage: str) -> tuple[int, ...]:
@@ -384,8 +387,8 @@ def build_pairs(names: list[str], data: Path | None, work: Path) -> dict[str, di
     for name in names:
         if name == QUICK_PAIR:
             pairs[name] = _quick_pair(work)
-        elif name == CT_PAIR:                       # generated, needs no data folder (benchmark/ct_pair.py)
-            pairs[name] = build_ct_pair(work)
+        elif is_ct_pair(name):                      # generated, needs no data folder (benchmark/ct_pair.py)
+            pairs[name] = build_ct_pair(work, name)
         elif name.startswith("ixi-"):
             ixi = _ixi_pairs(data)
             if name not in ixi:

@@ -125,6 +125,7 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
             L.append("")
             L += [f"- {n}" for n in notes]
         L.append("")
+    L += _memory_growth_table(result)
     L += _profile_per_pair(result)
     for v in validation.as_list(result.get("validation"), result):
         L += validation.render(v)
@@ -217,6 +218,32 @@ def _trust_table(result: dict[str, Any]) -> list[str]:
             "the whole transform, *(worse)* when the method moved the landmarks further apart; ρ: Spearman "
             "correlation of the uncertainty map with the true displacement error over the fixed brain "
             "(known-deformation and same-subject pairs).", ""]
+    return L
+
+
+def _memory_growth_table(result: dict[str, Any]) -> list[str]:
+    """Peak memory against voxels over the generated CT-like pairs (``ct-N``, one field of view, N×N×300·N/512
+    voxels): one row per method and pair, smallest pair first, with the peak per million fixed voxels and the size of
+    transform.h5. Empty unless the run has ct pairs."""
+    ct = {name for name, p in result["pairs"].items() if p.get("kind") == "ct"}
+    runs = [r for r in result["runs"] if r["pair"] in ct and r["status"] == "ok" and r.get("kind") == "method"]
+    if not runs:
+        return []
+    fixed = lambda r: _get(r, "voxels", "fixed") or 0  # noqa: E731
+    L = ["### Peak memory vs voxels (ct-N pairs)", "",
+         "| pair | fixed voxels (M) | method | working voxels (M) | wall (s) | peak RSS (MB) | MB per M fixed voxels | "
+         "transform.h5 (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["method"], fixed(r))):     # each method's growth, smallest pair first
+        peak, n = _get(r, "peak_memory_mb", "cpu"), fixed(r)
+        work = _get(r, "voxels", "working")
+        L.append(f"| {r['pair']} | {_f(n / 1e6 if n else None, '{:.2f}')} | {r['method']} | "
+                 f"{_f(work / 1e6 if work else None, '{:.2f}')} | {_f(r['wall_s'], '{:.1f}')} | "
+                 f"{_f(peak, '{:.0f}')} | {_f(peak / (n / 1e6) if peak and n else None, '{:.1f}')} | "
+                 f"{_f(r.get('transform_mb'), '{:.1f}')} |")
+    L += ["", "Same phantom and field of view on every ct-N pair (benchmark/ct_pair.py): where the image is finer than "
+              "the method's working spacing (ct-256, ct-512) the working grid is the same and what grows with the "
+              "image's voxels is the result stage's share; an image coarser than it (ct-128: 3.2×3.2×6 mm) is its "
+              "own working grid. Peak RSS is the register process's own high-water mark (report.json).", ""]
     return L
 
 

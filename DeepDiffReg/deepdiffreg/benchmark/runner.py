@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import analysis
 from .peers import Peer
 from .rows import MethodRow
@@ -66,6 +68,21 @@ def spawn(cmd: list[str], log: Path) -> dict[str, Any]:
     return {"exit_code": proc.returncode, "wall_s": None, "peak_rss_mb": None}
 
 
+def _voxels(rep: dict[str, Any]) -> dict[str, int | None]:
+    """Voxels of the fixed image and of the working grid the method ran on (report.json), for the memory table."""
+    def count(size):
+        return int(np.prod(size)) if size else None
+    return {"fixed": count(((rep.get("inputs") or {}).get("fixed") or {}).get("geometry", {}).get("size")),
+            "working": count(((rep.get("preprocessing") or {}).get("working_grid") or {}).get("size"))}
+
+
+def _file_mb(out_dir: Path, rep: dict[str, Any], key: str) -> float | None:
+    """Size in MB of the result file ``key`` of report.json's ``files`` (None when absent)."""
+    name = (rep.get("files") or {}).get(key)
+    path = out_dir / name if name else None
+    return round(path.stat().st_size / 2 ** 20, 1) if path is not None and path.exists() else None
+
+
 def _error_of(log: Path, code: int) -> str:
     err = ""
     for line in log.read_text(errors="replace").splitlines():
@@ -104,6 +121,7 @@ def run_method(pair: dict[str, Any], row: MethodRow, out_dir: Path, threads: int
                threads=rep.get("machine", {}).get("torch_threads"), model=rep.get("model"),
                timings_s=rep.get("timings_s"), engine_s=rep.get("timings_s", {}).get("total"),
                peak_memory_mb=rep.get("peak_memory_mb"), method_options=rep.get("method_options"),
+               voxels=_voxels(rep), transform_mb=_file_mb(out_dir, rep, "transform"),
                folds={k: rep["folds"].get(k) for k in ("percent_folded", "percent_folded_foreground", "min_det",
                                                        "max_det", "std_log_det")})
     if "dice" in rep:

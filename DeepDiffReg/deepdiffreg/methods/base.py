@@ -100,7 +100,10 @@ class Capabilities:
                                        # on mono-contrast pairs); "different": handles two contrasts (local NCC,
                                        # MI, contrast-agnostic training). A learned method's model entry may state
                                        # its own ("contrasts" in the manifest): ``contrasts_of``
-    bytes_per_working_voxel: int = 1000  # peak memory of ``estimate`` per working-grid voxel (estimate)
+    bytes_per_working_voxel: int = 1000  # peak memory of ``estimate`` per working-grid voxel (estimate); the
+                                         # default is a guess for a method nobody measured: measure it
+                                         # (Testing/engine/measure_method_memory.py) and declare it
+    extra_memory_mb: int = 0           # memory the method holds whatever the grid size (network, weights), MB
     reference: bool = False            # a classical reference the learned methods are compared with on the
                                        # training validation pairs (the benchmark's validation table)
 

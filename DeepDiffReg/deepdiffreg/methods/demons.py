@@ -23,8 +23,15 @@ class Demons(Method):
     name = "demons"
     title = "Diffeomorphic demons (SimpleITK)"
     description = "Diffeomorphic demons (SimpleITK), classical reference; CPU only"
+    # Peak memory (Testing/engine/measure_method_memory.py, 2026-12-02, 2-core AMD EPYC, 24 GB, load 2-6):
+    # synth-15-16 (1 mm, 160x224x192), default settings, --spacing 1.5 / 2 / 3 mm (2.05M / 0.89M / 0.26M working
+    # voxels): 1224 / 795 / 691 MB, the register process's VmHWM; test_memory_estimate's method that holds next to
+    # nothing: 838 / 762 / 689 MB. Own part: the peak's slope between 1.5 and 2 mm (386 B per working voxel) minus
+    # that method's (68 B): 318 B, declared 320 (at 2 and 3 mm its peak is the pipeline's own, 33 and 2 MB above the
+    # other's).
     caps = Capabilities(learned=False, inverse="numerical", contrasts="same", spacing_mm=(("cpu", 2.0),),
-                        reference=True)   # fast enough to run beside the learned methods on the validation pairs
+                        reference=True,   # fast enough to run beside the learned methods on the validation pairs
+                        bytes_per_working_voxel=320)
 
     @dataclass
     class Options:

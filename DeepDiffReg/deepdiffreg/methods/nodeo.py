@@ -176,8 +176,15 @@ class NODEO(Method):
     description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~1 min on CPU"
     default = True                # no weights, any anatomy and contrast: the safe first choice
     # CPU: ~0.25 s per iteration for a 1 mm brain on one core at 3 mm; the GPU affords the 2 mm grid
+    # Peak memory (Testing/engine/measure_method_memory.py, 2026-12-02, 2-core AMD EPYC, 24 GB, load 2-6):
+    # synth-15-16 (1 mm, 160x224x192), default settings, --spacing 1.5 / 2 / 3 mm (2.05M / 0.89M / 0.26M working
+    # voxels): 1415 / 965 / 812 MB, the register process's VmHWM; test_memory_estimate's method that holds next to
+    # nothing: 838 / 762 / 689 MB. Own part: the peak's slope between 1.5 and 2 mm (404 B per working voxel) minus
+    # that method's (68 B): 336 B, declared 360; plus 40 MB whatever the grid (network, Adam state: its 3 mm peak
+    # lies 123 MB above the other's, 84 MB of it per voxel), so that ct-512's measured 4.14 GB peak at 3 mm stays
+    # under it.
     caps = Capabilities(learned=False, inverse="numerical", contrasts="different",
-                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)))
+                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)), bytes_per_working_voxel=360, extra_memory_mb=40)
     variants = {"fast": {"iterations": 100}, "accurate": {"iterations": 300, "tolerance": 0.0}}
 
     @dataclass

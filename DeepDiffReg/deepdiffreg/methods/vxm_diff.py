@@ -80,8 +80,14 @@ class VxmDiff(Trainable, LearnedMethod):
     title = "VoxelMorph-diff (learned, with uncertainty)"
     description = "VoxelMorph-diff: probabilistic diffeomorphic U-Net (SVF, scaling and squaring) with uncertainty"
     flag_prefix = "vxm"
+    # Peak memory (Testing/engine/measure_method_memory.py, 2026-12-02, 2-core AMD EPYC, 24 GB, load 2-6):
+    # synth-15-16 (1 mm, 160x224x192), default settings, --spacing 1.5 / 2 / 3 mm (2.05M / 0.89M / 0.26M working
+    # voxels): 1152 / 889 / 850 MB, the register process's VmHWM; test_memory_estimate's method that holds next to
+    # nothing: 838 / 762 / 689 MB. Own part: the peak's slope between 1.5 and 2 mm (236 B per working voxel) minus
+    # that method's (68 B): 168 B, declared 170; plus 160 MB whatever the grid (the two-stage network: its 3 mm peak
+    # lies 161 MB above the other's).
     caps = Capabilities(learned=True, inverse="exact", uncertainty=True, uncertainty_qa=False, contrasts="same",
-                        spacing_mm=(("cpu", 2.0),))
+                        spacing_mm=(("cpu", 2.0),), bytes_per_working_voxel=170, extra_memory_mb=160)
     variants = {"refine": {"refine": 50}}
     benchmark_variants = ("refine",)   # the benchmark's vxm-diff+refine row
 
