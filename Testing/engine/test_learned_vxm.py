@@ -248,8 +248,9 @@ def test_refine_takes_torch_adams_steps():
         for _ in range(steps):
             opt.zero_grad()
             loss = loss_fn(param)
-            if float(loss) < best_loss:
-                best_loss, best = float(loss), param.detach().clone()
+            val = float(loss.detach())
+            if val < best_loss:
+                best_loss, best = val, param.detach().clone()
             loss.backward()
             opt.step()
         final = float(loss_fn(param))
