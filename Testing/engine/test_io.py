@@ -146,3 +146,31 @@ def test_uncompressed_nii_gz_is_a_gzip_that_reads_back_exactly(tmp_path):
     back = sitk.ReadImage(path)
     assert np.array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(img))
     assert np.allclose(back.GetDirection(), img.GetDirection()) and np.allclose(back.GetOrigin(), img.GetOrigin())
+
+
+def test_gzip_length_check_reads_the_trailer_and_still_counts_when_it_cannot_tell(tmp_path):
+    """A whole .nii.gz is accepted from its gzip trailer (no decompression); a cut one is refused; one whose
+    trailer does not give the header's length (a second gzip member appended) is decompressed and counted."""
+    import gzip
+    import pytest
+    from deepdiffreg.errors import BadInput
+    from deepdiffreg.io import images
+    img = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(12, 13, 14)).astype(np.float32))
+    whole = tmp_path / "whole.nii.gz"
+    sitk.WriteImage(img, str(whole), useCompression=True)
+    raw = whole.read_bytes()
+    need = 352 + 12 * 13 * 14 * 4
+    assert images._gzip_trailer_length(str(whole)) == need
+    images._check_nifti(str(whole), "image")
+    cut = tmp_path / "cut.nii.gz"
+    cut.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(BadInput, match="truncated"):
+        images._check_nifti(str(cut), "image")
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(raw + gzip.compress(b"extra bytes after the image"))
+    assert images._gzip_trailer_length(str(two)) != need
+    images._check_nifti(str(two), "image")
+    cut_two = tmp_path / "cut_two.nii.gz"
+    cut_two.write_bytes(raw[: len(raw) // 3] + gzip.compress(b"x"))
+    with pytest.raises(BadInput, match="truncated"):
+        images._check_nifti(str(cut_two), "image")

@@ -231,6 +231,35 @@ def test_refine_lowers_the_loss():
     assert torch.equal(same, torch.ones(3)) and info0["refine_steps"] == 0
 
 
+def test_refine_takes_torch_adams_steps():
+    """refine() writes Adam's update out (no torch.optim: its first use imports torch._dynamo, ~1.4 s); every
+    step must be the number torch.optim.Adam gives, on a float32 field with a non-quadratic loss."""
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(1, 3, 6, 7, 5, generator=g)
+    target = torch.randn(1, 3, 6, 7, 5, generator=g)
+
+    def loss_fn(v):
+        return ((v - target) ** 2).mean() + 0.1 * torch.log1p(v ** 2).sum() + (v[..., 1:] - v[..., :-1]).abs().mean()
+
+    for steps, lr in ((1, 0.05), (7, 0.3), (25, 0.01)):
+        param = init.clone().requires_grad_(True)
+        opt = torch.optim.Adam([param], lr=lr)
+        best, best_loss = param.detach().clone(), float("inf")
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = loss_fn(param)
+            val = float(loss.detach())
+            if val < best_loss:
+                best_loss, best = val, param.detach().clone()
+            loss.backward()
+            opt.step()
+        final = float(loss_fn(param))
+        if final < best_loss:
+            best_loss, best = final, param.detach().clone()
+        got, info = refine(init, loss_fn, steps, lr=lr)
+        assert torch.equal(got, best) and info["refine_loss_end"] == best_loss
+
+
 # --- registry -------------------------------------------------------------------------------------------------
 
 def _bundled_vxm():

@@ -37,11 +37,11 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
         return initial.detach(), info
     t0 = time.time()
     param = initial.detach().clone().requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=lr)
+    adam = _Adam(param, lr)
     best, best_loss, first = param.detach().clone(), float("inf"), None
     with torch.enable_grad():
         for i in range(steps):
-            opt.zero_grad()
+            param.grad = None
             loss = loss_fn(param)
             val = float(loss.detach())
             if first is None:
@@ -49,7 +49,7 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
             if val < best_loss:
                 best_loss, best = val, param.detach().clone()
             loss.backward()
-            opt.step()
+            adam.step()
             if progress is not None:
                 progress((i + 1) / steps, f"refine {i + 1}/{steps} loss {val:.4f}")
         final = float(loss_fn(param).detach())
@@ -57,3 +57,33 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
         best_loss, best = final, param.detach().clone()
     info.update(refine_loss_start=first, refine_loss_end=best_loss, refine_seconds=round(time.time() - t0, 3))
     return best, info
+
+
+class _Adam:
+    """torch.optim.Adam's update for one tensor with its defaults (betas 0.9 / 0.999, eps 1e-8, no weight decay,
+    no amsgrad): the operations of its single-tensor path, in its order, so the steps are the same numbers.
+
+    Written out because the first ``torch.optim`` optimizer of a process imports ``torch._dynamo`` (its methods
+    are wrapped in ``torch._disable_dynamo``, which imports it on the first call): ~1.4 CPU-s, on the critical
+    path of every vxm-diff run (its default ``refine`` uncertainty takes 10 steps), as long as the network itself.
+    """
+    BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
+
+    def __init__(self, param: torch.Tensor, lr: float):
+        self.param, self.lr, self.t = param, float(lr), 0
+        self.exp_avg = torch.zeros_like(param, memory_format=torch.preserve_format)
+        self.exp_avg_sq = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.param.grad
+        if grad is None:
+            return
+        self.t += 1
+        b1, b2 = self.BETA1, self.BETA2
+        self.exp_avg.lerp_(grad, 1 - b1)
+        self.exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        step = float(self.t)                       # torch keeps the count as a float32 tensor and reads .item()
+        step_size = self.lr / (1 - b1 ** step)
+        denom = (self.exp_avg_sq.sqrt() / (1 - b2 ** step) ** 0.5).add_(self.EPS)
+        self.param.addcdiv_(self.exp_avg, denom, value=-step_size)
