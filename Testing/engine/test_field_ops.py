@@ -91,3 +91,25 @@ def test_warp_nearest_keeps_labels():
     lab = torch.randint(0, 5, (1, 1, 10, 10, 10), dtype=torch.int32)
     out = warp(lab, torch.full((1, 3, 10, 10, 10), 0.3), mode="nearest")
     assert out.dtype == torch.int32 and set(out.unique().tolist()) <= set(range(5))
+
+
+def test_box_sum_matches_conv3d_both_paths_and_gradient():
+    """field.filters.box_sum, shifted views (odd window ≤ SHIFTED_MAX_WINDOW) and cumulative sums (larger and even
+    windows), against conv3d with a ones kernel and zero padding; its custom gradient against autograd's."""
+    import torch.nn.functional as F
+    from deepdiffreg.field.filters import SHIFTED_MAX_WINDOW, box_sum
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 13, 11, 9, generator=g, dtype=torch.float64)
+    for win in (3, 5, SHIFTED_MAX_WINDOW, SHIFTED_MAX_WINDOW + 2, 4):
+        k = torch.ones(2, 1, win, win, win, dtype=torch.float64)
+        if win % 2:
+            ref = F.conv3d(x, k, padding=win // 2, groups=2)
+        else:   # even: win/2 back, win/2 − 1 forward
+            ref = F.conv3d(F.pad(x, [win // 2, win // 2 - 1] * 3), k, groups=2)
+        assert torch.allclose(box_sum(x, win), ref, atol=1e-10), win
+        xg = x.clone().requires_grad_(True)
+        w = torch.rand(ref.shape, generator=g, dtype=torch.float64)
+        (box_sum(xg, win) * w).sum().backward()
+        xr = x.clone().requires_grad_(True)
+        (F.conv3d(F.pad(xr, [win // 2, win // 2 - (win + 1) % 2] * 3), k, groups=2) * w).sum().backward()
+        assert torch.allclose(xg.grad, xr.grad, atol=1e-10), win

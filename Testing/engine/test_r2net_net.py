@@ -78,3 +78,31 @@ def test_folding_loss_uses_the_true_determinant():
     fold = torch.cat([-2.0 * k, torch.zeros_like(k), torch.zeros_like(k)], 1)   # ∂u_0/∂x_0 = −2: det = −1
     assert torch.isclose(jacobian_penalty(fold, threshold=0.0, squared=False), torch.tensor(1.0))
     assert jacobian_penalty(torch.zeros(1, 3, 6, 6, 6), threshold=0.0, squared=False) == 0
+
+
+def test_jacobian_penalty_shortcut_keeps_value_and_gradient():
+    """With no determinant under the threshold the penalty is 0 without a graph; with some, value and gradient are
+    the hinge's (checked against the determinant computed here)."""
+    from deepdiffreg.field import jacobian_det
+    g = torch.Generator().manual_seed(1)
+    smooth = (0.05 * torch.randn(1, 3, 7, 7, 7, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert float(jacobian_penalty(smooth, threshold=0.5)) == 0.0
+    rough = (0.8 * torch.randn(1, 3, 7, 7, 7, generator=g, dtype=torch.float64)).requires_grad_(True)
+    for thr, sq in ((0.5, True), (0.0, False)):
+        rough.grad = None
+        got = jacobian_penalty(rough, threshold=thr, squared=sq)
+        got.backward()
+        ref_in = rough.detach().clone().requires_grad_(True)
+        h = torch.relu(thr - jacobian_det(ref_in, mode="forward"))
+        ref = (h * h).mean() if sq else h.mean()
+        ref.backward()
+        assert float(ref) > 0 and torch.isclose(got, ref) and torch.allclose(rough.grad, ref_in.grad)
+
+
+def test_gradient_l2_value_and_gradient():
+    """losses.gradient_l2's written-out gradient against torch.autograd.gradcheck, and its value against torch.diff."""
+    from deepdiffreg.losses import gradient_l2
+    u = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    assert torch.autograd.gradcheck(gradient_l2, (u,))
+    ref = sum(torch.diff(u, dim=a).pow(2).mean() for a in (2, 3, 4))
+    assert torch.isclose(gradient_l2(u), ref)
