@@ -14,7 +14,6 @@ import numpy as np
 import slicer
 from vtkmodules.vtkCommonCore import vtkCollection
 from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
-from vtkmodules.vtkCommonMath import vtkMatrix4x4
 from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 
 from . import scene as ddscene

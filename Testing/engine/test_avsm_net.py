@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from deepdiffreg.nn.avsm import (AffineNet, MomentumUNet, advect_map, affine_disp_vox, multi_gaussian_smooth,
-                                 multi_step_affine, normalised_grid, vsvf_step)
+                                 multi_step_affine, vsvf_step)
 
 
 def test_parameter_counts_match_the_code():

@@ -9,7 +9,7 @@ import torch
 
 from deepdiffreg.progress import ExitCode
 
-from synth import run_cli, blank, from_array
+from synth import run_cli
 
 
 def _write(path, arr, like=None, spacing=None):

@@ -2,9 +2,7 @@
 named outside its own files."""
 from __future__ import annotations
 
-import io
 import json
-import os
 import subprocess
 import sys
 import tokenize

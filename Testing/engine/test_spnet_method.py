@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from deepdiffreg.field import compose, warp
+from deepdiffreg.field import warp
 from deepdiffreg.frames import Geometry
 from deepdiffreg.io.weights import save_weights
 from deepdiffreg.methods.base import PairOnGrid, get_method

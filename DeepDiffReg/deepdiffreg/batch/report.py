@@ -138,7 +138,7 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def _markdown(rows: list[dict[str, Any]], doc: dict[str, Any], montage: str | None) -> str:
     c = doc["counts"]
-    out = [f"# Batch registration summary", "",
+    out = ["# Batch registration summary", "",
            f"{len(rows)} pairs: " + ", ".join(f"{n} {k}" for k, n in c.items() if k != "flagged") +
            f"; {c['flagged']} flagged. Method `{doc.get('method')}`, register arguments "
            f"`{' '.join(doc.get('register_args') or []) or '(defaults)'}`, engine {doc['engine_version']}, "
