@@ -374,7 +374,11 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     det_a = float(np.linalg.det(m_a[:3, :3]))
 
     # forward: u on the padded working (or fixed) grid; U takes the image's buffer and hands it back without a copy
-    u_w = lps_from_vox_disp(est.disp_vox.detach().float().cpu()[0].numpy(), work_geom)  # float64 out
+    # the method's fields in memory order: a network's output often comes as a permuted view (its canonical axes),
+    # which made every pass over it here 2-3x slower (inverse consistency on ixi-1: 0.64 -> 0.28 CPU-s)
+    u_vox = est.disp_vox.detach().float().cpu().contiguous()
+    w_vox = None if est.inverse_disp_vox is None else est.inverse_disp_vox.detach().float().cpu().contiguous()
+    u_w = lps_from_vox_disp(u_vox[0].numpy(), work_geom)  # float64 out
     u_img, u_geom, u_pad, u_taper = _field_on_fixed(u_w, work_geom, fixed_geom if on_fixed else None)
     del u_w
     U = sitk.DisplacementFieldTransform(u_img)
@@ -403,9 +407,9 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     inv_T = None
     inv_info: dict[str, Any] = {}
     method_info: dict[str, Any] = {}
-    if est.inverse_disp_vox is not None:
+    if w_vox is not None:
         inv_geom_src = est.inverse_geometry or work_geom
-        w_src = lps_from_vox_disp(est.inverse_disp_vox.detach().float().cpu()[0].numpy(), inv_geom_src)
+        w_src = lps_from_vox_disp(w_vox[0].numpy(), inv_geom_src)
         w_on_fixed = on_fixed and est.inverse_geometry is None
         w_img, w_geom, w_pad, w_taper = _field_on_fixed(w_src, inv_geom_src, fixed_geom if w_on_fixed else None)
         del w_src
@@ -418,7 +422,7 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
                     "the method's inverse grid (FieldEstimate.inverse_geometry), padded"}
         if est.inverse_geometry is None or est.inverse_geometry == work_geom:
             method_info["inverse_consistency_working_grid"] = inverse_consistency_vox(  # float32, as the method made them
-                est.disp_vox.detach().float().cpu(), est.inverse_disp_vox.detach().float().cpu())
+                u_vox, w_vox)
 
     maps = {}
     for name, m in est.maps.items():

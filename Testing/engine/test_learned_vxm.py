@@ -253,7 +253,7 @@ def test_refine_takes_torch_adams_steps():
                 best_loss, best = val, param.detach().clone()
             loss.backward()
             opt.step()
-        final = float(loss_fn(param))
+        final = float(loss_fn(param).detach())
         if final < best_loss:
             best_loss, best = final, param.detach().clone()
         got, info = refine(init, loss_fn, steps, lr=lr)
