@@ -198,3 +198,57 @@ def test_ct_sized_result_loads_aligned_in_a_real_scene(mrml, run):
     # and the engine's warped volume, loaded beside it, is the fixed image there (linear interpolation: edges aside)
     warped = _sample_nearest(res.warped, box)
     assert np.mean(np.abs(warped - f_vals) < 1.0) > 0.95
+
+
+def _node_map_many(node, pts_lps: np.ndarray) -> np.ndarray:
+    """``_node_map`` for many points at once (vtkPoints through the node's TransformFromParent)."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from vtkmodules.vtkCommonCore import vtkPoints
+    src, dst = vtkPoints(), vtkPoints()
+    src.SetData(numpy_to_vtk(np.ascontiguousarray(pts_lps @ F.T), deep=True))
+    node.GetTransformFromParent().TransformPoints(src, dst)
+    return vtk_to_numpy(dst.GetData()) @ F.T
+
+
+@pytest.mark.skipif(not os.environ.get("DEEPDIFFREG_REAL_RESULT"),
+                    reason="opt-in: DEEPDIFFREG_REAL_RESULT=<pair folder>:<result folder> of a real registration "
+                           "(e.g. the benchmark's ct-512 pair and one method's result folder)")
+def test_a_real_registration_result_loads_aligned(mrml):
+    """The same check on a REAL result (too heavy for CI: a ct-512 registration takes minutes): Slicer maps points
+    exactly as the written transform.h5, and moving labels read through the node at fixed voxel centres agree with
+    the fixed labels as well as the engine's own Dice says (far better than without the transform)."""
+    import json
+    pair_dir, result_dir = os.environ["DEEPDIFFREG_REAL_RESULT"].split(":")
+    rep = json.load(open(os.path.join(result_dir, "report.json")))
+    lg = ddscene.Logics(mrml.scene, mrml.app_logic)
+    fixed = lg.load_volume(os.path.join(pair_dir, "fixed.nii.gz"), "fixed")
+    moving = lg.load_volume(os.path.join(pair_dir, "moving.nii.gz"), "moving")
+    fseg = lg.load_volume(os.path.join(pair_dir, "fixed_seg.nii.gz"), "fixed seg", labelmap=True)
+    mseg = lg.load_volume(os.path.join(pair_dir, "moving_seg.nii.gz"), "moving seg", labelmap=True)
+    res = ddscene.load_result(mrml.scene, result_dir, fixed, moving, logics=lg)
+    node = res.transform
+    assert moving.GetParentTransformNode() is node and not node.IsLinear()
+    assert res.jacobian is not None and res.warped is not None and res.grid is not None
+
+    # random fixed voxel centres
+    f_arr = ddscene.volume_array(fseg)
+    rng = np.random.default_rng(0)
+    kji = np.stack([rng.integers(0, n, 200_000) for n in f_arr.shape], 1)
+    ijk_to_ras = ddscene.ijk_to_ras(fseg)
+    pts = (np.c_[kji[:, ::-1], np.ones(len(kji))] @ ijk_to_ras.T)[:, :3] @ F.T          # LPS mm
+    mapped = _node_map_many(node, pts)
+    itk = sitk.ReadTransform(os.path.join(result_dir, "transform.h5"))
+    sub = rng.choice(len(pts), 2000, replace=False)
+    itk_mapped = np.array([itk.TransformPoint(tuple(float(c) for c in p)) for p in pts[sub]])
+    err = np.linalg.norm(mapped[sub] - itk_mapped, axis=1)
+    f_lab = f_arr[kji[:, 0], kji[:, 1], kji[:, 2]]
+    through, identity = _sample_nearest(mseg, mapped), _sample_nearest(mseg, pts)
+    labels = [lab for lab in np.unique(f_lab) if lab != 0]
+    dice = lambda a: np.mean([2 * np.sum((f_lab == lab) & (a == lab)) / (np.sum(f_lab == lab) + np.sum(a == lab))  # noqa: E731
+                              for lab in labels])
+    d_after, d_before = dice(through), dice(identity)
+    engine = rep["dice"]["after"]["mean"]
+    print(f"\n{rep['method']}: node vs transform.h5 max {err.max():.2e} mm; mean label Dice at 200k fixed voxel "
+          f"centres through the node {d_after:.4f} (engine: {engine:.4f}), without it {d_before:.4f}")
+    assert err.max() < 1e-3, err.max()
+    assert abs(d_after - engine) < 0.02 and d_after > d_before + 0.05, (d_after, engine, d_before)
