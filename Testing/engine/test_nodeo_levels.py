@@ -4,14 +4,13 @@ grid alone."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 
 from deepdiffreg.field import warp
 from deepdiffreg.frames import Geometry
 from deepdiffreg.methods.base import PairOnGrid
-from deepdiffreg.methods.nodeo import NODEO, StoppingRule, pyramid
+from deepdiffreg.methods.nodeo import NODEO, StoppingRule, cosine_tail, pyramid
 from deepdiffreg.metrics import dice_per_label, dice_summary
 from deepdiffreg.preprocess import robust_normalise
 
@@ -72,8 +71,8 @@ def test_coarse_to_fine_registers_as_well_as_the_working_grid_alone(pair):
 
     before = dice(torch.zeros(1, 3, *p.fixed.shape[2:]))
     torch.set_num_threads(1)
-    single = NODEO(coarse_levels=0).estimate(p, torch.device("cpu"), lambda f, m: None)
-    multi = NODEO(coarse_levels=1).estimate(p, torch.device("cpu"), lambda f, m: None)
+    single = NODEO(coarse_levels=0, stop_working_grid=True).estimate(p, torch.device("cpu"), lambda f, m: None)
+    multi = NODEO(coarse_levels=1, stop_working_grid=True).estimate(p, torch.device("cpu"), lambda f, m: None)
     assert [lv["grid"] for lv in multi.info["levels"]][-1] == list(p.fixed.shape[2:])
     assert len(multi.info["levels"]) == 2 and multi.info["levels"][0]["iterations"] >= 40
     d_single, d_multi = dice(single.disp_vox), dice(multi.disp_vox)
@@ -81,3 +80,39 @@ def test_coarse_to_fine_registers_as_well_as_the_working_grid_alone(pair):
     assert d_multi >= d_single - 0.01, (d_single, d_multi)
     # the working grid's share of the iterations is what costs: coarse-to-fine needs fewer of them there
     assert multi.info["levels"][-1]["iterations"] <= single.info["levels"][-1]["iterations"]
+
+
+def test_velocity_upsampling_and_smoothing_match_the_filters():
+    """VelocityNet's per-axis matrices equal F.interpolate (trilinear, align_corners=False) then field.filters.box_mean,
+    on the working grid and on a coarse level's grid, smoothed or not."""
+    import torch.nn.functional as F
+    from deepdiffreg.field.filters import box_mean
+    from deepdiffreg.methods.nodeo import LevelGrid, VelocityNet
+    torch.manual_seed(0)
+    net = VelocityNet((27, 22, 17))
+    x = torch.randn(1, 3, *net.quarter)
+    for out, win in (((27, 22, 17), 5), ((14, 11, 9), 3), ((27, 22, 17), 1)):
+        ref = box_mean(F.interpolate(x, size=out, mode="trilinear", align_corners=False), win)
+        assert torch.allclose(net._upsample_smooth(out, win, x), ref, atol=1e-6), (out, win)
+    v = net(LevelGrid((14, 11, 9), torch.device("cpu")).q0, (14, 11, 9), 3)
+    assert v.shape == (1, 3, 14, 11, 9)
+
+
+def test_decay_runs_every_working_grid_iteration(pair):
+    """The working grid runs all its iterations (the stopping rule ends only coarse levels) unless
+    stop_working_grid; with decay_iterations the learning rate is constant, then falls by a cosine over the last
+    decay_iterations."""
+    assert [cosine_tail(i, 10, 4) for i in range(6)] == [1.0] * 6
+    tail = [cosine_tail(i, 10, 4) for i in range(6, 10)]
+    assert tail[0] == 1.0 and all(a > b > 0 for a, b in zip(tail, tail[1:]))
+    assert cosine_tail(0, 10, 10) == 1.0 and cosine_tail(5, 10, 10) == 0.5
+    p = _pair(pair)
+    torch.set_num_threads(1)
+    est = NODEO(decay_iterations=6, iterations=12, coarse_iterations=25, min_iterations=20, tolerance=0.5,
+                window=2).estimate(p, torch.device("cpu"), lambda f, m: None)
+    coarse, fine = est.info["levels"]
+    assert coarse["stopped_early"] and coarse["iterations"] == 20      # tolerance 0.5 ends it at its minimum
+    assert fine["iterations"] == 12 and not fine["stopped_early"]
+    est = NODEO(stop_working_grid=True, iterations=30, coarse_iterations=25, min_iterations=20, warm_min_iterations=4,
+                tolerance=0.5, window=2).estimate(p, torch.device("cpu"), lambda f, m: None)
+    assert [lv["iterations"] for lv in est.info["levels"]] == [20, 4]
