@@ -175,7 +175,8 @@ _BASE_MB = 500                # interpreter, torch, SimpleITK, numpy and the eng
 # per fixed voxel: the fixed image (float32), its segmentation, det ∇T (float32), the warped image (float32) and
 # segmentation, the label copy of the Dice pass and the transient copies of reading and smoothing; the Jacobian,
 # fold statistics and label counts run over slabs and chunks (compose.py, metrics.py)
-_BYTES_PER_FIXED_VOXEL = 24
+_BYTES_PER_FIXED_VOXEL = 30    # 24 until the ct-512 benchmark run of 2026-12-02 14:48 (docs/benchmarks-large.md):
+                                # peaks 4334 / 4751 / 4927 MB (nodeo / demons / vxm-diff), nodeo's above its estimate
 _BYTES_PER_MOVING_VOXEL = 8   # the moving image (float32) and its segmentation
 # per working voxel, the result stage's part on the working grid: u and w in LPS mm (float64, tapered and padded)
 # held by the two transforms and the copy each composite makes, the method's float32 fields, FieldOnGrid's float32

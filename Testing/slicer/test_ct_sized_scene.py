@@ -243,12 +243,19 @@ def test_a_real_registration_result_loads_aligned(mrml):
     err = np.linalg.norm(mapped[sub] - itk_mapped, axis=1)
     f_lab = f_arr[kji[:, 0], kji[:, 1], kji[:, 2]]
     through, identity = _sample_nearest(mseg, mapped), _sample_nearest(mseg, pts)
+    # the engine's own warped segmentation (ITK, nearest neighbour through T) at the same fixed voxel centres
+    assert res.warped_seg is not None
+    engine_lab = ddscene.volume_array(res.warped_seg)[kji[:, 0], kji[:, 1], kji[:, 2]]
     labels = [lab for lab in np.unique(f_lab) if lab != 0]
-    dice = lambda a: np.mean([2 * np.sum((f_lab == lab) & (a == lab)) / (np.sum(f_lab == lab) + np.sum(a == lab))  # noqa: E731
-                              for lab in labels])
-    d_after, d_before = dice(through), dice(identity)
-    engine = rep["dice"]["after"]["mean"]
-    print(f"\n{rep['method']}: node vs transform.h5 max {err.max():.2e} mm; mean label Dice at 200k fixed voxel "
-          f"centres through the node {d_after:.4f} (engine: {engine:.4f}), without it {d_before:.4f}")
+    # pooled over labels (the 12 mm lesion has only a few dozen of the samples: a per-label mean would be noise)
+    dice = lambda a: (2 * sum(np.sum((f_lab == lab) & (a == lab)) for lab in labels)  # noqa: E731
+                      / sum(np.sum(f_lab == lab) + np.sum(a == lab) for lab in labels))
+    d_after, d_before, d_engine = dice(through), dice(identity), dice(engine_lab)
+    same = np.mean(through == engine_lab)
+    print(f"\n{rep['method']}: node vs transform.h5 max {err.max():.2e} mm; at 200k fixed voxel centres the labels "
+          f"read through the node equal warped_seg.nii.gz's at {same:.5f}; pooled label Dice through the node "
+          f"{d_after:.4f} (warped_seg {d_engine:.4f}; engine mean Dice {rep['dice']['after']['mean']:.4f}), "
+          f"without it {d_before:.4f}")
     assert err.max() < 1e-3, err.max()
-    assert abs(d_after - engine) < 0.02 and d_after > d_before + 0.05, (d_after, engine, d_before)
+    # nearest-neighbour ties at label edges aside (Slicer's RAS double vs ITK's LPS arithmetic), the same labels
+    assert same > 0.999 and abs(d_after - d_engine) < 0.002 and d_after > d_before + 0.05, (same, d_after, d_before)
