@@ -98,6 +98,25 @@ def test_render_only_keeps_numbers_and_the_edited_header(quick):
     assert again.split("<!-- everything below", 1)[1] == body
 
 
+def test_benchmark_json_is_strict_and_an_undefined_number_renders_as_a_dash(quick, tmp_path):
+    """A run's JSON never holds NaN (an uncertainty map that is constant has no rank correlation: null), and
+    --render-only turns a NaN of an older JSON into null and "—" rather than "nan"."""
+    r, out = quick
+    assert r.returncode == 0
+    def no_nan(token):
+        raise AssertionError(f"non-strict JSON constant {token}")
+    data = json.loads(out.with_suffix(".json").read_text(), parse_constant=no_nan)
+    row = data["summary"][0]
+    row["dice_after"] = float("nan")                      # what an undefined mean looked like before
+    copy = tmp_path / "old.md"
+    copy.with_suffix(".json").write_text(json.dumps(data, indent=1))   # json.dumps writes a bare NaN
+    r2 = run_cli("benchmark", "--render-only", "--out", copy, timeout=60)
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    again = json.loads(copy.with_suffix(".json").read_text(), parse_constant=no_nan)
+    assert again["summary"][0]["dice_after"] is None
+    assert not re.search(r"\bnan\b", copy.read_text(), re.IGNORECASE)
+
+
 def test_learned_rows_skipped_with_a_note_without_weights(tmp_path):
     """Every learned method of the registry (and its benchmark variants) is skipped, with a note, when no weights
     are installed; the run itself succeeds."""

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInput
+from ..progress import dumps, json_safe
 from . import analysis, peers as peers_mod, validation
 from .ct_pair import is_ct_pair
 from .pairs import ALL_PAIRS, QUICK_PAIR, build_pairs, check_pair_names, missing_data, public_view
@@ -71,7 +72,8 @@ def _render_only(args) -> int:
     src = out.with_suffix(".json")
     if not src.exists():
         raise BadInput(f"--render-only needs {src} (written by a benchmark run)")
-    result = json.loads(src.read_text())
+    result = json_safe(json.loads(src.read_text()))   # a JSON written before strict output may hold NaN
+    src.write_text(dumps(result, indent=1) + "\n")
     out.write_text(render_markdown(result, _header_for(out, bool(result["settings"].get("quick")))))
     print(f"wrote {out} from {src}")
     return 0
@@ -174,8 +176,9 @@ def cmd_benchmark(args) -> int:
                   **({"validation": comparisons} if comparisons else {}),
                   "total_s": round(time.perf_counter() - t_start, 1)}
         out.parent.mkdir(parents=True, exist_ok=True)
+        result = json_safe(result)    # strict JSON: an undefined number (a correlation of a constant map) is null
         out.write_text(render_markdown(result, header))
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        out.with_suffix(".json").write_text(dumps(result, indent=1) + "\n")
         print(f"wrote {out} and {out.with_suffix('.json')}", flush=True)
     finally:
         if tmp_work:
