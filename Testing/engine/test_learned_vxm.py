@@ -231,6 +231,18 @@ def test_refine_lowers_the_loss():
     assert torch.equal(same, torch.ones(3)) and info0["refine_steps"] == 0
 
 
+def test_refine_keeps_the_best_unless_asked_where_the_steps_went():
+    """From (near) a minimum Adam's first steps overshoot and raise the loss: the refinement returns its start (the
+    best seen), while ``keep_best=False`` (the refine uncertainty's "how far do more steps move it") returns the
+    moved parameter — else a --vxm-refine result's uncertainty map was exactly zero."""
+    loss = lambda v: (v - 0.001).abs().sum()          # noqa: E731  minimum at 0.001, start at 0, step 0.1
+    start = torch.zeros(4)
+    best, _ = refine(start, loss, steps=3, lr=0.1)
+    moved, info = refine(start, loss, steps=3, lr=0.1, keep_best=False)
+    assert torch.equal(best, start)
+    assert float(moved.abs().min()) > 0.05 and info["refine_loss_end"] > float(loss(start))
+
+
 def test_refine_takes_torch_adams_steps():
     """refine() writes Adam's update out (no torch.optim: its first use imports torch._dynamo, ~1.4 s); every
     step must be the number torch.optim.Adam gives, on a float32 field with a non-quadratic loss."""

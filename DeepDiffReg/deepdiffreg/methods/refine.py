@@ -24,13 +24,15 @@ class RefineOptions:
 
 
 def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int,
-           lr: float = 0.05, progress: Callable[[float, str], None] | None = None
+           lr: float = 0.05, progress: Callable[[float, str], None] | None = None, keep_best: bool = True
            ) -> tuple[torch.Tensor, dict]:
     """Adam on a copy of ``initial`` (any shape) minimising ``loss_fn(param)`` for ``steps`` steps.
 
     Returns (the refined tensor (detached, same shape/dtype/device), info) with
     info = {"refine_steps", "refine_lr", "refine_loss_start", "refine_loss_end", "refine_seconds"}.
-    The best parameter seen (lowest loss) is returned, so refinement never makes the method's loss worse.
+    The best parameter seen (lowest loss) is returned, so refinement never makes the method's loss worse;
+    ``keep_best=False`` returns where the steps went instead (for a measure of how far they move the result: from
+    an already optimal start every step raises the loss, and the best seen would be the start itself).
     """
     info = {"refine_steps": int(steps), "refine_lr": float(lr)}
     if steps <= 0:
@@ -53,7 +55,7 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
             if progress is not None:
                 progress((i + 1) / steps, f"refine {i + 1}/{steps} loss {val:.4f}")
         final = float(loss_fn(param).detach())
-    if final < best_loss:
+    if final < best_loss or not keep_best:
         best_loss, best = final, param.detach().clone()
     info.update(refine_loss_start=first, refine_loss_end=best_loss, refine_seconds=round(time.time() - t0, 3))
     return best, info

@@ -132,7 +132,9 @@ def refine_shift_mm(mu: torch.Tensor, loss_of_velocity, steps: int, lr: float, i
     grid, v' = μ after ``steps`` more Adam steps (lr ``lr``, ½-grid voxels) on ``loss_of_velocity(v)`` (the
     objective of ``--vxm-refine``: MSE/σ² + the Laplacian prior term)."""
     from .refine import refine
-    v, _ = refine(mu, loss_of_velocity, steps, lr=lr)
+    # where the steps go, not the best of them: after --vxm-refine the result is at the objective's minimum, every
+    # step raises the loss and the best seen is μ itself (an all-zero map: benchmark run of 2026-12-02 15:16)
+    v, _ = refine(mu, loss_of_velocity, steps, lr=lr, keep_best=False)
     shift = _norm_mm(integrate_ss(v, int_steps) - integrate_ss(mu, int_steps), mm_per_half_vox)
     # averaged over 3³ ½-grid voxels: the error it stands for is smooth (a velocity error, integrated), the shift of
     # a few steps is noisy (measured: ρ 0.48 → 0.53 on same-1 with 10 steps)
