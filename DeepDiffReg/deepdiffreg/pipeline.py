@@ -314,7 +314,8 @@ def _load(req: RegisterRequest, method_cls, device: torch.device, reporter: Repo
     headers = images.read_header(req.fixed), images.read_header(req.moving)
     if all(headers):  # refuse runs that cannot fit before reading the voxels
         check_memory(method_cls, headers[0][0], headers[1][0], headers[0][1],
-                     req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device), device,
+                     req.spacing_mm if req.spacing_mm is not None
+                     else method_cls.default_spacing(device, headers[0][0], headers[0][1]), device,
                      req.field_grid)
     fixed = images.read_image(req.fixed, "fixed image")
     moving = images.read_image(req.moving, "moving image")
@@ -356,7 +357,8 @@ def _working_pair(req: RegisterRequest, method_cls, inputs: _Inputs, alignment: 
     """Fixed and aligned moving image on the working grid (the fixed box at the method's spacing), normalised.
     Returns (the pair, the requested spacing, the user's mask as uint8 on the fixed grid or None)."""
     reporter.stage("preprocess", "resampling onto the working grid", _SPAN["preprocess"][0])
-    spacing = req.spacing_mm if req.spacing_mm is not None else method_cls.default_spacing(device)
+    spacing = (req.spacing_mm if req.spacing_mm is not None
+               else method_cls.default_spacing(device, inputs.fixed.GetSize(), inputs.fixed.GetSpacing()))
     geom = working_grid(inputs.fixed, spacing)
     fixed_w = _normalise_onto(inputs.fixed, geom, None)
     moving_w = _normalise_onto(inputs.moving, geom, alignment.transform)

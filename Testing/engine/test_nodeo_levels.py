@@ -116,3 +116,18 @@ def test_decay_runs_every_working_grid_iteration(pair):
     est = NODEO(stop_working_grid=True, iterations=30, coarse_iterations=25, min_iterations=20, warm_min_iterations=4,
                 tolerance=0.5, window=2).estimate(p, torch.device("cpu"), lambda f, m: None)
     assert [lv["iterations"] for lv in est.info["levels"]] == [20, 4]
+
+
+def test_fine_images_get_the_fine_working_grid_on_cpu():
+    """NODEO's default working spacing on the CPU: 2 mm for fine images (≤ 1.2 mm voxels, a 2 mm grid of ≤ 3 M
+    voxels), 3 mm for 2 mm heads, thick-slice or very large images; what the run and its memory estimate use."""
+    import torch
+    from deepdiffreg.methods.base import get_method
+    nodeo, cpu = get_method("nodeo"), torch.device("cpu")
+    assert nodeo.default_spacing(cpu, (160, 224, 192), (1.0, 1.0, 1.0)) == 2.0        # a 1 mm brain
+    assert nodeo.default_spacing(cpu, (240, 240, 155), (1.0, 1.0, 1.0)) == 2.0        # BraTS
+    assert nodeo.default_spacing(cpu, (128, 128, 90), (1.9, 1.9, 2.0)) == 3.0         # a 2 mm IXI head
+    assert nodeo.default_spacing(cpu, (512, 512, 300), (0.8, 0.8, 1.5)) == 3.0        # CT: thick slices
+    assert nodeo.default_spacing(cpu, (400, 400, 400), (0.8, 0.8, 0.8)) == 3.0        # 0.8 mm iso, 4.2 M voxels at 2 mm
+    assert nodeo.default_spacing(cpu) == 3.0                                           # no image: the device's
+    assert nodeo.default_spacing(torch.device("cuda"), (160, 224, 192), (1.0, 1.0, 1.0)) == 2.0

@@ -96,6 +96,12 @@ class Capabilities:
     own_affine: bool = False           # learns its own alignment (FieldEstimate.affine_lps)
     default_align: str = "affine"      # the engine's initial alignment when the user gives none: affine|rigid|none
     spacing_mm: tuple[tuple[str, float], ...] = (("cpu", 2.0),)  # working spacing per device type ("cpu" fallback)
+    # per device type: a finer working spacing for fine images — fixed voxels of at most ``fine_image_mm`` on every
+    # axis (a 1 mm brain, not a 2 mm head nor a thick-slice CT) whose grid at it has at most ``fine_max_voxels``
+    # (the run's time and memory stay bounded: a 0.8 mm CT keeps the coarse one); see ``Method.default_spacing``
+    fine_spacing_mm: tuple[tuple[str, float], ...] = ()
+    fine_image_mm: float = 1.2
+    fine_max_voxels: int = 3_000_000
     contrasts: str = "same"            # "same": mono-contrast only (MSE/demons-like similarity, or weights trained
                                        # on mono-contrast pairs); "different": handles two contrasts (local NCC,
                                        # MI, contrast-agnostic training). A learned method's model entry may state
@@ -114,6 +120,7 @@ class Capabilities:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["spacing_mm"] = dict(self.spacing_mm)
+        d["fine_spacing_mm"] = dict(self.fine_spacing_mm)
         return d
 
 
@@ -253,8 +260,19 @@ class Method:
         return f"--{cls.prefix()}-no-{option_name.replace('_', '-')}"
 
     @classmethod
-    def default_spacing(cls, device: torch.device) -> float:
-        return cls.caps.spacing_for(device.type)
+    def default_spacing(cls, device: torch.device, fixed_size=None, fixed_spacing=None) -> float:
+        """The working spacing (mm) when the user gives none: ``caps.spacing_mm`` for the device, or
+        ``caps.fine_spacing_mm`` for a fine fixed image (``fixed_size`` (i, j, k) voxels of ``fixed_spacing`` mm;
+        without them: the device's spacing)."""
+        coarse = cls.caps.spacing_for(device.type)
+        fine = dict(cls.caps.fine_spacing_mm).get(device.type)
+        if fine is None or fine >= coarse or fixed_size is None or fixed_spacing is None:
+            return coarse
+        if max(float(s) for s in fixed_spacing) > cls.caps.fine_image_mm:
+            return coarse
+        from ..preprocess import working_size      # here: preprocess loads SimpleITK, the registry must not
+        n = float(np.prod(working_size(fixed_size, fixed_spacing, fine)))
+        return float(fine) if n <= cls.caps.fine_max_voxels else coarse
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -267,8 +267,13 @@ class NODEO(Method):
     # matrix smoothing (14:50 UTC, same day): Testing/engine/test_memory_estimate.py's 112×128×144 pair peaks at
     # 685 MB (589 before) and ct-512 at 4334 MB (docs/benchmarks-large.md); 40 MB left both above the estimate,
     # 120 MB (and the pipeline's 30 B per fixed voxel) gives 734 and 4848 MB.
+    # Fine images on the CPU (voxels ≤ 1.2 mm, a 2 mm grid of ≤ 3 M voxels: 1 mm brains, BraTS) get the 2 mm grid:
+    # measured 2026-12-02 (1 thread, load ~4, --spacing 2 vs the 3 mm default of the 15:16 benchmark run): Dice
+    # synth-15-16 0.642 → 0.673, known-15 0.872 → 0.919, contrast-15-16 0.608 → 0.639, BraTS TRE 2.67 → 2.24 mm,
+    # for 48–83 s wall at that load (ANTs SyN: 98–122 s on these pairs); 2 mm heads (IXI) and CT keep 3 mm.
     caps = Capabilities(learned=False, inverse="numerical", contrasts="different",
-                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)), bytes_per_working_voxel=360, extra_memory_mb=120)
+                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)), fine_spacing_mm=(("cpu", 2.0),),
+                        bytes_per_working_voxel=360, extra_memory_mb=120)
     variants = {"fast": {"iterations": 40}, "accurate": {"iterations": 300, "tolerance": 0.0}}
 
     @dataclass
