@@ -41,9 +41,9 @@ coarse level (12 mm; ixi-1 0.575 when the working grid then stopped at 20), coar
 ixi-1 0.611–0.622, synth 0.627), a fresh Adam state on the working grid (ixi-1 0.631 after 99 iterations, 0.537
 when the rule ended it at 20). End to end, ``deepdiffreg register --threads 1`` on ixi-1, both runs side by side at
 load ~2–7 (14:26 UTC): this default 21.4 s wall (register 19.4 s), 16.9 CPU-s, Dice 0.632; the stopping rule with
-this iteration 16.2 s (register 13.8 s), 12.0 CPU-s, Dice 0.578 (it stopped the working grid at 40). The 1 mm pairs would gain from
-a finer working grid (synth-15-16 is 0.04 Dice under ANTs SyN at 3 mm), which the method cannot choose: its working
-spacing is per device, not per image.
+this iteration 16.2 s (register 13.8 s), 12.0 CPU-s, Dice 0.578 (it stopped the working grid at 40). The 1 mm pairs gain from a
+finer working grid (synth-15-16 was 0.04 Dice under ANTs SyN at 3 mm): fine images get 2 mm on the CPU
+(``caps.fine_spacing_mm``, measured numbers beside the declaration).
 
 Per iteration (3 mm grid of a 2 mm IXI head, 80×80×60, one thread, load ~2–3): ~137 → 95 ms by computing the same
 quantities more cheaply: box sums by shifted views (``field.filters``), the velocity's upsampling and box smoothing as
@@ -94,6 +94,7 @@ class VelocityNet(nn.Module):
     def __init__(self, shape: tuple[int, int, int], width: int = 32, bottleneck: int = 16, levels: int = 5):
         super().__init__()
         self.shape = tuple(shape)
+        self._axis_ops: dict = {}     # (out shape, window, device, dtype) -> the three per-axis matrices
         layers, ch = [], 3
         for i in range(levels):
             layers.append(nn.Conv3d(ch, width, 3, stride=2, padding=1, padding_mode="replicate"))
@@ -127,10 +128,10 @@ class VelocityNet(nn.Module):
         box filter of the full 3-channel field (2026-12-02, one CPU thread); the result agrees to float32
         round-off (Testing/engine/test_nodeo_levels.py)."""
         key = (out_shape, win, x.device, x.dtype)
-        mats = self._axis_ops.get(key) if hasattr(self, "_axis_ops") else None
+        mats = self._axis_ops.get(key)
         if mats is None:
-            mats = [_axis_matrix(a, b, win, x.device, x.dtype) for a, b in zip(x.shape[2:], out_shape)]
-            self.__dict__.setdefault("_axis_ops", {})[key] = mats
+            mats = self._axis_ops[key] = [_axis_matrix(a, b, win, x.device, x.dtype)
+                                          for a, b in zip(x.shape[2:], out_shape)]
         md, mh, mw = mats
         x = torch.einsum("da,ncahw->ncdhw", md, x)
         x = torch.einsum("eh,ncdhw->ncdew", mh, x)
@@ -255,7 +256,7 @@ class StoppingRule:
 class NODEO(Method):
     name = "nodeo"
     title = "NODEO (neural ODE fitted to this pair)"
-    description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~20-25 s on CPU"
+    description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~15-50 s on CPU"
     default = True                # no weights, any anatomy and contrast: the safe first choice
     # CPU: 0.12-0.18 s per working-grid iteration at 3 mm for a 2 mm IXI head or a 1 mm brain on one core (ixi-1,
     # synth-15-16, 2026-12-02, load 2-3: 21-25 s end to end); the GPU affords the 2 mm grid
