@@ -34,6 +34,7 @@ from DeepDiffRegLib import scene as ddscene  # noqa: E402
 WORKING_MM = 2.0
 LESION = 8                                      # the phantom's smallest organ: where misalignment shows most
 LESION_HU, LESION_CENTRE_MM = ORGANS[LESION][0], ORGANS[LESION][1]
+ORIGIN_LPS = np.array([-(n - 1) / 2 * s for n, s in zip(CT_SIZE_IJK, CT_SPACING_MM)])   # the CT grid, centred at 0
 
 
 def field_u(x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -73,7 +74,7 @@ def _grid_points_lps(ref: sitk.Image) -> np.ndarray:
 def _write_pair(d) -> dict:
     """Moving M = the phantom's HU on the CT grid; fixed F(x) = M(T(x)), built k-plane by k-plane (int16)."""
     ni, nj, nk = CT_SIZE_IJK
-    origin = tuple(-(n - 1) / 2 * s for n, s in zip(CT_SIZE_IJK, CT_SPACING_MM))
+    origin = tuple(float(v) for v in ORIGIN_LPS)
     x = origin[0] + CT_SPACING_MM[0] * np.arange(ni)
     y = origin[1] + CT_SPACING_MM[1] * np.arange(nj)
     xx, yy = np.meshgrid(x, y)                                               # (J, I)
@@ -115,14 +116,12 @@ def _fixed_points(n: int, seed: int = 0) -> np.ndarray:
     """n random LPS points inside the fixed grid (continuous index)."""
     rng = np.random.default_rng(seed)
     idx = rng.uniform(0, 1, (n, 3)) * (np.asarray(CT_SIZE_IJK) - 1)
-    origin = np.array([-(n - 1) / 2 * s for n, s in zip(CT_SIZE_IJK, CT_SPACING_MM)])
-    return origin + idx * np.asarray(CT_SPACING_MM)
+    return ORIGIN_LPS + idx * np.asarray(CT_SPACING_MM)
 
 
 def _voxel_centres_near(centre_lps: np.ndarray, half_mm: float) -> np.ndarray:
     """LPS mm of every fixed voxel centre within ``half_mm`` of ``centre_lps`` along each axis, (N, 3)."""
-    origin = np.array([-(n - 1) / 2 * s for n, s in zip(CT_SIZE_IJK, CT_SPACING_MM)])
-    sp = np.asarray(CT_SPACING_MM)
+    origin, sp = ORIGIN_LPS, np.asarray(CT_SPACING_MM)
     lo = np.maximum(np.ceil((centre_lps - half_mm - origin) / sp), 0).astype(int)
     hi = np.minimum(np.floor((centre_lps + half_mm - origin) / sp), np.asarray(CT_SIZE_IJK) - 1).astype(int)
     idx = np.stack(np.meshgrid(*[np.arange(a, b + 1) for a, b in zip(lo, hi)], indexing="ij"), -1).reshape(-1, 3)
@@ -130,8 +129,14 @@ def _voxel_centres_near(centre_lps: np.ndarray, half_mm: float) -> np.ndarray:
 
 
 def _node_map(node, pts_lps: np.ndarray) -> np.ndarray:
-    t = node.GetTransformFromParent()
-    return np.array([F @ np.array(t.TransformPoint(tuple(F @ p))) for p in pts_lps])
+    """LPS points (N, 3) mapped by the node's TransformFromParent (as vtkPoints, in RAS)."""
+    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+    from vtkmodules.vtkCommonCore import vtkPoints
+    src, dst = vtkPoints(), vtkPoints()
+    dst.SetDataTypeToDouble()          # vtkPoints default to float32: ~1e-5 mm of rounding at 200 mm
+    src.SetData(numpy_to_vtk(np.ascontiguousarray(pts_lps @ F.T), deep=True))
+    node.GetTransformFromParent().TransformPoints(src, dst)
+    return vtk_to_numpy(dst.GetData()) @ F.T
 
 
 def _sample_nearest(volume_node, pts_lps: np.ndarray) -> np.ndarray:
@@ -200,16 +205,6 @@ def test_ct_sized_result_loads_aligned_in_a_real_scene(mrml, run):
     assert np.mean(np.abs(warped - f_vals) < 1.0) > 0.95
 
 
-def _node_map_many(node, pts_lps: np.ndarray) -> np.ndarray:
-    """``_node_map`` for many points at once (vtkPoints through the node's TransformFromParent)."""
-    from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
-    from vtkmodules.vtkCommonCore import vtkPoints
-    src, dst = vtkPoints(), vtkPoints()
-    src.SetData(numpy_to_vtk(np.ascontiguousarray(pts_lps @ F.T), deep=True))
-    node.GetTransformFromParent().TransformPoints(src, dst)
-    return vtk_to_numpy(dst.GetData()) @ F.T
-
-
 @pytest.mark.skipif(not os.environ.get("DEEPDIFFREG_REAL_RESULT"),
                     reason="opt-in: DEEPDIFFREG_REAL_RESULT=<pair folder>:<result folder> of a real registration "
                            "(e.g. the benchmark's ct-512 pair and one method's result folder)")
@@ -236,7 +231,7 @@ def test_a_real_registration_result_loads_aligned(mrml):
     kji = np.stack([rng.integers(0, n, 200_000) for n in f_arr.shape], 1)
     ijk_to_ras = ddscene.ijk_to_ras(fseg)
     pts = (np.c_[kji[:, ::-1], np.ones(len(kji))] @ ijk_to_ras.T)[:, :3] @ F.T          # LPS mm
-    mapped = _node_map_many(node, pts)
+    mapped = _node_map(node, pts)
     itk = sitk.ReadTransform(os.path.join(result_dir, "transform.h5"))
     sub = rng.choice(len(pts), 2000, replace=False)
     itk_mapped = np.array([itk.TransformPoint(tuple(float(c) for c in p)) for p in pts[sub]])
