@@ -54,12 +54,13 @@ def build_register_command(python: str, request: RunRequest, files: dict[str, st
     declared options that differ from their defaults (preset variant values overridden by the user's)."""
     m = request.method
     method_args = ddmethods.option_args(m, ddmethods.effective_options(m, request.preset, request.options))
-    spacing = request.spacing_mm or ddmethods.preset_spacing_mm(m, request.preset)
+    spacing = request.spacing_mm or None
+    scale = None if spacing else ddmethods.preset_spacing_scale(m, request.preset)
     return ddprocess.register_command(
         python, files["fixed"], files["moving"], out_dir, method=m.name, device=request.device,
         fixed_seg=files.get("fixed_seg"), moving_seg=files.get("moving_seg"),
         fixed_landmarks=files.get("fixed_landmarks"), moving_landmarks=files.get("moving_landmarks"),
-        fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, align=request.align, method_args=method_args,
+        fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, spacing_scale=scale, align=request.align, method_args=method_args,
         field_grid=request.field_grid, extra=request.extra_args)
 
 

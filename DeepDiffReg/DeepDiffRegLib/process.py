@@ -301,7 +301,8 @@ def _group_alive(pgid: int) -> bool:
 def register_command(python: str, fixed: str, moving: str, out_dir: str, method: str, device: str = "auto",
                      fixed_seg: str | None = None, moving_seg: str | None = None,
                      fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
-                     fixed_mask: str | None = None, spacing_mm: float | None = None, align: bool = True,
+                     fixed_mask: str | None = None, spacing_mm: float | None = None,
+                     spacing_scale: float | None = None, align: bool = True,
                      method_args: Sequence[str] = (), overwrite: bool = True, threads: int | None = None,
                      field_grid: str | None = None, extra: Sequence[str] = ()) -> list[str]:
     """``[python, -m, deepdiffreg, register, ...]`` (the engine CLI, see the README).
@@ -320,6 +321,8 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
         cmd += ["--fixed-mask", fixed_mask]
     if spacing_mm is not None and spacing_mm > 0:
         cmd += ["--spacing", f"{float(spacing_mm):g}"]
+    elif spacing_scale is not None and spacing_scale != 1:
+        cmd += ["--spacing-scale", f"{float(spacing_scale):g}"]
     if not align:
         cmd.append("--no-align")
     if field_grid:           # "working" (the engine's default) or "fixed" (the full-resolution field)

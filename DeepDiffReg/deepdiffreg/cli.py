@@ -62,6 +62,9 @@ def _add_register(sub) -> None:
                         "150 mm of the head eroded by 10 mm, so neck and scalp do not pull the affine; anything else "
                         "the whole image")
     p.add_argument("--spacing", type=float, default=None, help="working-grid spacing in mm (default: the method's)")
+    p.add_argument("--spacing-scale", type=float, default=None, metavar="F",
+                   help="the method's default working spacing for this image times F (0.75: finer, 1.5: coarser; "
+                        "rounded to 0.25 mm); not with --spacing")
     p.add_argument("--field-grid", choices=["working", "fixed"], default="working",
                    help="grid of the displacement stored in transform.h5 / inverse.h5: 'working' (default) the "
                         "method's own grid, padded (small file, the same T at every fixed voxel); 'fixed' the fixed "
@@ -115,8 +118,8 @@ def _cmd_register(args) -> int:
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                           fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
-                          align=args.align, spacing_mm=args.spacing, method_options=options, overwrite=args.overwrite,
-                          field_grid=args.field_grid)
+                          align=args.align, spacing_mm=args.spacing, spacing_scale=args.spacing_scale,
+                          method_options=options, overwrite=args.overwrite, field_grid=args.field_grid)
     reporter = make_reporter(getattr(args, "json_protocol", False))
     report = register(req, reporter)
     s = summary_of(report)

@@ -131,3 +131,24 @@ def test_fine_images_get_the_fine_working_grid_on_cpu():
     assert nodeo.default_spacing(cpu, (400, 400, 400), (0.8, 0.8, 0.8)) == 3.0        # 0.8 mm iso, 4.2 M voxels at 2 mm
     assert nodeo.default_spacing(cpu) == 3.0                                           # no image: the device's
     assert nodeo.default_spacing(torch.device("cuda"), (160, 224, 192), (1.0, 1.0, 1.0)) == 2.0
+
+
+def test_spacing_scale_scales_the_spacing_the_engine_chooses_for_the_image():
+    """``--spacing-scale`` (the Slicer panel's Fast / Accurate presets) multiplies the image's own default: for a
+    1 mm brain NODEO's 2 mm, so "Accurate" is finer than "Balanced" (0.75 × the 3 mm CPU default was 2.25 mm);
+    ``--spacing`` wins, both at once is refused before any file is read."""
+    import pytest
+    from deepdiffreg.errors import BadInput
+    from deepdiffreg.methods.base import get_method
+    from deepdiffreg.pipeline import RegisterRequest, check_request, working_spacing_mm
+    nodeo, cpu = get_method("nodeo"), torch.device("cpu")
+    req = lambda **k: RegisterRequest(fixed="f.nii.gz", moving="m.nii.gz", method="nodeo", out_dir="o", **k)  # noqa: E731
+    brain, head = ((160, 224, 192), (1.0, 1.0, 1.0)), ((128, 128, 90), (1.9, 1.9, 2.0))
+    assert working_spacing_mm(req(), nodeo, cpu, *brain) == 2.0
+    assert working_spacing_mm(req(spacing_scale=0.75), nodeo, cpu, *brain) == 1.5
+    assert working_spacing_mm(req(spacing_scale=1.5), nodeo, cpu, *brain) == 3.0
+    assert working_spacing_mm(req(spacing_scale=0.75), nodeo, cpu, *head) == 2.25
+    assert working_spacing_mm(req(spacing_mm=2.5), nodeo, cpu, *brain) == 2.5
+    for bad in (dict(spacing_scale=0.0), dict(spacing_scale=float("nan")), dict(spacing_mm=2.0, spacing_scale=1.5)):
+        with pytest.raises(BadInput):
+            check_request(req(**bad))

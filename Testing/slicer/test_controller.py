@@ -185,8 +185,8 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
 
     def method_words(req):
         cmd = ddcontroller.build_register_command("py", req, files, "out")
-        generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--no-align", "--overwrite",
-                   "--fixed-mask", "--field-grid"}
+        generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--spacing-scale",
+                   "--no-align", "--overwrite", "--fixed-mask", "--field-grid"}
         flags = {w for w in cmd if w.startswith("--")} - generic
         declared = {o.flag for o in req.method.options} | {o.negative_flag for o in req.method.options
                                                             if o.negative_flag}
@@ -195,15 +195,19 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
 
     cmd = method_words(ddcontroller.RunRequest(nodeo, options={"iterations": 30, "lr": 0.005}))
     assert cmd[cmd.index("--nodeo-iterations") + 1] == "30" and "--nodeo-lr" not in cmd  # default: not passed
-    assert "--spacing" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
+    assert "--spacing" not in cmd and "--spacing-scale" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
     assert cmd[cmd.index("--field-grid") + 1] == "working"   # the panel's default
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", field_grid="fixed"))
-    assert cmd[cmd.index("--spacing") + 1] == "4.5"  # the method's 3 mm x 1.5
+    # a factor of the spacing the engine chooses for the image (NODEO: 3 mm, or 2 mm for a fine image), not 4.5 mm
+    assert cmd[cmd.index("--spacing-scale") + 1] == "1.5" and "--spacing" not in cmd
     assert cmd[cmd.index("--field-grid") + 1] == "fixed"     # Advanced: the full-resolution field
     fast = nodeo.variants["fast"]["iterations"]       # and the method's own "fast" variant
     assert cmd[cmd.index("--nodeo-iterations") + 1] == str(fast)
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", spacing_mm=2.0))
     assert cmd[cmd.index("--spacing") + 1] == "2"    # the user's spacing wins over the preset
+    assert "--spacing-scale" not in cmd
+    cmd = method_words(ddcontroller.RunRequest(nodeo, preset="accurate"))
+    assert cmd[cmd.index("--spacing-scale") + 1] == "0.75"
     cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine"))
     assert cmd[cmd.index("--vxm-refine") + 1] == str(vxm.variants["refine"]["refine"])
     cmd = method_words(ddcontroller.RunRequest(vxm, preset="variant:refine",

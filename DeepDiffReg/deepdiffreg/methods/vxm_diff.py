@@ -58,6 +58,15 @@ UNCERTAINTY_MEASURED = {"kind": "refine", "weights_sha256": "980fe910dcde96257fa
 # 0.05 → Dice 0.677, 0.082 % folded voxels; 0.025 → 0.673, 0.018 %; 0.0125 → 0.667, 0.001 %. Larger steps overshoot
 # into folding fields that the best-loss rule keeps.
 REFINE_LR = 0.025
+# Steps and step of the ``refine`` uncertainty map. Each step costs ~0.27 s on a 1 mm brain (a forward and backward
+# pass of the objective on the network grid, one thread), so 10 steps were 2.7 s of a 12 s run (issue 17). Measured
+# ρ against the true displacement error (same-1 / known-15, weights v0.5.0, 2026-12-02): 10 steps of 0.025: 0.533 /
+# 0.309; 5 of 0.025: 0.535 / 0.219; 5 of 0.05: 0.531 / 0.267; 5 of 0.05 with a 5³ average: 0.509 / 0.073; 10 steps
+# with the images on the ½ grid (8x cheaper per step): 0.409 / −0.011; the image term read at every 2nd net voxel
+# per axis (full-resolution images, 8x fewer warped voxels): 10 of 0.025 0.467 / 0.246, 5 of 0.05 0.463 / 0.207 —
+# the map needs the objective at full resolution. Adam's steps are about ``lr`` each where the
+# gradient keeps its sign, so half the steps at twice the step reach about as far.
+UNCERTAINTY_STEPS, UNCERTAINTY_LR = 5, 0.05
 
 
 def _uncertainty_qa(kind: str, model: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +114,10 @@ class VxmDiff(Trainable, LearnedMethod):
                                        "other measured candidates (methods/vxm_uncertainty.py, docs/benchmarks.md)")
         uncertainty_samples: int = option(8, min=0, max=1000, help="velocity samples for --vxm-uncertainty sampled "
                                                                    "(0: exp(logvar), no sampling)")
-        uncertainty_steps: int = option(10, min=1, max=10_000, help="Adam steps of --vxm-uncertainty refine")
+        uncertainty_steps: int = option(UNCERTAINTY_STEPS, min=1, max=10_000,
+                                        help="Adam steps of --vxm-uncertainty refine")
+        uncertainty_lr: float = option(UNCERTAINTY_LR, min=0.0, max=10.0,
+                                       help="Adam step of --vxm-uncertainty refine (½-grid voxels)")
         refine_lr: float = option(REFINE_LR, min=0.0, max=10.0, help="Adam step for --vxm-refine (½-grid voxels)")
         seed: int = option(0, min=0, help="random seed of the uncertainty samples")
 
@@ -176,8 +188,9 @@ class VxmDiff(Trainable, LearnedMethod):
             elif kind == "refine":
                 ns = int(o["uncertainty_steps"])
                 unc = refine_shift_mm(mu, lambda v: loss_fn(last.with_param(v), m_in, fp), ns,
-                                      float(o["refine_lr"]), steps, mm)
-                info["uncertainty"] = (f"refine: |exp(v') - exp(v)| after {ns} more Adam steps of the model's own "
+                                      float(o["uncertainty_lr"]), steps, mm)
+                info["uncertainty"] = (f"refine: |exp(v') - exp(v)| after {ns} more Adam steps (step "
+                                       f"{float(o['uncertainty_lr']):g} half-grid voxels) of the model's own "
                                        f"objective (MSE/sigma^2 + Laplacian prior) from the result's last-stage "
                                        f"velocity v, averaged over 3^3 half-grid voxels, mm")
             else:
