@@ -45,19 +45,6 @@ from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, ref
                               sampled_std_mm, stage_std_mm)
 
 UNCERTAINTY_KINDS = ("refine", "laplace", "sampled", "stages", "consistency", "flip", "residual")
-# How well the default map (``refine``) followed the true displacement error (Spearman ρ over the fixed brain) on
-# the benchmark's known-deformation pairs, for the weights it was measured with (docs/benchmarks.md, "Uncertainty
-# candidates"). Below UNCERTAINTY_QA_RHO there, so ``caps.uncertainty_qa`` is False and report.json says so;
-# other weights or another map: not measured (null), still not QA.
-UNCERTAINTY_MEASURED = {"kind": "refine", "weights_sha256": "980fe910dcde96257faf5af79d3d64cf794c385276688bbb9a0138587ea2a7e0",
-                        "rho_displacement": {"same-1": None, "known-15": None},
-                        "source": "docs/benchmarks.md (benchmark run of 2026-12-02, weights v0.5.0)"}
-
-
-# Adam step of --refine, in ½-grid voxels. Measured on ixi-2 (IXI631 ← IXI633, whole head, v0.4.0, 50 steps):
-# 0.05 → Dice 0.677, 0.082 % folded voxels; 0.025 → 0.673, 0.018 %; 0.0125 → 0.667, 0.001 %. Larger steps overshoot
-# into folding fields that the best-loss rule keeps.
-REFINE_LR = 0.025
 # Steps and step of the ``refine`` uncertainty map. Each step costs ~0.27 s on a 1 mm brain (a forward and backward
 # pass of the objective on the network grid, one thread), so 10 steps were 2.7 s of a 12 s run (issue 17). Measured
 # ρ against the true displacement error (same-1 / known-15, weights v0.5.0, 2026-12-02): 10 steps of 0.025: 0.533 /
@@ -67,13 +54,30 @@ REFINE_LR = 0.025
 # the map needs the objective at full resolution. Adam's steps are about ``lr`` each where the
 # gradient keeps its sign, so half the steps at twice the step reach about as far.
 UNCERTAINTY_STEPS, UNCERTAINTY_LR = 5, 0.05
+# How well the default map (``refine``) followed the true displacement error (Spearman ρ over the fixed brain) on
+# the benchmark's known-deformation pairs, for the weights it was measured with (docs/benchmarks.md, "Uncertainty
+# candidates"). Below UNCERTAINTY_QA_RHO there, so ``caps.uncertainty_qa`` is False and report.json says so;
+# other weights or another map: not measured (null), still not QA.
+UNCERTAINTY_MEASURED = {"kind": "refine", "steps": UNCERTAINTY_STEPS, "lr": UNCERTAINTY_LR,
+                        "weights_sha256": "980fe910dcde96257faf5af79d3d64cf794c385276688bbb9a0138587ea2a7e0",
+                        "rho_displacement": {"same-1": 0.531, "known-15": 0.267},
+                        "source": "docs/benchmarks.md, 'Cheaper refine' (runs of 2026-12-02 evening, weights v0.5.0)"}
 
 
-def _uncertainty_qa(kind: str, model: dict[str, Any]) -> dict[str, Any]:
+# Adam step of --refine, in ½-grid voxels. Measured on ixi-2 (IXI631 ← IXI633, whole head, v0.4.0, 50 steps):
+# 0.05 → Dice 0.677, 0.082 % folded voxels; 0.025 → 0.673, 0.018 %; 0.0125 → 0.667, 0.001 %. Larger steps overshoot
+# into folding fields that the best-loss rule keeps.
+REFINE_LR = 0.025
+
+
+def _uncertainty_qa(kind: str, model: dict[str, Any], steps: int | None = None, lr: float | None = None,
+                    refined: bool = False) -> dict[str, Any]:
     """What report.json says about the map: not QA (``caps.uncertainty_qa``), and the ρ measured for this map
     and these weights when they are the ones measured (``UNCERTAINTY_MEASURED``), else null."""
     m = UNCERTAINTY_MEASURED
-    same = kind == m["kind"] and model.get("sha256") == m["weights_sha256"]
+    same = (kind == m["kind"] and model.get("sha256") == m["weights_sha256"]
+            and (steps is None or steps == m["steps"]) and (lr is None or lr == m["lr"])
+            and not refined)                # after --vxm-refine the map is another one (measured: rho 0.02 / 0.04)
     return {"reliable": VxmDiff.caps.uncertainty_qa, "threshold_rho": UNCERTAINTY_QA_RHO,
             "measured_rho_displacement": dict(m["rho_displacement"]) if same else None,
             "measured_in": m["source"] if same else None,
@@ -196,7 +200,8 @@ class VxmDiff(Trainable, LearnedMethod):
             else:
                 raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} ({' | '.join(UNCERTAINTY_KINDS)})")
             unc = res.scalar_to_work(unc)
-            info["uncertainty_qa"] = _uncertainty_qa(kind, model)
+            info["uncertainty_qa"] = _uncertainty_qa(kind, model, int(o["uncertainty_steps"]),
+                                                     float(o["uncertainty_lr"]), refined=o["refine"] > 0)
             info["velocity_std_mean_halfgrid_vox"] = float(torch.exp(0.5 * logvar).mean())
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
