@@ -279,7 +279,12 @@ class SlabWarp:
             self.sources.append((image, interp))
         n_k, n_j, n_i = fixed_geom.shape_kji
         j, i = np.meshgrid(np.arange(n_j, dtype=np.float64), np.arange(n_i, dtype=np.float64), indexing="ij")
-        self.plane = self.m[:3, 3] + i[..., None] * self.m[:3, 0] + j[..., None] * self.m[:3, 1]  # x on plane 0
+        plane = self.m[:3, 3] + i[..., None] * self.m[:3, 0] + j[..., None] * self.m[:3, 1]  # x on plane 0
+        # T(x) − x = A_lin u + (A_lin − I) x + A_off, and x is affine in the voxel index: its part on plane 0 and
+        # its step per plane are made once (the per-slab sum of x + u was 2x the work; same numbers to ~1e-14 mm)
+        a_minus_i = (self.a_lin - np.eye(3)).T
+        self.d_plane0 = plane @ a_minus_i + self.a_off                  # (J, I, 3)
+        self.d_per_plane = self.m[:3, 2] @ a_minus_i                    # (3,)
         self.slabs: list[list[np.ndarray]] = [[] for _ in self.sources]
         self.next_k = 0
 
@@ -294,14 +299,15 @@ class SlabWarp:
         k0, u = self.next_k, u[skip:]
         k1 = k0 + len(u)
         m, (_, n_j, n_i) = self.m, self.geom.shape_kji
-        x = self.plane[None] + np.arange(k0, k1, dtype=np.float64)[:, None, None, None] * m[:3, 2]
-        d = (x + u) @ self.a_lin.T + self.a_off - x                       # T(x) − x, (k1 − k0, J, I, 3)
+        d = u @ self.a_lin.T                                              # T(x) − x, (k1 − k0, J, I, 3)
+        d += self.d_plane0[None]
+        d += np.arange(k0, k1, dtype=np.float64)[:, None, None, None] * self.d_per_plane
         origin = tuple(float(v) for v in m[:3, 3] + k0 * m[:3, 2])
         field_img = sitk.GetImageFromArray(d, isVector=True)
         field_img.SetOrigin(origin)
         field_img.SetSpacing(self.geom.spacing_ijk)
         field_img.SetDirection(self.geom.direction_lps)
-        del d, x
+        del d
         for out, (image, interp) in zip(self.slabs, self.sources):
             w = sitk.Warp(image, field_img, interp, (n_i, n_j, k1 - k0), origin, self.geom.spacing_ijk,
                           self.geom.direction_lps, 0.0)

@@ -5,6 +5,7 @@ Everything here is numpy on arrays already on a common grid (labels) or in LPS m
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -36,13 +37,21 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
 
     Counted in one pass for all labels (each voxel's label mapped to its position in ``labels``, then three
     bincounts, chunk by chunk) instead of three full-volume comparisons per label."""
-    if fixed_labels.shape != warped_labels.shape:
-        raise ValueError(f"dice_per_label(): shapes differ {fixed_labels.shape} vs {warped_labels.shape}")
+    return dice_per_label_many(fixed_labels, [warped_labels], labels)[0]
+
+
+def dice_per_label_many(fixed_labels: np.ndarray, warped: Sequence[np.ndarray],
+                        labels: list[int] | None = None) -> list[dict[int, float]]:
+    """``dice_per_label`` of one fixed segmentation against each array of ``warped`` (the report's before /
+    initial alignment / after), the fixed labels' positions found once per chunk for all of them."""
+    for w in warped:
+        if fixed_labels.shape != w.shape:
+            raise ValueError(f"dice_per_label(): shapes differ {fixed_labels.shape} vs {w.shape}")
     if labels is None:
         labels = [v for v in present_labels(fixed_labels) if v != 0]
     labels = [int(v) for v in labels]
     if not labels:
-        return {}
+        return [{} for _ in warped]
     order = np.asarray(sorted(set(labels)), dtype=np.int64)
     lo, span = int(order[0]), int(order[-1] - order[0]) + 1
     if span <= (1 << 20):        # a lookup table over the labels' range, one slot below and one above it
@@ -57,19 +66,26 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
             pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
             return np.where(order[pos] == a, pos + 1, 0)
 
-    f, w = np.asarray(fixed_labels).ravel(), np.asarray(warped_labels).ravel()
+    f = np.asarray(fixed_labels).ravel()
+    ws = [np.asarray(w).ravel() for w in warped]
     n = len(order) + 1
-    both, count_f, count_w = (np.zeros(n, np.int64) for _ in range(3))
+    count_f = np.zeros(n, np.int64)
+    both, count_w = ([np.zeros(n, np.int64) for _ in ws] for _ in range(2))
     for c0 in range(0, f.size, _CHUNK):
-        fi, wi = index_of(f[c0:c0 + _CHUNK]), index_of(w[c0:c0 + _CHUNK])
-        both += np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
+        fi = index_of(f[c0:c0 + _CHUNK])
         count_f += np.bincount(fi, minlength=n)
-        count_w += np.bincount(wi, minlength=n)
-    out = {}
-    for lab in labels:
-        pos = int(np.searchsorted(order, lab)) + 1
-        denom = count_f[pos] + count_w[pos]
-        out[lab] = float(2.0 * both[pos] / denom) if denom else float("nan")
+        for w, b, cw in zip(ws, both, count_w):
+            wi = index_of(w[c0:c0 + _CHUNK])
+            b += np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
+            cw += np.bincount(wi, minlength=n)
+    out = []
+    for b, cw in zip(both, count_w):
+        d = {}
+        for lab in labels:
+            pos = int(np.searchsorted(order, lab)) + 1
+            denom = count_f[pos] + cw[pos]
+            d[lab] = float(2.0 * b[pos] / denom) if denom else float("nan")
+        out.append(d)
     return out
 
 

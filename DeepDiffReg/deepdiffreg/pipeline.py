@@ -32,7 +32,7 @@ from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
 from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
-from .metrics import dice_per_label, dice_summary, present_labels, tre_mm
+from .metrics import dice_per_label_many, dice_summary, present_labels, tre_mm
 from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
                          working_grid, working_size)
@@ -468,14 +468,17 @@ def evaluate_transforms(transforms: dict[str, sitk.Transform], fixed: sitk.Image
         f_lab = sitk.GetArrayFromImage(fixed_seg)
         labels = sorted(set(present_labels(f_lab)) & set(present_labels(sitk.GetArrayViewFromImage(moving_seg))) - {0})
         out["dice"] = {"labels": labels}
+        images = []                                # kept alive while their array views are read
         for name, t in transforms.items():
             warped = warped_segs.get(name)
             if warped is None and _is_identity(t) and Geometry.of(moving_seg) == Geometry.of(fixed):
                 warped = moving_seg                # nearest neighbour through the identity onto its own grid
             if warped is None:
                 warped = sitk.Resample(moving_seg, fixed, t, sitk.sitkNearestNeighbor, 0)
-            # the view is read while ``warped`` (the image that owns the buffer) is alive
-            out["dice"][name] = dice_summary(dice_per_label(f_lab, sitk.GetArrayViewFromImage(warped), labels))
+            images.append(warped)
+        per_label = dice_per_label_many(f_lab, [sitk.GetArrayViewFromImage(w) for w in images], labels)
+        for name, d in zip(transforms, per_label):
+            out["dice"][name] = dice_summary(d)
     if fixed_pts is not None and moving_pts is not None:
         out["tre_mm"] = {"definition": "|T(fixed landmark) - moving landmark| in mm"}
         for name, t in transforms.items():

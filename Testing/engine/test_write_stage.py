@@ -174,3 +174,24 @@ def test_warp_images_give_what_resample_through_the_composite_gives():
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
             else:
                 assert np.array_equal(a, b)
+
+
+def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each():
+    """evaluate_transforms counts before / initial alignment / after in one pass over the fixed labels
+    (metrics.dice_per_label_many); every label's Dice must be its definition, 2|A∩B| / (|A| + |B|), also for labels
+    missing from a warped segmentation (0) and a label of the list absent from both (nan)."""
+    from deepdiffreg.metrics import dice_per_label, dice_per_label_many
+    rng = np.random.default_rng(3)
+    fixed = rng.integers(0, 6, (20, 22, 18)).astype(np.int16)
+    warped = [np.roll(fixed, s, axis=0) for s in (0, 1, 3)] + [np.zeros_like(fixed)]
+    labels = [1, 2, 3, 4, 5, 9]
+    many = dice_per_label_many(fixed, warped, labels)
+    for w, got in zip(warped, many):
+        assert set(got) == set(labels) and set(dice_per_label(fixed, w, labels)) == set(labels)
+        for lab in labels:                           # the definition, label by label
+            a, b = fixed == lab, w == lab
+            want = 2.0 * (a & b).sum() / (a.sum() + b.sum()) if a.sum() + b.sum() else float("nan")
+            assert (np.isnan(got[lab]) and np.isnan(want)) or np.isclose(got[lab], want, rtol=0, atol=1e-12)
+    assert many[0][3] == 1.0 and many[3][3] == 0.0 and np.isnan(many[0][9])
+    with pytest.raises(ValueError):
+        dice_per_label_many(fixed, [fixed[:5]], labels)
