@@ -46,23 +46,22 @@ def evaluate_transform(pair: dict[str, Any], transforms: dict[str, Any]) -> dict
 
     from ..frames import Geometry
     from ..io.images import read_image, read_landmarks, read_segmentation
-    from ..metrics import dice_per_label, dice_summary, fold_stats, jacobian_det_lps, tre_mm
+    from ..metrics import fold_stats, jacobian_det_lps
+    from ..pipeline import evaluate_transforms
     from ..preprocess import foreground_mask
     fixed = read_image(pair["fixed"], "fixed image")
-    out: dict[str, Any] = {}
+    fs = ms = fp = mp = None
     if "fixed_seg" in pair and "moving_seg" in pair:
         fs = read_segmentation(pair["fixed_seg"], fixed, "fixed segmentation")
         ms = read_segmentation(pair["moving_seg"], read_image(pair["moving"], "moving image"), "moving segmentation")
-        f_lab = sitk.GetArrayFromImage(fs)
-        labels = sorted(set(np.unique(f_lab).tolist()) & set(np.unique(sitk.GetArrayFromImage(ms)).tolist()) - {0})
-        out["dice"] = {name: dice_summary(dice_per_label(
-            f_lab, sitk.GetArrayFromImage(sitk.Resample(ms, fs, t, sitk.sitkNearestNeighbor, 0)), labels))
-            for name, t in transforms.items()}
     if "fixed_landmarks" in pair and "moving_landmarks" in pair:
         fp = read_landmarks(pair["fixed_landmarks"], "fixed landmarks")
         mp = read_landmarks(pair["moving_landmarks"], "moving landmarks")
-        out["tre_mm"] = {name: tre_mm(np.array([t.TransformPoint(tuple(float(c) for c in p)) for p in fp]), mp)
-                         for name, t in transforms.items()}
+    # report.json's own evaluation; the peer's rows keep only the per-transform entries (no label list, no
+    # definition string), as before
+    ev = evaluate_transforms(transforms, fixed, fs, ms, fp, mp)
+    out: dict[str, Any] = {key: {name: v for name, v in ev[key].items() if name in transforms}
+                           for key in ("dice", "tre_mm") if key in ev}
     disp = displacement_of(transforms["after"], fixed)
     det = jacobian_det_lps(sitk.GetArrayViewFromImage(disp), Geometry.of(fixed), dtype=torch.float32)
     fg = sitk.GetArrayFromImage(foreground_mask(fixed)) if (det <= 0).any() else None
