@@ -60,8 +60,8 @@ def build_register_command(python: str, request: RunRequest, files: dict[str, st
         python, files["fixed"], files["moving"], out_dir, method=m.name, device=request.device,
         fixed_seg=files.get("fixed_seg"), moving_seg=files.get("moving_seg"),
         fixed_landmarks=files.get("fixed_landmarks"), moving_landmarks=files.get("moving_landmarks"),
-        fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, spacing_scale=scale, align=request.align, method_args=method_args,
-        field_grid=request.field_grid, extra=request.extra_args)
+        fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, spacing_scale=scale, align=request.align,
+        method_args=method_args, field_grid=request.field_grid, extra=request.extra_args)
 
 
 class RunController:
