@@ -45,8 +45,9 @@ from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, ref
                               sampled_std_mm, stage_std_mm)
 
 UNCERTAINTY_KINDS = ("refine", "laplace", "sampled", "stages", "consistency", "flip", "residual")
-# Steps and step of the ``refine`` uncertainty map. Each step costs ~0.27 s on a 1 mm brain (a forward and backward
-# pass of the objective on the network grid, one thread), so 10 steps were 2.7 s of a 12 s run (issue 17). Measured
+# Steps and step of the ``refine`` uncertainty map. Each step is a forward and backward pass of the objective on the
+# network grid: 10 steps were 2.7 s of a 1 mm brain's register stage (5.3 s vs 2.6 s without steps, one thread,
+# Intel Xeon 2-core, 2026-12-02; report total 10.1 s) (issue 17). Measured
 # ρ against the true displacement error (same-1 / known-15, weights v0.5.0, 2026-12-02): 10 steps of 0.025: 0.533 /
 # 0.309; 5 of 0.025: 0.535 / 0.219; 5 of 0.05: 0.531 / 0.267; 5 of 0.05 with a 5³ average: 0.509 / 0.073; 10 steps
 # with the images on the ½ grid (8x cheaper per step): 0.409 / −0.011; the image term read at every 2nd net voxel
