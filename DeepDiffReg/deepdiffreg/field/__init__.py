@@ -1,9 +1,9 @@
 """Pure torch field operations (voxel units, (B, 3, D, H, W), channel c along array axis c)."""
-from .grid import identity_vox, vox_to_sample_grid
+from .grid import identity_vox
 from .integrate import integrate_ss, invert_fixed_point
 from .jacobian import jacobian_det
 from .resize import resize_disp, resize_image
 from .warp import compose, warp
 
-__all__ = ["identity_vox", "vox_to_sample_grid", "warp", "compose", "integrate_ss", "invert_fixed_point",
+__all__ = ["identity_vox", "warp", "compose", "integrate_ss", "invert_fixed_point",
            "resize_disp", "resize_image", "jacobian_det"]

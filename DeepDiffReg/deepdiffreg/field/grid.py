@@ -1,4 +1,4 @@
-"""Identity grids and the voxel ↔ grid_sample coordinate conversion.
+"""Identity grids (the voxel ↔ grid_sample conversion is in ``warp.warp`` / ``warp.sample_normalised``).
 
 Tensors are (B, C, D, H, W) = (B, C, k, j, i). Voxel displacements have channel c along array axis c.
 ``torch.nn.functional.grid_sample`` wants (B, D, H, W, 3) with the last axis in (x, y, z) = (i, j, k) order,
@@ -13,11 +13,3 @@ def identity_vox(shape: tuple[int, ...], device=None, dtype=torch.float32) -> to
     """(1, 3, D, H, W) voxel coordinates along the array axes (channel c = index along axis c)."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)[None]
-
-
-def vox_to_sample_grid(coords_vox: torch.Tensor) -> torch.Tensor:
-    """Absolute voxel coordinates (B, 3, D, H, W) → grid_sample grid (B, D, H, W, 3) in x,y,z normalised order."""
-    shape = coords_vox.shape[2:]
-    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=coords_vox.device, dtype=coords_vox.dtype)
-    norm = coords_vox * scale.view(1, 3, 1, 1, 1) - 1.0
-    return norm.permute(0, 2, 3, 4, 1).flip(-1)
