@@ -49,6 +49,25 @@ Per iteration (3 mm grid of a 2 mm IXI head, 80×80×60, one thread, load ~2–3
 quantities more cheaply: box sums by shifted views (``field.filters``), the velocity's upsampling and box smoothing as
 one per-axis matrix product (``VelocityNet._upsample_smooth``), ``losses.gradient_l2``'s gradient written out, and
 ``losses.jacobian_penalty`` skipping the determinant's backward pass when nothing is under its threshold.
+2026-12-03 (the 2-core Intel Xeon box, whose speed drifts ±20 % from run to run, so every ratio below comes from
+runs interleaved in one process on ixi-1's working-grid pair, 60 + 80 iterations, medians of 3–4 each): on the
+real pair the Jacobian penalty is active at almost every iteration (thousands of voxels under 0.5), and autograd
+through the dense determinant took ~45 ms of a ~130 ms iteration; its gradient is now formed at those voxels only
+(``losses.regularizers._SparseJacobianHinge``): 0.86x the CPU time of the whole optimisation. Sampling the moving
+image at ψ directly (``field.warp.sample_normalised``) 0.94x, ``gradient_l2``'s backward in place 0.94x. Tried and
+not kept: a written-out gradient for the squared local NCC (no difference measurable: 0.87–1.10x pair by pair).
+
+The optimisation is chaotic at the level of float rounding: the loss has spikes (ixi-1, one run: a jump from 0.69
+to 0.81 at coarse iteration 12 and from 0.71 to 0.85 at working-grid iteration 10, each followed by ~20 iterations
+of recovery, then a period-2 zig-zag of ±2 %), so any change of rounding moves the end point. Label Dice of four
+seeds with the default settings (2026-12-03): ixi-1 0.631 / 0.626 / 0.622 / 0.623, ixi-2 0.640 / 0.638 / 0.629 /
+0.613 (ANTs SyN 0.596 / 0.599 in the 20:55 benchmark run of 2026-12-02). Measured on the same day, one run each,
+and not kept: undoing a step whose loss comes out 5 % (10 %) above the level's best and halving the learning rate
+(smooth curves, the same final loss; Dice ixi-1 0.617 (0.608), ixi-2 0.629 (0.636), same-1 and synth-15-16
+unchanged); ending with the working grid's lowest-loss network instead of the last (ixi-1 0.625, ixi-2 0.635:
+a lower loss is not a better Dice here); half the working-grid learning rate (0.620 / 0.633); a cosine decay over
+the 80 iterations (0.611 / 0.634); 120 working-grid iterations on the 1 mm pairs (synth-15-16 0.673 → 0.680,
+contrast-15-16 0.639 → 0.645, known-15 0.920 → 0.915, BraTS TRE 2.26 → 2.31 mm, for ~+20 s each).
 
 Deviations from the reference code, on purpose: the flatten size is computed for the grid at hand (the code
 hard-codes 864 and fails outside 130–193 voxels per axis); the smoothing and NCC windows are given in mm and
