@@ -238,7 +238,7 @@ def presets_for(method: MethodInfo | None) -> list[tuple[str, str]]:
 def preset_spacing_scale(method: MethodInfo | None, preset: str) -> float | None:
     """The factor a spacing preset applies to the working spacing the engine chooses for the fixed image
     (``register --spacing-scale``; None: the method's default, nothing passed). A factor, not a spacing: the
-    engine's default depends on the image (a method may declare a finer grid for fine images, e.g. 2 mm instead of
+    engine's default depends on the image (a method may declare a finer grid for fine images, e.g. 1.5 mm instead of
     3 mm for a 1 mm brain), which the panel cannot know; 0.75 × the CPU default would have made "Accurate" coarser
     than "Balanced" there."""
     if method is None or method.default_spacing_mm is None:

@@ -119,13 +119,15 @@ def test_decay_runs_every_working_grid_iteration(pair):
 
 
 def test_fine_images_get_the_fine_working_grid_on_cpu():
-    """NODEO's default working spacing on the CPU: 2 mm for fine images (≤ 1.2 mm voxels, a 2 mm grid of ≤ 3 M
-    voxels), 3 mm for 2 mm heads, thick-slice or very large images; what the run and its memory estimate use."""
+    """NODEO's default working spacing on the CPU: 1.5 mm for fine images (≤ 1.2 mm voxels) whose 1.5 mm grid has
+    ≤ 3 M voxels, else 2 mm when that grid has, else 3 mm, as for 2 mm heads and thick-slice images; what the run
+    and its memory estimate use."""
     import torch
     from deepdiffreg.methods.base import get_method
     nodeo, cpu = get_method("nodeo"), torch.device("cpu")
-    assert nodeo.default_spacing(cpu, (160, 224, 192), (1.0, 1.0, 1.0)) == 2.0        # a 1 mm brain
-    assert nodeo.default_spacing(cpu, (240, 240, 155), (1.0, 1.0, 1.0)) == 2.0        # BraTS
+    assert nodeo.default_spacing(cpu, (160, 224, 192), (1.0, 1.0, 1.0)) == 1.5        # a 1 mm brain
+    assert nodeo.default_spacing(cpu, (240, 240, 155), (1.0, 1.0, 1.0)) == 1.5        # BraTS
+    assert nodeo.default_spacing(cpu, (256, 256, 176), (1.0, 1.0, 1.0)) == 2.0        # a 1 mm head: 3.4 M at 1.5 mm
     assert nodeo.default_spacing(cpu, (128, 128, 90), (1.9, 1.9, 2.0)) == 3.0         # a 2 mm IXI head
     assert nodeo.default_spacing(cpu, (512, 512, 300), (0.8, 0.8, 1.5)) == 3.0        # CT: thick slices
     assert nodeo.default_spacing(cpu, (400, 400, 400), (0.8, 0.8, 0.8)) == 3.0        # 0.8 mm iso, 4.2 M voxels at 2 mm
@@ -135,7 +137,7 @@ def test_fine_images_get_the_fine_working_grid_on_cpu():
 
 def test_spacing_scale_scales_the_spacing_the_engine_chooses_for_the_image():
     """``--spacing-scale`` (the Slicer panel's Fast / Accurate presets) multiplies the image's own default: for a
-    1 mm brain NODEO's 2 mm, so "Accurate" is finer than "Balanced" (0.75 × the 3 mm CPU default was 2.25 mm);
+    1 mm brain NODEO's 1.5 mm, so "Accurate" is finer than "Balanced" (0.75 × the 3 mm CPU default was 2.25 mm);
     ``--spacing`` wins, both at once is refused before any file is read."""
     import pytest
     from deepdiffreg.errors import BadInput
@@ -144,9 +146,9 @@ def test_spacing_scale_scales_the_spacing_the_engine_chooses_for_the_image():
     nodeo, cpu = get_method("nodeo"), torch.device("cpu")
     req = lambda **k: RegisterRequest(fixed="f.nii.gz", moving="m.nii.gz", method="nodeo", out_dir="o", **k)  # noqa: E731
     brain, head = ((160, 224, 192), (1.0, 1.0, 1.0)), ((128, 128, 90), (1.9, 1.9, 2.0))
-    assert working_spacing_mm(req(), nodeo, cpu, *brain) == 2.0
-    assert working_spacing_mm(req(spacing_scale=0.75), nodeo, cpu, *brain) == 1.5
-    assert working_spacing_mm(req(spacing_scale=1.5), nodeo, cpu, *brain) == 3.0
+    assert working_spacing_mm(req(), nodeo, cpu, *brain) == 1.5
+    assert working_spacing_mm(req(spacing_scale=0.75), nodeo, cpu, *brain) == 1.0      # 1.125, in quarter mm
+    assert working_spacing_mm(req(spacing_scale=1.5), nodeo, cpu, *brain) == 2.25
     assert working_spacing_mm(req(spacing_scale=0.75), nodeo, cpu, *head) == 2.25
     assert working_spacing_mm(req(spacing_mm=2.5), nodeo, cpu, *brain) == 2.5
     for bad in (dict(spacing_scale=0.0), dict(spacing_scale=float("nan")), dict(spacing_mm=2.0, spacing_scale=1.5)):

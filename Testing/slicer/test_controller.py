@@ -198,7 +198,7 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     assert "--spacing" not in cmd and "--spacing-scale" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
     assert cmd[cmd.index("--field-grid") + 1] == "working"   # the panel's default
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", field_grid="fixed"))
-    # a factor of the spacing the engine chooses for the image (NODEO: 3 mm, or 2 mm for a fine image), not 4.5 mm
+    # a factor of the spacing the engine chooses for the image (NODEO: 3 mm, or 1.5 mm for a fine image), not 4.5 mm
     assert cmd[cmd.index("--spacing-scale") + 1] == "1.5" and "--spacing" not in cmd
     assert cmd[cmd.index("--field-grid") + 1] == "fixed"     # Advanced: the full-resolution field
     fast = nodeo.variants["fast"]["iterations"]       # and the method's own "fast" variant

@@ -50,11 +50,12 @@ def jacobian_penalty(disp_vox: torch.Tensor, threshold: float = 0.5, squared: bo
     squared=True, threshold=0.5: NODEO's mean(ReLU(0.5 − det)²). squared=False, threshold=0: R2Net's mean(ReLU(−det)).
 
     On the CPU the determinant is computed once without a graph, and the gradient is formed only at the voxels under
-    ``threshold`` (``_SparseJacobianHinge``): the hinge is zero elsewhere, and a NODEO field has a few hundred such
-    voxels out of ~370 000 on its 3 mm IXI grid, where autograd through the 3×3 determinant took ~67 ms forward +
-    backward (a third of the iteration) against ~7 ms for the determinant alone (ixi-1's field after 60 + 40
-    iterations: 136 voxels under 0.5; 2026-12-03, one thread of the 2-core Intel Xeon box). A field with none gets
-    its 0 without a graph. On a GPU the dense form is kept (finding the voxels would wait for the device).
+    ``threshold`` (``_SparseJacobianHinge``): the hinge is zero elsewhere. A NODEO field on its 3 mm IXI grid has
+    from a hundred to tens of thousands of such voxels out of ~370 000; with 28 355 (ixi-1 after 60 + 40
+    iterations) this form took 12–17 ms forward + backward against 41 ms for autograd through the dense 3×3
+    determinant plus ~7 ms for the check that preceded it (2026-12-03, one thread of the 2-core Intel Xeon box).
+    A field with none gets its 0 without a graph. On a GPU the dense form is kept (finding the voxels would wait
+    for the device).
     """
     if disp_vox.requires_grad and disp_vox.device.type == "cpu":
         with torch.no_grad():

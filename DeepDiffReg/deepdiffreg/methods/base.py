@@ -96,8 +96,9 @@ class Capabilities:
     own_affine: bool = False           # learns its own alignment (FieldEstimate.affine_lps)
     default_align: str = "affine"      # the engine's initial alignment when the user gives none: affine|rigid|none
     spacing_mm: tuple[tuple[str, float], ...] = (("cpu", 2.0),)  # working spacing per device type ("cpu" fallback)
-    # per device type: a finer working spacing for fine images — fixed voxels of at most ``fine_image_mm`` on every
-    # axis (a 1 mm brain, not a 2 mm head nor a thick-slice CT) whose grid at it has at most ``fine_max_voxels``
+    # per device type: finer working spacings for fine images — fixed voxels of at most ``fine_image_mm`` on every
+    # axis (a 1 mm brain, not a 2 mm head nor a thick-slice CT): the finest listed whose grid has at most
+    # ``fine_max_voxels`` (a device may be listed more than once, e.g. 1.5 mm, else 2 mm)
     # (the run's time and memory stay bounded: a 0.8 mm CT keeps the coarse one); see ``Method.default_spacing``
     fine_spacing_mm: tuple[tuple[str, float], ...] = ()
     fine_image_mm: float = 1.2
@@ -120,7 +121,8 @@ class Capabilities:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["spacing_mm"] = dict(self.spacing_mm)
-        d["fine_spacing_mm"] = dict(self.fine_spacing_mm)
+        d["fine_spacing_mm"] = {dev: sorted(v for k, v in self.fine_spacing_mm if k == dev)
+                                for dev in dict(self.fine_spacing_mm)}
         return d
 
 
@@ -265,14 +267,16 @@ class Method:
         ``caps.fine_spacing_mm`` for a fine fixed image (``fixed_size`` (i, j, k) voxels of ``fixed_spacing`` mm;
         without them: the device's spacing)."""
         coarse = cls.caps.spacing_for(device.type)
-        fine = dict(cls.caps.fine_spacing_mm).get(device.type)
-        if fine is None or fine >= coarse or fixed_size is None or fixed_spacing is None:
+        fine = sorted(s for dev, s in cls.caps.fine_spacing_mm if dev == device.type and s < coarse)
+        if not fine or fixed_size is None or fixed_spacing is None:
             return coarse
         if max(float(s) for s in fixed_spacing) > cls.caps.fine_image_mm:
             return coarse
         from ..preprocess import working_size      # here: preprocess loads SimpleITK, the registry must not
-        n = float(np.prod(working_size(fixed_size, fixed_spacing, fine)))
-        return float(fine) if n <= cls.caps.fine_max_voxels else coarse
+        for spacing in fine:                       # the finest whose grid stays within the voxel budget
+            if float(np.prod(working_size(fixed_size, fixed_spacing, spacing))) <= cls.caps.fine_max_voxels:
+                return float(spacing)
+        return coarse
 
     @classmethod
     def describe(cls) -> dict[str, Any]:

@@ -42,7 +42,7 @@ ixi-1 0.611–0.622, synth 0.627), a fresh Adam state on the working grid (ixi-1
 when the rule ended it at 20). End to end, ``deepdiffreg register --threads 1`` on ixi-1, both runs side by side at
 load ~2–7 (14:26 UTC): this default 21.4 s wall (register 19.4 s), 16.9 CPU-s, Dice 0.632; the stopping rule with
 this iteration 16.2 s (register 13.8 s), 12.0 CPU-s, Dice 0.578 (it stopped the working grid at 40). The 1 mm pairs gain from a
-finer working grid (synth-15-16 was 0.04 Dice under ANTs SyN at 3 mm): fine images get 2 mm on the CPU
+finer working grid (synth-15-16 was 0.04 Dice under ANTs SyN at 3 mm): fine images get 1.5 mm (else 2 mm) on the CPU
 (``caps.fine_spacing_mm``, measured numbers beside the declaration).
 
 Per iteration (3 mm grid of a 2 mm IXI head, 80×80×60, one thread, load ~2–3): ~137 → 95 ms by computing the same
@@ -293,8 +293,13 @@ class NODEO(Method):
     # measured 2026-12-02 (1 thread, load ~4, --spacing 2 vs the 3 mm default of the 15:16 benchmark run): Dice
     # synth-15-16 0.642 → 0.673, known-15 0.872 → 0.919, contrast-15-16 0.608 → 0.639, BraTS TRE 2.67 → 2.24 mm,
     # for 48–83 s wall at that load (ANTs SyN: 98–122 s on these pairs); 2 mm heads (IXI) and CT keep 3 mm.
+    # 1.5 mm where its grid has at most 3 M voxels (a 1 mm brain: 2.0 M; BraTS: 2.7 M; a 256×256×176 1 mm head
+    # (3.4 M) keeps 2 mm): measured 2026-12-03 (Intel Xeon, 1 thread, two runs at a time), --spacing 2 / 1.75 /
+    # 1.5: Dice synth-15-16 0.673 / 0.686 / 0.695, contrast-15-16 0.639 / 0.648 / 0.663, known-15 0.920 / 0.929 /
+    # 0.934 (displacement error 0.45 / 0.38 / 0.34 mm), BraTS TRE 2.26 / — / 2.03 mm; wall at 1.5 mm 65–96 s with
+    # the other core busy (SyN 125–165 s on these pairs in the 08:35 benchmark run).
     caps = Capabilities(learned=False, inverse="numerical", contrasts="different",
-                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)), fine_spacing_mm=(("cpu", 2.0),),
+                        spacing_mm=(("cpu", 3.0), ("cuda", 2.0)), fine_spacing_mm=(("cpu", 1.5), ("cpu", 2.0)),
                         bytes_per_working_voxel=360, extra_memory_mb=120)
     variants = {"fast": {"iterations": 40}, "accurate": {"iterations": 300, "tolerance": 0.0}}
 
