@@ -277,7 +277,7 @@ class StoppingRule:
 class NODEO(Method):
     name = "nodeo"
     title = "NODEO (neural ODE fitted to this pair)"
-    description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~15-50 s on CPU"
+    description = "NODEO: neural-ODE flow fitted to this pair (no training data, any anatomy); ~20-110 s on CPU"
     default = True                # no weights, any anatomy and contrast: the safe first choice
     # CPU: 0.12-0.18 s per working-grid iteration at 3 mm for a 2 mm IXI head or a 1 mm brain on one core (ixi-1,
     # synth-15-16, 2026-12-02, load 2-3: 21-25 s end to end); the GPU affords the 2 mm grid
