@@ -111,8 +111,11 @@ def jacobian_det_lps(disp_lps, geom: Geometry, dtype: torch.dtype = torch.float6
     ``dtype`` float32 (what the pipeline uses) halves the memory traffic again and differs from float64 by
     ~1e-6, float rounding of values that are O(1).
     """
-    m_inv_t = torch.from_numpy(np.ascontiguousarray(
-        np.linalg.inv(geom.direction @ np.diag(geom.spacing_ijk)).T)).to(dtype)
+    # LPS mm → index-frame components, reordered (k, j, i) so that component c is along array axis c; applied as
+    # one (3, 3) @ (3, N) product, which gives the channel-first slab field.jacobian_det differentiates without
+    # the flip, permute and copy that (N, 3) @ (3, 3) needed (0.2 s of a 1 mm brain's 1.8 s)
+    m_t = torch.from_numpy(np.ascontiguousarray(
+        np.linalg.inv(geom.direction @ np.diag(geom.spacing_ijk))[::-1])).to(dtype)
     if hasattr(disp_lps, "planes"):
         shape, planes = tuple(disp_lps.shape[:3]), disp_lps.planes
     else:
@@ -129,16 +132,10 @@ def jacobian_det_lps(disp_lps, geom: Geometry, dtype: torch.dtype = torch.float6
         for k0 in range(0, n_k, slab):
             k1 = min(k0 + slab, n_k)
             lo, hi = max(k0 - 1, 0), min(k1 + 1, n_k)       # halo plane on each side (inside the grid)
-            u = torch.from_numpy(planes(lo, hi))            # (k', J, I, 3), no copy
-            out[k0:k1] = _det_slab(u.to(dtype) @ m_inv_t, k0 - lo, k1 - k0)
+            u = torch.from_numpy(planes(lo, hi)).to(dtype)  # (k', J, I, 3), no copy in the dtype given
+            vox = torch.mm(m_t, u.reshape(-1, 3).T).view((3,) + tuple(u.shape[:3]))  # (3, k', J, I), vox units
+            out[k0:k1] = jacobian_det(vox[None], mode="central")[0, k0 - lo:k1 - lo]
     return out.numpy()
-
-
-def _det_slab(d_ijk: torch.Tensor, start: int, count: int) -> torch.Tensor:
-    """det(I + ∂d/∂(i, j, k)) of an index-frame displacement slab (k', J, I, 3) (vector components i, j, k);
-    returns the ``count`` k-planes from ``start`` (the halo planes only feed the central differences)."""
-    vox = d_ijk.flip(-1).permute(3, 0, 1, 2).contiguous()[None]   # (1, 3, k', J, I), channel c along axis c
-    return jacobian_det(vox, mode="central")[0, start:start + count]
 
 
 def fold_stats(det: np.ndarray, foreground: np.ndarray | None = None) -> dict:
@@ -186,10 +183,10 @@ def tre_mm(points_a: np.ndarray, points_b: np.ndarray) -> dict:
 
 def inverse_consistency_vox(disp_vox: torch.Tensor, inverse_disp_vox: torch.Tensor) -> dict:
     """|(id+u)∘(id+w) − id| in voxels on the grid interior (a 10 % margin is dropped, where borders clamp)."""
-    err = inverse_disp_vox + warp(disp_vox, inverse_disp_vox, padding="border")
-    mag = err.norm(dim=1)[0]
-    m = [max(1, int(0.1 * n)) for n in mag.shape]
-    inner = mag[m[0]:-m[0], m[1]:-m[1], m[2]:-m[2]]
+    err = (inverse_disp_vox + warp(disp_vox, inverse_disp_vox, padding="border"))[0]
+    m = [max(1, int(0.1 * n)) for n in err.shape[1:]]
+    inner = err[:, m[0]:-m[0], m[1]:-m[1], m[2]:-m[2]]
+    inner = torch.sqrt(inner[0] ** 2 + inner[1] ** 2 + inner[2] ** 2)   # (norm over dim 1 was 5x slower)
     return {"mean_vox": float(inner.mean()), "max_vox": float(inner.max())}
 
 

@@ -195,3 +195,44 @@ def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each():
     assert many[0][3] == 1.0 and many[3][3] == 0.0 and np.isnan(many[0][9])
     with pytest.raises(ValueError):
         dice_per_label_many(fixed, [fixed[:5]], labels)
+
+
+def test_maps_on_the_fixed_grid_are_what_resample_gives():
+    """compose.map_on_fixed reads a working-grid map as FieldOnGrid reads a field; it must give sitk.Resample's
+    linear numbers (float32 rounding), on the oblique anisotropic case and on a working grid that does not span
+    the fixed voxels (there it is Resample itself)."""
+    from deepdiffreg.compose import map_on_fixed
+    from deepdiffreg.preprocess import resample
+    est, work, align, fixed, moving, moving_seg, Geometry = _compose_case()
+    fg = Geometry.of(fixed)
+    arr = np.random.default_rng(3).random(work.shape_kji).astype(np.float32) * 5
+    want = lambda g: sitk.GetArrayFromImage(resample(g.apply_to(sitk.GetImageFromArray(arr)), fg))  # noqa: E731
+    got = map_on_fixed(arr, work, fg)
+    assert got.GetPixelID() == sitk.sitkFloat32 and Geometry.of(got) == fg
+    np.testing.assert_allclose(sitk.GetArrayFromImage(got), want(work), rtol=0, atol=5e-6)
+    shifted = Geometry((work.origin_lps[0] + 3.0,) + tuple(work.origin_lps[1:]), work.spacing_ijk,
+                       work.direction_lps, work.size_ijk)        # fixed voxels beyond its first node: not covered
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(map_on_fixed(arr, shifted, fg)), want(shifted))
+
+
+def test_field_on_grid_planes_are_itk_s_displacement_field_reading_also_outside_the_source():
+    """FieldOnGrid.planes (gathers along i and j, one lerp of two source planes per target k-plane) against ITK's
+    DisplacementFieldTransform at the target voxels, for a source grid that covers only part of the target: zero
+    displacement outside it, which is ITK's reading when the field's outer layer is zero (the tapered field's;
+    ITK clamps to the edge value up to half a voxel beyond the last node))."""
+    import torch
+    from deepdiffreg.compose import FieldOnGrid, sample_field
+    from deepdiffreg.frames import Geometry, displacement_image
+    fixed = blank(size=(34, 30, 26), spacing=(1.0, 1.2, 1.5))
+    fg = Geometry.of(fixed)
+    src = Geometry(tuple(np.asarray(fg.origin_lps) + fg.direction @ np.array([4.3, -3.1, 5.2])), (2.0, 1.9, 2.1),
+                   fg.direction_lps, (12, 14, 9))
+    u = np.random.default_rng(4).standard_normal(src.shape_kji + (3,))
+    u[[0, -1]] = 0; u[:, [0, -1]] = 0; u[:, :, [0, -1]] = 0      # zero outer layer, as the tapered field has
+    want = sitk.GetArrayFromImage(sample_field(sitk.DisplacementFieldTransform(displacement_image(u, src)), fg))
+    read = FieldOnGrid(u, src, fg)
+    assert not read.covers_target
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        got = np.concatenate([read.planes(k, min(k + 5, fg.shape_kji[0]), dtype) for k in range(0, fg.shape_kji[0], 5)])
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol)
+    assert (want == 0).all(axis=-1).any() and not (want == 0).all()
