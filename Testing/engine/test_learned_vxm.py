@@ -401,6 +401,37 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert float(inner.mean()) < 0.1 and float(torch.quantile(inner.flatten(), 0.99)) < 0.5
 
 
+def test_refine_image_term_ncc_is_blind_to_a_bias_field_and_mse_is_not():
+    """--vxm-refine's default image term (30·(1 − local NCC²)) must not see a smooth multiplicative bias as
+    misregistration — what made the MSE refinement add deformation to a follow-up scan (same-1) — and must see a
+    shift; 'mse' is the model's MSE/σ², which sees both."""
+    from deepdiffreg.methods.vxm_diff import REFINE_NCC_WEIGHT, refine_image_term
+    f = fixture_input((24, 24, 24))["fixed"]
+    z = torch.linspace(-1, 1, 24).view(1, 1, 24, 1, 1)
+    biased = f * (1.0 + 0.15 * z)                                   # ±15 % smooth bias, same anatomy
+    shifted = torch.roll(f, 2, dims=3)                              # misregistered by 2 voxels
+    term = lambda kind, w: float(refine_image_term(kind, f, w, 0.02, REFINE_NCC_WEIGHT, 5))  # noqa: E731
+    # (1 − NCC²) is not 0 for identical images where they are flat (no variance, cc = 0): compare increases
+    rise = lambda kind, w: term(kind, w) - term(kind, f)  # noqa: E731
+    assert rise("ncc", shifted) > 0.05 * REFINE_NCC_WEIGHT
+    assert abs(rise("ncc", biased)) < 0.05 * rise("ncc", shifted)
+    assert term("mse", f) == 0 and rise("mse", biased) > 0.005 * rise("mse", shifted)
+    with pytest.raises(ValueError):
+        refine_image_term("lncc", f, f, 0.02, 1.0, 5)
+
+
+def test_vxm_refine_with_the_model_s_mse_still_runs():
+    _bundled_vxm()
+    from deepdiffreg.methods.vxm_diff import VxmDiff
+    p = fixture_input((16, 16, 16))
+    pair = PairOnGrid(p["fixed"], p["moving"], Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                                                          (16, 16, 16)))
+    for kind in ("mse", "ncc"):
+        est = VxmDiff(refine=2, refine_similarity=kind).estimate(pair, torch.device("cpu"), lambda f, m: None)
+        assert est.info["refine_steps"] == 2 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
+        assert ("NCC" in est.info["refine_image_term"]) == (kind == "ncc")
+
+
 def test_vxm_diff_end_to_end_cli(tmp_path):
     _bundled_vxm()
     import SimpleITK as sitk
