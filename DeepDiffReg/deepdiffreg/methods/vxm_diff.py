@@ -78,7 +78,7 @@ REFINE_LR = 0.025
 # second contrast. 50 steps with it left same-1 (a follow-up scan, ±8 % bias) at 1.01x the true mean displacement
 # and BraTS-Reg's TRE at 3.22 mm, worse than the affine's 2.51. Squared local NCC (NODEO's term) is blind to a smooth
 # bias (and, inside each window, to a linear intensity change). Measured 2026-12-03 (benchmark pairs, 50 steps,
-# lr 0.025, weights v0.5.0, one run each on the loaded 2-core Xeon box; MSE row from docs/benchmarks.md's 09:15 run):
+# lr 0.025, weights v0.5.0, one run each on the loaded 2-core AMD EPYC box; MSE row: the 09:15 run, Intel Xeon):
 #   image term            same-1 error    BraTS TRE   ixi-1 Dice   ixi-2 Dice   contrast-15-16 Dice
 #   mse (model's)         1.01x           3.22 mm     0.674        0.670        0.094
 #   ncc, weight 300       0.73x           2.07        —            —            0.096
