@@ -10,7 +10,7 @@ import torch
 from deepdiffreg.field import warp
 from deepdiffreg.frames import Geometry
 from deepdiffreg.methods.base import PairOnGrid
-from deepdiffreg.methods.nodeo import NODEO, StoppingRule, cosine_tail, pyramid
+from deepdiffreg.methods.nodeo import NODEO, DivergenceGuard, StoppingRule, cosine_tail, pyramid
 from deepdiffreg.metrics import dice_per_label, dice_summary
 from deepdiffreg.preprocess import robust_normalise
 
@@ -35,6 +35,34 @@ def test_stopping_rule_ends_a_plateau_and_only_a_plateau():
     # a transient rise (Adam overshooting) followed by new lows does not stop it
     bump = np.r_[1.0 - 0.01 * np.arange(20), np.full(8, 0.95), 0.80 - 0.01 * np.arange(30)]
     assert _run(StoppingRule(1e-3, 10), bump) is None
+
+
+def test_divergence_guard_undoes_a_rise_and_halves_the_step():
+    """Adam with far too large a step on a quadratic: the loss jumps above its best; the guard puts the network and
+    Adam's state back where the best loss was measured, halves the learning rate, and the loss then ends below
+    where the unguarded run ends. rise 0: never undoes."""
+    def run(rise: float):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(4, 1, bias=False)
+        opt = torch.optim.Adam(net.parameters(), lr=3.0)
+        guard, losses, restored = DivergenceGuard(rise), [], []
+        for _ in range(60):
+            loss = ((net.weight - 1.0) ** 2).sum()
+            if guard.undo(float(loss.detach()), net, opt, 3.0):
+                restored.append((float(((net.weight.detach() - 1.0) ** 2).sum()), guard.best))
+                continue
+            losses.append(float(loss.detach()))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return guard, losses, restored, opt
+    plain, plain_losses, none, _ = run(0.0)
+    assert plain.undone == 0 and not none and max(plain_losses[1:]) > plain_losses[0]   # it does overshoot
+    guard, losses, restored, opt = run(0.05)
+    assert guard.undone >= 1 and guard.lr_scale == 0.5 ** guard.undone
+    assert opt.param_groups[0]["lr"] == 3.0 * guard.lr_scale
+    assert all(now == best for now, best in restored)            # back exactly at the state of the best loss
+    assert losses[-1] < plain_losses[-1]
 
 
 def _pair(paths, spacing_ijk=None):
