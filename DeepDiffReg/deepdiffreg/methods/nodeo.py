@@ -62,8 +62,8 @@ to 0.81 at coarse iteration 12 and from 0.71 to 0.85 at working-grid iteration 1
 of recovery, then a period-2 zig-zag of ±2 %), so any change of rounding moves the end point. Label Dice of four
 seeds with the default settings (2026-12-03): ixi-1 0.631 / 0.626 / 0.622 / 0.623, ixi-2 0.640 / 0.638 / 0.629 /
 0.613 (ANTs SyN 0.596 / 0.599 in the 20:55 benchmark run of 2026-12-02). Measured on the same day, one run each,
-and not kept: undoing a step whose loss comes out 5 % (10 %) above the level's best and halving the learning rate
-(smooth curves, the same final loss; Dice ixi-1 0.617 (0.608), ixi-2 0.629 (0.636), same-1 and synth-15-16
+and not kept then (adopted later the same day, see below): undoing a step whose loss comes out 5 % (10 %) above
+the level's best and halving the learning rate (smooth curves, the same final loss; Dice ixi-1 0.617 (0.608), ixi-2 0.629 (0.636), same-1 and synth-15-16
 unchanged); ending with the working grid's lowest-loss network instead of the last (ixi-1 0.625, ixi-2 0.635:
 a lower loss is not a better Dice here); half the working-grid learning rate (0.620 / 0.633); a cosine decay over
 the 80 iterations (0.611 / 0.634); 120 working-grid iterations on the 1 mm pairs (synth-15-16 0.673 → 0.680,
@@ -73,9 +73,9 @@ initial affine as the Intel Xeon's 09:15 benchmark run, where ixi-1 gave 0.616),
 working grid — loss 0.755 at its start, 0.839 at iteration 10, 0.669 at 40, 0.858 at 60, 0.748 at the end — and
 gave Dice 0.539, the same in every run on that machine; seeds 1 and 2 converged smoothly there (loss 0.746 → 0.646;
 Dice 0.626 / 0.623), a cosine decay over the 80 iterations gave 0.615. So the default can lose up to ~0.08 Dice
-on a pair to the rounding of the machine it runs on; a guard against a diverging working-grid level (the step
-rejection above, which cost no Dice on the Intel box) is the next thing to try, measured on both machines.
-It is now the default (``DivergenceGuard``, ``--nodeo-reject-rise`` 0.05 on the working grid; same machine and day):
+on a pair to the rounding of the machine it runs on. Hence a guard against a diverging working-grid level (the
+step rejection above, which cost no Dice on the Intel box), now the default (``DivergenceGuard``,
+``--nodeo-reject-rise`` 0.05 on the working grid; measured on the AMD box the same day, not yet on the Intel one):
 ixi-1 seed 0 0.539 → 0.627 (one step undone; its working-grid loss now falls 0.755 → 0.657 without a rise), ixi-2
 0.627 → 0.635 (one undone), ixi-1 seed 1 0.626 unchanged (none undone); on same-1, known-15, contrast-15-16,
 BraTSReg_002 and synth-15-16 no step was undone, so their results are the same numbers as without it (same-1 error
