@@ -185,9 +185,9 @@ class FieldOnGrid:
 
     ``disp_lps``: (K', J', I', 3) LPS mm on ``src_geom`` (or (K', J', I', C): any C values per voxel, e.g. one for a
     scalar map). ``shape``: the target's (K, J, I, C).
-    ``planes(k0, k1)`` → (k1 − k0, J, I, 3) float32 array (what ``metrics.jacobian_det_lps`` reads slab by slab);
+    ``planes(k0, k1)`` → (k1 − k0, J, I, C) float32 array (what ``metrics.jacobian_det_lps`` reads slab by slab);
     ``planes(k0, k1, torch.float64)`` the same computed in float64 (``warp_images``: T at every fixed voxel);
-    ``at(kji)`` → (n, 3) float64 at integer target indices (the deformation grid's vertices), computed in float64.
+    ``at(kji)`` → (n, C) float64 at integer target indices (the deformation grid's vertices), computed in float64.
     """
 
     def __init__(self, disp_lps: np.ndarray, src_geom: Geometry, target: Geometry):

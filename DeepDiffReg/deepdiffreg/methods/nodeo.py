@@ -63,8 +63,8 @@ of recovery, then a period-2 zig-zag of ±2 %), so any change of rounding moves 
 seeds with the default settings (2026-12-03): ixi-1 0.631 / 0.626 / 0.622 / 0.623, ixi-2 0.640 / 0.638 / 0.629 /
 0.613 (ANTs SyN 0.596 / 0.599 in the 20:55 benchmark run of 2026-12-02). Measured on the same day, one run each,
 and not kept then (adopted later the same day, see below): undoing a step whose loss comes out 5 % (10 %) above
-the level's best and halving the learning rate (smooth curves, the same final loss; Dice ixi-1 0.617 (0.608), ixi-2 0.629 (0.636), same-1 and synth-15-16
-unchanged); ending with the working grid's lowest-loss network instead of the last (ixi-1 0.625, ixi-2 0.635:
+the level's best and halving the learning rate (smooth curves, the same final loss; Dice ixi-1 0.617 (0.608),
+ixi-2 0.629 (0.636), same-1 and synth-15-16 unchanged); ending with the working grid's lowest-loss network instead of the last (ixi-1 0.625, ixi-2 0.635:
 a lower loss is not a better Dice here); half the working-grid learning rate (0.620 / 0.633); a cosine decay over
 the 80 iterations (0.611 / 0.634); 120 working-grid iterations on the 1 mm pairs (synth-15-16 0.673 → 0.680,
 contrast-15-16 0.639 → 0.645, known-15 0.920 → 0.915, BraTS TRE 2.26 → 2.31 mm, for ~+20 s each).

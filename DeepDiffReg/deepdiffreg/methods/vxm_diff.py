@@ -182,18 +182,17 @@ class VxmDiff(Trainable, LearnedMethod):
         stages = [svf_stage(u, steps, symmetric) for u in stage_nets(net)]
         sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
 
-        def loss_fn(d, m_in, fp):          # the last stage's SVF d on the pair it sees (net grid)
-            warped = warp(m_in, d.disp(fp.shape[2:]))
-            return recon_mse(fp, warped, sig) + 0.5 * 3 * lam * laplacian_prec(d.velocity)
+        def objective(kind: str):          # image term ``kind`` + the model's prior, for the last stage's SVF d
+            def fn(d, m_in, fp):           # on the pair it sees (net grid)
+                warped = warp(m_in, d.disp(fp.shape[2:]))
+                return (refine_image_term(kind, fp, warped, sig, float(o["refine_ncc_weight"]),
+                                          int(o["refine_ncc_window"]))
+                        + 0.5 * 3 * lam * laplacian_prec(d.velocity))
+            return fn
 
-        def refine_loss_fn(d, m_in, fp):   # --vxm-refine's objective: its image term, the model's prior
-            warped = warp(m_in, d.disp(fp.shape[2:]))
-            return (refine_image_term(o["refine_similarity"], fp, warped, sig, float(o["refine_ncc_weight"]),
-                                      int(o["refine_ncc_window"]))
-                    + 0.5 * 3 * lam * laplacian_prec(d.velocity))
-
+        loss_fn = objective("mse")         # the model's own objective (the uncertainty maps use it)
         if o["refine"] > 0:
-            stages[-1] = Refine(stages[-1], refine_loss_fn, o["refine"], float(o["refine_lr"]),
+            stages[-1] = Refine(stages[-1], objective(o["refine_similarity"]), o["refine"], float(o["refine_lr"]),
                                 progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
         with torch.no_grad():
             res = OnNetGrid(Cascade(stages), multiple=net.size_multiple)(pair, device)
