@@ -28,10 +28,10 @@ states its own inverse grid (``FieldEstimate.inverse_geometry``) gets w written 
 not resampled.
 
 The Jacobian is det ∇T in physical space, det(A)·det(I + ∇u) on the fixed grid, from u as ITK interpolates the
-stored field at the fixed voxels (``FieldOnGrid``, slab by slab, interpolated in float64, differentiated in float32:
+stored field at the fixed voxels (``FieldOnGrid``, slab by slab, interpolated and differentiated in float32:
 no full-resolution copy of u is made with the working grid); the deformation grid's vertices are moved by the whole
 T; the warped images are sampled at T(x) from the same slabs of u (``SlabWarp``: the numbers Resample through the
-composite gives, with T evaluated once per voxel for all images).
+composite gives, to float32 rounding, with T evaluated once per voxel for all images).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from .io.result_writer import MapImage, ResultData, deformation_grid_lines
 from .methods.base import FieldEstimate
 from .metrics import fold_stats, inverse_consistency_vox, jacobian_det_lps
 from .preprocess import resample
+from .sampling import ItkSampler
 
 # The ramp outside the fixed grid (see the module docstring). Measured on a vxm-diff run of an IXI pair (2 mm grid,
 # whole head): outward border components 15.5 / 3.9 / 8.8 mm along i / j / k, ramps 20 / 7.8 / 17.7 mm.
@@ -186,7 +187,8 @@ class FieldOnGrid:
     ``disp_lps``: (K', J', I', 3) LPS mm on ``src_geom`` (or (K', J', I', C): any C values per voxel, e.g. one for a
     scalar map). ``shape``: the target's (K, J, I, C).
     ``planes(k0, k1)`` → (k1 − k0, J, I, C) float32 array (what ``metrics.jacobian_det_lps`` reads slab by slab);
-    ``planes(k0, k1, torch.float64)`` the same computed in float64 (``warp_images``: T at every fixed voxel);
+    ``planes(k0, k1)`` is also what ``SlabWarp`` makes T(x) from (float32: ~1e-5 voxel from the float64 numbers);
+    ``planes(k0, k1, torch.float64)`` the same computed in float64 (tests compare it with ITK's reading);
     ``at(kji)`` → (n, C) float64 at integer target indices (the deformation grid's vertices), computed in float64.
     """
 
@@ -264,51 +266,50 @@ class FieldOnGrid:
         return out
 
 
-_EXACT_IN_FLOAT32 = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16)
-WARP_SLAB = 16   # k-planes per pass of warp_images: a 1 mm brain's slab of T − x is 16 MB (the whole field 176 MB)
+WARP_SLAB = 16   # k-planes per pass of warp_images: a 1 mm brain's slab of positions is 8 MB (the whole field 80 MB)
 
 
 class SlabWarp:
     """Images (each with its interpolator) resampled onto the fixed grid through T(x) = A(x + u(x)), k-slab by
     k-slab as u at the fixed voxels comes (``add``, in order, each k-plane once), then ``result()``: the numbers
     ``sitk.Resample(image, fixed, T, interpolator, 0)`` gives (float32 for linear, the image's own type for
-    nearest neighbour), with T evaluated once per fixed voxel for all the images.
+    nearest neighbour) to float32 rounding, with T evaluated once per fixed voxel for all the images.
 
     ITK's Resample through the composite [A, U] interpolates the stored u anew for every voxel of every image
-    (~0.45 s each on a 1 mm brain, one thread); here d(x) = T(x) − x is made once per slab in float64 from u as
-    ITK reads the field (``FieldOnGrid``), and each image is sampled at x + d(x) by ITK's WarpImageFilter (the same
-    interpolators and the same "outside the image: 0" rule as Resample). ``affine_lps``: A as a 4×4 LPS matrix.
+    (~0.45 s each on a 1 mm brain, one thread), and its WarpImageFilter from T − x still took 0.7 s for an image and
+    its segmentation; here the continuous index of T(x) in each image is made once per slab in float32 from u —
+    p = P·idx + p0 + C·u, P and p0 the affine part (exact in float64, rounded once) — and sampled with ITK's rules
+    by ``sampling.ItkSampler`` (linear: clamped trilinear, nearest: round half up, 0 outside the buffer's
+    half-voxel margin). ``affine_lps``: A as a 4×4 LPS matrix.
     """
 
     def __init__(self, images, fixed_geom: Geometry, affine_lps: np.ndarray):
         self.geom = fixed_geom
-        self.m = fixed_geom.lps_from_ijk_matrix()
+        m = fixed_geom.lps_from_ijk_matrix()
         a = np.asarray(affine_lps, np.float64)
-        self.a_lin, self.a_off = a[:3, :3], a[:3, 3]
-        # linear interpolation reads float32 or float64 pixels and writes float32, as Resample(..., sitkFloat32)
-        # does (ITK interpolates in double whatever the pixel type, and casts); nearest neighbour keeps the type.
-        # Integers of up to 16 bits are exact in float32, which ITK reads in ~0.7x the time of float64 (the same
-        # numbers out); wider integers go through float64
-        self.sources = []
-        for image, interp in images:
-            if interp == sitk.sitkLinear and image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-                image = sitk.Cast(image, sitk.sitkFloat32 if image.GetPixelID() in _EXACT_IN_FLOAT32
-                                  else sitk.sitkFloat64)
-            self.sources.append((image, interp))
         n_k, n_j, n_i = fixed_geom.shape_kji
         j, i = np.meshgrid(np.arange(n_j, dtype=np.float64), np.arange(n_i, dtype=np.float64), indexing="ij")
-        plane = self.m[:3, 3] + i[..., None] * self.m[:3, 0] + j[..., None] * self.m[:3, 1]  # x on plane 0
-        # T(x) − x = A_lin u + (A_lin − I) x + A_off, and x is affine in the voxel index: its part on plane 0 and
-        # its step per plane are made once (the per-slab sum of x + u was 2x the work; same numbers to ~1e-14 mm)
-        a_minus_i = (self.a_lin - np.eye(3)).T
-        self.d_plane0 = plane @ a_minus_i + self.a_off                  # (J, I, 3)
-        self.d_per_plane = self.m[:3, 2] @ a_minus_i                    # (3,)
-        self.slabs: list[list[np.ndarray]] = [[] for _ in self.sources]
+        self.sources = []        # per distinct image grid: (C^T (3, 3) float32, p on plane 0 (J, I, 3) float32,
+        self.samplers = []       # p's step per k-plane (3,) float64, [sampler index, ...])
+        grids: dict[bytes, int] = {}
+        for image, interp in images:
+            sampler = ItkSampler(image, interp)
+            key = sampler.ijk_from_lps.tobytes()
+            if key not in grids:
+                q = sampler.ijk_from_lps @ a                  # moving index from fixed-space point x + u
+                pm = q @ m                                     # moving index from fixed index (u = 0)
+                plane0 = pm[:3, 3] + i[..., None] * pm[:3, 0] + j[..., None] * pm[:3, 1]
+                grids[key] = len(self.sources)
+                self.sources.append((torch.from_numpy(np.ascontiguousarray(q[:3, :3].T, np.float32)),
+                                     torch.from_numpy(plane0.astype(np.float32)), pm[:3, 2].copy(), []))
+            self.sources[grids[key]][3].append(len(self.samplers))
+            self.samplers.append(sampler)
+        self.slabs: list[list[np.ndarray]] = [[] for _ in self.samplers]
         self.next_k = 0
 
     def add(self, k0: int, u: np.ndarray) -> None:
-        """u (float64 LPS mm, (n, J, I, 3)) at the k-planes k0 … k0 + n − 1; the planes before ``next_k`` (given
-        already) are skipped."""
+        """u (LPS mm, (n, J, I, 3), float32 or float64) at the k-planes k0 … k0 + n − 1; the planes before
+        ``next_k`` (given already) are skipped."""
         skip = self.next_k - k0
         if skip >= len(u):
             return
@@ -316,23 +317,17 @@ class SlabWarp:
             raise ValueError(f"SlabWarp.add(): planes {self.next_k}..{k0 - 1} were never given")
         k0, u = self.next_k, u[skip:]
         k1 = k0 + len(u)
-        m, (_, n_j, n_i) = self.m, self.geom.shape_kji
-        d = (u.reshape(-1, 3) @ self.a_lin.T).reshape(u.shape)            # T(x) − x, (k1 − k0, J, I, 3); one
-        # (N, 3) @ (3, 3) product (the same numbers as the stacked 4-D matmul, 4x faster)
-        d += self.d_plane0[None]
-        d += np.arange(k0, k1, dtype=np.float64)[:, None, None, None] * self.d_per_plane
-        origin = tuple(float(v) for v in m[:3, 3] + k0 * m[:3, 2])
-        field_img = sitk.GetImageFromArray(d, isVector=True)
-        field_img.SetOrigin(origin)
-        field_img.SetSpacing(self.geom.spacing_ijk)
-        field_img.SetDirection(self.geom.direction_lps)
-        del d
-        for out, (image, interp) in zip(self.slabs, self.sources):
-            w = sitk.Warp(image, field_img, interp, (n_i, n_j, k1 - k0), origin, self.geom.spacing_ijk,
-                          self.geom.direction_lps, 0.0)
-            if interp == sitk.sitkLinear and w.GetPixelID() != sitk.sitkFloat32:
-                w = sitk.Cast(w, sitk.sitkFloat32)
-            out.append(sitk.GetArrayFromImage(w))
+        u32 = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)).reshape(-1, 3)
+        for c_t, plane0, step, members in self.sources:
+            # C·u as one (N, 3) @ (3, 3) product, then the affine part: plane 0's index (made in float64, rounded
+            # once) and the step per plane (rounded per plane): float32, ~1e-5 voxel from the float64 numbers
+            p = torch.mm(u32, c_t).view((k1 - k0,) + tuple(plane0.shape))     # (k1 − k0, J, I, 3), (i, j, k)
+            p += plane0
+            for n, k in enumerate(range(k0, k1)):
+                p[n] += torch.from_numpy((k * step).astype(np.float32))
+            inside = self.samplers[members[0]].inside(p)         # the same grid: the same buffer test
+            for s in members:
+                self.slabs[s].append(self.samplers[s].sample(p, inside))
         self.next_k = k1
 
     def result(self) -> list[sitk.Image]:
@@ -341,17 +336,17 @@ class SlabWarp:
         return [self.geom.apply_to(sitk.GetImageFromArray(np.concatenate(parts))) for parts in self.slabs]
 
 
-def _planes64(disp_lps):
-    """``planes(k0, k1)`` → float64 u at those k-planes, of a ``FieldOnGrid`` or a (K, J, I, 3) array."""
+def _planes32(disp_lps):
+    """``planes(k0, k1)`` → float32 u at those k-planes, of a ``FieldOnGrid`` or a (K, J, I, 3) array."""
     if isinstance(disp_lps, FieldOnGrid):
-        return lambda k0, k1: disp_lps.planes(k0, k1, torch.float64)
-    return lambda k0, k1: np.asarray(disp_lps[k0:k1], np.float64)
+        return disp_lps.planes
+    return lambda k0, k1: np.asarray(disp_lps[k0:k1], np.float32)
 
 
 def warp_images(images, fixed_geom: Geometry, disp_lps, affine_lps: np.ndarray) -> list[sitk.Image]:
     """``SlabWarp`` of ``images`` over the whole fixed grid, ``WARP_SLAB`` planes at a time. ``disp_lps``: u at the
-    fixed voxels, a (K, J, I, 3) float64 LPS mm array or a ``FieldOnGrid``."""
-    warp, planes = SlabWarp(images, fixed_geom, affine_lps), _planes64(disp_lps)
+    fixed voxels, a (K, J, I, 3) LPS mm array or a ``FieldOnGrid``."""
+    warp, planes = SlabWarp(images, fixed_geom, affine_lps), _planes32(disp_lps)
     n_k = fixed_geom.shape_kji[0]
     for k0 in range(0, n_k, WARP_SLAB):
         warp.add(k0, planes(k0, min(k0 + WARP_SLAB, n_k)))
@@ -359,19 +354,17 @@ def warp_images(images, fixed_geom: Geometry, disp_lps, affine_lps: np.ndarray) 
 
 
 class _ReadOnce:
-    """u at the fixed voxels for ``metrics.jacobian_det_lps`` (``shape``, ``planes(k0, k1)`` → float32), made in
-    float64 and handed to a ``SlabWarp`` as it is read: FieldOnGrid's interpolation (~0.2 s a pass on a 1 mm brain)
-    runs once for the Jacobian and the warped images. The Jacobian then sees u interpolated in float64 and rounded
-    to float32 instead of interpolated in float32: as close to the float64 Jacobian as before (synth-15-16: largest
-    difference 8.3e-6 instead of 8.9e-6, mean 6.3e-8 instead of 6.7e-8)."""
+    """u at the fixed voxels for ``metrics.jacobian_det_lps`` (``shape``, ``planes(k0, k1)`` → float32), handed to
+    a ``SlabWarp`` as it is read: FieldOnGrid's interpolation (~0.15 s a pass on a 1 mm brain) runs once for the
+    Jacobian and the warped images."""
 
     def __init__(self, disp_lps, warp: SlabWarp):
-        self.shape, self._planes, self._warp = tuple(disp_lps.shape), _planes64(disp_lps), warp
+        self.shape, self._planes, self._warp = tuple(disp_lps.shape), _planes32(disp_lps), warp
 
     def planes(self, k0: int, k1: int) -> np.ndarray:
         u = self._planes(k0, k1)
         self._warp.add(k0, u)
-        return u.astype(np.float32)
+        return u
 
 
 def map_on_fixed(map_kji: np.ndarray, work_geom: Geometry, fixed_geom: Geometry) -> sitk.Image:

@@ -16,6 +16,7 @@ import torch
 
 from affine_case import (A_METHOD, a_init_matrix, a_init_transform, a_total, apply, field_u, field_w, outside_points,
                          own_inverse_grid, register_case, use_known_alignment, use_test_methods, write_pair)
+from itk_numbers import assert_itk_numbers
 from deepdiffreg.compose import TAPER_MAX_MM, TAPER_SLOPE, outward_displacement_mm, taper_lengths_mm, tapered_field
 from deepdiffreg.frames import Geometry, displacement_image, lps_from_vox_disp, vox_from_lps_disp
 from deepdiffreg.io.result_writer import deformation_grid_lines
@@ -190,11 +191,12 @@ def test_jacobian_grid_and_warped_follow_the_whole_T(case):
     np.testing.assert_allclose(got, _map(t, base), atol=1e-7)
     # warped images: through the composite
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
-    np.testing.assert_allclose(warped, sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, 0.0,
-                                                                            sitk.sitkFloat32)), atol=1e-5)
+    assert_itk_numbers(warped, sitk.GetArrayFromImage(sitk.Resample(moving, fixed, t, sitk.sitkLinear, 0.0,
+                                                                    sitk.sitkFloat32)), t, fixed, moving, sitk.sitkLinear)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_seg.nii.gz")))
     ms = sitk.ReadImage(case["moving_seg"])
-    assert np.array_equal(seg, sitk.GetArrayFromImage(sitk.Resample(ms, fixed, t, sitk.sitkNearestNeighbor, 0)))
+    assert_itk_numbers(seg, sitk.GetArrayFromImage(sitk.Resample(ms, fixed, t, sitk.sitkNearestNeighbor, 0)), t,
+                       fixed, ms, sitk.sitkNearestNeighbor)
     # folds: none in this smooth map; the report's minimum is the file's
     rep = case["runs"]["_test_affine_field"]["report"]
     assert rep["folds"]["num_folded"] == 0 and rep["folds"]["min_det"] == pytest.approx(float(det.min()), rel=1e-6)
@@ -260,9 +262,10 @@ def test_without_a_method_affine_the_outputs_are_todays(case):
     np.testing.assert_allclose(vtk_to_numpy(r.GetOutput().GetPointData().GetArray("jacobian")), old["grid"].values,
                                rtol=3e-6, atol=3e-6)
     warped = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
-    np.testing.assert_allclose(warped, sitk.GetArrayFromImage(old["warped"]), atol=1e-4)
+    assert_itk_numbers(warped, sitk.GetArrayFromImage(old["warped"]), old["T"], fixed, moving, sitk.sitkLinear)
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_seg.nii.gz")))
-    assert np.array_equal(seg, sitk.GetArrayFromImage(old["seg"]))
+    assert_itk_numbers(seg, sitk.GetArrayFromImage(old["seg"]), old["T"], fixed, sitk.ReadImage(case["moving_seg"]),
+                       sitk.sitkNearestNeighbor)
     # the transform: same map at every fixed voxel ...
     new_t = _read(case, "_test_field_only")
     new_field = sitk.GetArrayFromImage(displacement_on_grid([new_t], fixed))

@@ -6,6 +6,7 @@ import SimpleITK as sitk
 from deepdiffreg.metrics import fold_stats
 from deepdiffreg.pipeline import _fold_region
 from deepdiffreg.preprocess import foreground_mask
+from itk_numbers import assert_itk_numbers
 from synth import blank, from_array, phantom, points_lps
 
 
@@ -115,8 +116,9 @@ def test_field_grid_fixed_is_the_old_writer_and_working_the_same_T_at_every_fixe
     np.testing.assert_allclose(new.jacobian, old["det"], rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(new.grid.points, old["grid"].points, atol=1e-9)
     np.testing.assert_allclose(new.grid.values, old["grid"].values, rtol=2e-6, atol=2e-6)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(new.warped), old["warped"], atol=1e-5)
-    assert np.array_equal(sitk.GetArrayFromImage(new.warped_seg), old["seg"])
+    assert_itk_numbers(sitk.GetArrayFromImage(new.warped), old["warped"], old["T"], fixed, moving, sitk.sitkLinear)
+    assert_itk_numbers(sitk.GetArrayFromImage(new.warped_seg), old["seg"], old["T"], fixed, moving_seg,
+                        sitk.sitkNearestNeighbor)
     # --field-grid working: u stored on the padded working grid (no value resampled), the same T at every fixed
     # voxel, hence the same Jacobian, grid and warped images
     wk = got["working"].data
@@ -126,8 +128,9 @@ def test_field_grid_fixed_is_the_old_writer_and_working_the_same_T_at_every_fixe
     np.testing.assert_allclose(_on_fixed(wk.transform, fixed), _on_fixed(old["T"], fixed), atol=1e-9)
     np.testing.assert_allclose(wk.jacobian, old["det"], rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(wk.grid.points, old["grid"].points, atol=1e-7)
-    np.testing.assert_allclose(sitk.GetArrayFromImage(wk.warped), old["warped"], atol=1e-5)
-    assert np.array_equal(sitk.GetArrayFromImage(wk.warped_seg), old["seg"])
+    assert_itk_numbers(sitk.GetArrayFromImage(wk.warped), old["warped"], old["T"], fixed, moving, sitk.sitkLinear)
+    assert_itk_numbers(sitk.GetArrayFromImage(wk.warped_seg), old["seg"], old["T"], fixed, moving_seg,
+                        sitk.sitkNearestNeighbor)
     assert got["working"].folds == pytest.approx(got["fixed"].folds, rel=1e-5)
     # between the fixed voxels the two files differ by the second interpolation of the full-res one only
     rng = np.random.default_rng(0)
@@ -169,11 +172,63 @@ def test_warp_images_give_what_resample_through_the_composite_gives():
             want = sitk.Resample(image, fixed, T, interp, 0.0,
                                  sitk.sitkFloat32 if interp == sitk.sitkLinear else image.GetPixelID())
             assert g.GetPixelID() == want.GetPixelID() and Geometry.of(g) == fg
-            a, b = sitk.GetArrayFromImage(g), sitk.GetArrayFromImage(want)
+            assert_itk_numbers(sitk.GetArrayFromImage(g), sitk.GetArrayFromImage(want), T, fixed, image, interp)
+
+
+def test_itk_sampler_is_resample_at_the_border_outside_and_at_ties():
+    """sampling.ItkSampler against sitk.Resample through affine transforms that put samples in the half-voxel
+    margin around the image, beyond it, and exactly on half-integer positions (nearest neighbour: round half up),
+    on an oblique anisotropic image, for linear and nearest neighbour, float and integer pixels."""
+    import torch
+    from deepdiffreg.frames import Geometry
+    from deepdiffreg.sampling import ItkSampler
+    rng = np.random.default_rng(5)
+    image = sitk.GetImageFromArray(rng.random((9, 11, 13)).astype(np.float32) * 100)
+    image.SetSpacing((1.0, 1.5, 2.0))
+    image.SetOrigin((3.0, -2.0, 1.0))
+    image.SetDirection(sitk.VersorTransform((0.2, 0.3, 0.9), 0.4).GetMatrix())
+    labels = sitk.Cast(image * 0.3, sitk.sitkInt16)
+    mg = Geometry.of(image)
+    # the fixed grid: the image's own grid, one voxel larger on every side, shifted by half a voxel along i (ties)
+    ref = sitk.Image([n + 2 for n in image.GetSize()], sitk.sitkFloat32)
+    ref.SetSpacing(image.GetSpacing())
+    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin(tuple(np.asarray(mg.origin_lps) + mg.direction @ (np.asarray(mg.spacing_ijk) * [-0.5, -1, -1])))
+    fg = Geometry.of(ref)
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in fg.shape_kji), indexing="ij")
+    x = np.stack([i, j, k], -1) @ fg.lps_from_ijk_matrix()[:3, :3].T + fg.lps_from_ijk_matrix()[:3, 3]
+    for scale in (1.0, 1.07):                            # the tie grid, and a slight zoom (margin, outside)
+        t = sitk.AffineTransform(3)
+        t.SetMatrix(tuple((np.eye(3) * scale).ravel()))
+        t.SetCenter(tuple(float(c) for c in x.reshape(-1, 3).mean(0)))
+        y = np.stack([np.asarray(t.TransformPoint(tuple(v))) for v in x.reshape(-1, 3)]).reshape(x.shape)
+        inv = np.linalg.inv(mg.lps_from_ijk_matrix())
+        p64 = y @ inv[:3, :3].T + inv[:3, 3]
+        p = torch.from_numpy(p64.astype(np.float32))
+        # on the buffer's edge (p = −0.5 or n − 0.5 exactly) inside or outside is decided by rounding, ITK's too
+        edge = np.zeros(p64.shape[:3], bool)
+        for a, n in enumerate(image.GetSize()):
+            edge |= (np.abs(p64[..., a] + 0.5) < 1e-4) | (np.abs(p64[..., a] - (n - 0.5)) < 1e-4)
+        assert (scale == 1.0) == edge.any()
+        for img, interp in ((image, sitk.sitkLinear), (labels, sitk.sitkLinear), (labels, sitk.sitkNearestNeighbor)):
+            want = sitk.GetArrayFromImage(sitk.Resample(img, ref, t, interp, 0.0, sitk.sitkFloat32
+                                                        if interp == sitk.sitkLinear else img.GetPixelID()))
+            got = ItkSampler(img, interp).sample(p)
+            assert got.dtype == want.dtype
             if interp == sitk.sitkLinear:
-                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
-            else:
-                assert np.array_equal(a, b)
+                np.testing.assert_allclose(got[~edge], want[~edge], rtol=0, atol=1e-3)
+            else:   # a position on a half-integer is a tie that rounding decides (ITK's double too)
+                tie = edge | (np.abs(p64 - np.floor(p64) - 0.5) < 1e-4).any(axis=-1)
+                assert scale != 1.0 or tie[~edge].any()          # the tie grid has ties
+                assert np.array_equal(got[~tie], want[~tie])
+        inside = ItkSampler(image, sitk.sitkLinear).inside(p).numpy()
+        assert inside.any() and not inside.all()          # both sides of the margin were sampled
+    # ties themselves, at exact float32 positions: round half up, and the margin's ends (−0.5 in, n − 0.5 out)
+    n_i, n_j, n_k = image.GetSize()
+    arr = sitk.GetArrayViewFromImage(labels)
+    exact = torch.tensor([[2.5, 3.5, 1.5], [-0.5, 0.0, 0.0], [n_i - 0.5, 0.0, 0.0], [n_i - 0.51, n_j - 0.5001, 0.0]])
+    got = ItkSampler(labels, sitk.sitkNearestNeighbor).sample(exact)
+    assert got.tolist() == [arr[2, 4, 3], arr[0, 0, 0], 0, arr[0, n_j - 1, n_i - 1]]
 
 
 def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each():

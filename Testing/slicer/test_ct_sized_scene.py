@@ -146,7 +146,9 @@ def _sample_nearest(volume_node, pts_lps: np.ndarray) -> np.ndarray:
     ras = pts_lps @ F.T
     ijk = np.rint(ras @ ras_to_ijk[:3, :3].T + ras_to_ijk[:3, 3]).astype(int)
     ok = np.all((ijk >= 0) & (ijk < np.asarray(arr.shape[::-1])), axis=1)
-    out = np.full(len(pts_lps), np.iinfo(np.int16).min, np.int64)
+    # float64, not an integer type: the warped volume is float32 (linear: 40 HU reads as 39.99998 to float32
+    # rounding, which an int64 array would truncate to 39)
+    out = np.full(len(pts_lps), np.iinfo(np.int16).min, np.float64)
     out[ok] = arr[ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]]
     return out
 
