@@ -240,7 +240,8 @@ def test_refine_keeps_the_best_unless_asked_where_the_steps_went():
     best, _ = refine(start, loss, steps=3, lr=0.1)
     moved, info = refine(start, loss, steps=3, lr=0.1, keep_best=False)
     assert torch.equal(best, start)
-    assert float(moved.abs().min()) > 0.05 and info["refine_loss_end"] > float(loss(start))
+    assert float(moved.abs().min()) > 0.05 and float(loss(moved)) > float(loss(start))
+    assert info["refine_loss_end"] is None and info["refine_loss_start"] == float(loss(start))
 
 
 def test_refine_takes_torch_adams_steps():
@@ -392,13 +393,36 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
     assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
     assert calls[-1] == 1.0
-    qa = est.info["uncertainty_qa"]              # report.json says whether the map may be read as QA, and why
-    assert qa["reliable"] is VxmDiff.caps.uncertainty_qa and qa["note"]
+    qa = est.info["uncertainty_qa"]              # report.json says whether the map may be read as QA, and why:
+    assert qa["reliable"] is False and qa["measured_rho_displacement"] is None and qa["note"]   # refined: not
     # forward ∘ inverse ≈ identity (exp(v)∘exp(−v), per stage of a cascade); the border-clamped compositions of a
     # cascade err most in the few voxels next to the margin, hence a percentile rather than the maximum
     comp = est.inverse_disp_vox + warp(est.disp_vox, est.inverse_disp_vox)
     inner = comp[:, :, 3:-3, 3:-3, 3:-3].abs()
     assert float(inner.mean()) < 0.1 and float(torch.quantile(inner.flatten(), 0.99)) < 0.5
+
+
+def test_uncertainty_map_is_qa_only_as_measured():
+    """The map is declared QA (report.json ``uncertainty_qa.reliable``) only when it is the map whose ρ against the
+    true error was measured at or above the threshold: the default settings, the bundled weights, no --vxm-refine.
+    Any other setting, other weights, or a refined result: not measured, not QA."""
+    from deepdiffreg.methods.base import UNCERTAINTY_QA_RHO
+    from deepdiffreg.methods.vxm_diff import UNCERTAINTY_MEASURED as M, VxmDiff, _uncertainty_qa
+    keys = ("kind", "steps", "lr", "similarity", "ncc_weight", "ncc_window")
+    o = VxmDiff.Options()
+    default = {"kind": o.uncertainty, "steps": o.uncertainty_steps, "lr": o.uncertainty_lr,
+               "similarity": o.uncertainty_similarity, "ncc_weight": o.uncertainty_ncc_weight,
+               "ncc_window": o.uncertainty_ncc_window | 1}
+    assert default == {k: M[k] for k in keys}                # the defaults are the measured map
+    assert VxmDiff.caps.uncertainty_qa and min(M["rho_displacement"].values()) >= UNCERTAINTY_QA_RHO
+    bundled = {"sha256": M["weights_sha256"]}
+    qa = _uncertainty_qa(default, bundled, refined=False)
+    assert qa["reliable"] is True and qa["measured_rho_displacement"] == M["rho_displacement"] and qa["measured_in"]
+    for other in ({**default, "steps": 5}, {**default, "similarity": "mse"}, {**default, "kind": "laplace"}):
+        qa = _uncertainty_qa(other, bundled, refined=False)
+        assert qa["reliable"] is False and qa["measured_rho_displacement"] is None and "not measured" in qa["note"]
+    assert _uncertainty_qa(default, {"sha256": "0" * 64}, refined=False)["reliable"] is False
+    assert _uncertainty_qa(default, bundled, refined=True)["reliable"] is False
 
 
 def test_refine_image_term_ncc_is_blind_to_a_bias_field_and_mse_is_not():

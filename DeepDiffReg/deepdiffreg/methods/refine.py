@@ -32,7 +32,8 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
     info = {"refine_steps", "refine_lr", "refine_loss_start", "refine_loss_end", "refine_seconds"}.
     The best parameter seen (lowest loss) is returned, so refinement never makes the method's loss worse;
     ``keep_best=False`` returns where the steps went instead (for a measure of how far they move the result: from
-    an already optimal start every step raises the loss, and the best seen would be the start itself).
+    an already optimal start every step raises the loss, and the best seen would be the start itself); its
+    ``refine_loss_end`` is None (the end point's loss is not computed).
     """
     info = {"refine_steps": int(steps), "refine_lr": float(lr)}
     if steps <= 0:
@@ -48,14 +49,17 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
             val = float(loss.detach())
             if first is None:
                 first = val
-            if val < best_loss:
+            if keep_best and val < best_loss:
                 best_loss, best = val, param.detach().clone()
             loss.backward()
             adam.step()
             if progress is not None:
                 progress((i + 1) / steps, f"refine {i + 1}/{steps} loss {val:.4f}")
+        if not keep_best:         # where the steps went: no loss of the end point needed (one forward pass less)
+            info.update(refine_loss_start=first, refine_loss_end=None, refine_seconds=round(time.time() - t0, 3))
+            return param.detach().clone(), info
         final = float(loss_fn(param).detach())
-    if final < best_loss or not keep_best:
+    if final < best_loss:
         best_loss, best = final, param.detach().clone()
     info.update(refine_loss_start=first, refine_loss_end=best_loss, refine_seconds=round(time.time() - t0, 3))
     return best, info

@@ -1,8 +1,11 @@
 """Uncertainty maps of VoxelMorph-diff: the standard deviation of the displacement, in mm, per voxel.
 
-Two estimates of the posterior over the stationary velocity v (½-resolution grid, ½-grid voxel units):
+``refine`` (the default, ``refine_shift_mm``) is an estimate of the result's error, not of a posterior: how far a
+few more optimisation steps of a bias-blind objective (squared local NCC plus the model's prior) move the
+displacement. The other candidates are kept for study (their measured ρ: docs/benchmarks.md). Two of them estimate
+the posterior over the stationary velocity v (½-resolution grid, ½-grid voxel units):
 
-``laplace`` (the default) — the posterior of the model's own objective for *this* pair, approximated at the predicted
+``laplace`` — the posterior of the model's own objective for *this* pair, approximated at the predicted
 mean μ (diagonal Laplace approximation). The training objective, per ½-grid voxel and component c, with the
 reference code's mean normalisation (losses/kl.py: the KL is 1.5·mean over 3·N½ elements, the image term a mean
 over N = 8·N½ full voxels) is, for a Gaussian q with variance s,
@@ -130,7 +133,8 @@ def refine_shift_mm(mu: torch.Tensor, loss_of_velocity, steps: int, lr: float, i
                     mm_per_half_vox: torch.Tensor) -> torch.Tensor:
     """``refine``: how far the model's own objective still moves the result — |exp(v') − exp(μ)| in mm on the ½
     grid, v' = μ after ``steps`` more Adam steps (lr ``lr``, ½-grid voxels) on ``loss_of_velocity(v)`` (the
-    objective of ``--vxm-refine``: MSE/σ² + the Laplacian prior term)."""
+    objective of ``--vxm-refine``: an image term — by default weight·(1 − local NCC²) — plus the model's Laplacian
+    prior term)."""
     from .refine import refine
     # where the steps go, not the best of them: after --vxm-refine the result is at the objective's minimum, every
     # step raises the loss and the best seen is μ itself (an all-zero map: benchmark run of 2026-12-02 15:16)
