@@ -89,6 +89,7 @@ class DeepDiffRegParameterNode:
     initialAlignment: bool = True
     fieldGrid: Annotated[str, Choice(["working", "fixed"])] = "working"  # transform.h5's field grid (--field-grid)
     keepTemporaryFiles: bool = False
+    allowContrastMismatch: bool = False        # --contrast-check warn instead of error (not remembered: per run)
     outputTransform: vtkMRMLTransformNode
     outputInverse: vtkMRMLTransformNode
     outputJacobian: vtkMRMLScalarVolumeNode
@@ -743,6 +744,7 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
                                        options=dict(user_options(p).get(method.name, {})),
                                        spacing_mm=p.workingSpacingMm or None, align=p.initialAlignment,
                                        field_grid=p.fieldGrid or "working",
+                                       contrast_check="warn" if p.allowContrastMismatch else "error",
                                        keep_temporary_files=p.keepTemporaryFiles, context=p)
 
     @staticmethod

@@ -304,7 +304,8 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
                      fixed_mask: str | None = None, spacing_mm: float | None = None,
                      spacing_scale: float | None = None, align: bool = True,
                      method_args: Sequence[str] = (), overwrite: bool = True, threads: int | None = None,
-                     field_grid: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+                     field_grid: str | None = None, contrast_check: str | None = None,
+                     extra: Sequence[str] = ()) -> list[str]:
     """``[python, -m, deepdiffreg, register, ...]`` (the engine CLI, see the README).
 
     Only the engine's generic options are spelled here; everything method-specific comes in ``method_args``,
@@ -327,6 +328,8 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
         cmd.append("--no-align")
     if field_grid:           # "working" (the engine's default) or "fixed" (the full-resolution field)
         cmd += ["--field-grid", field_grid]
+    if contrast_check and contrast_check != "error":   # the engine's default refuses a contrast mismatch
+        cmd += ["--contrast-check", contrast_check]
     cmd += [str(a) for a in method_args]
     if overwrite:
         cmd.append("--overwrite")

@@ -427,6 +427,9 @@ def load_result(scene, result_dir: str, fixed_node=None, moving_node=None, *, lo
         if spath is not None:
             res.warped_seg = logics.load_volume(spath, f"{prefix} warped segmentation", labelmap=True)
 
+    contrast_warning = (report.get("contrast_check") or {}).get("warning")
+    if contrast_warning:
+        res.warnings.append(contrast_warning)
     upath = _file(report, result_dir, "uncertainty", None)
     if upath is not None:
         reliable = uncertainty_reliable(report)

@@ -69,6 +69,10 @@ def _add_register(sub) -> None:
                    help="grid of the displacement stored in transform.h5 / inverse.h5: 'working' (default) the "
                         "method's own grid, padded (small file, the same T at every fixed voxel); 'fixed' the fixed "
                         "image's full-resolution grid, padded (float64: ~190 MB for a 1 mm brain)")
+    p.add_argument("--contrast-check", choices=["error", "warn", "off"], default="error",
+                   help="a method that handles one contrast, on images that look like two (rank correlation of "
+                        "their intensities after the initial alignment below 0.2, e.g. T1 to T2): 'error' (default) "
+                        "refuse before it runs; 'warn' run it and record the warning in report.json; 'off' no check")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and SimpleITK (default: cores - 1, at least 1, so the machine stays "
                         "responsive)")
@@ -119,7 +123,7 @@ def _cmd_register(args) -> int:
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                           fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
                           align=args.align, spacing_mm=args.spacing, spacing_scale=args.spacing_scale,
-                          method_options=options, overwrite=args.overwrite, field_grid=args.field_grid)
+                          method_options=options, overwrite=args.overwrite, field_grid=args.field_grid, contrast_check=args.contrast_check)
     reporter = make_reporter(getattr(args, "json_protocol", False))
     report = register(req, reporter)
     s = summary_of(report)
@@ -132,6 +136,8 @@ def _cmd_register(args) -> int:
                      f"alignment -> {s['dice_after']:.3f} after {s['method']}")
     if "tre_after_mm" in s:
         lines.append(f"  TRE: {s['tre_before_mm']:.2f} mm before -> {s['tre_after_mm']:.2f} mm after")
+    if s.get("warning"):
+        lines.append(f"  warning: {s['warning']}")
     reporter.text("\n".join(lines))
     global _teardown_needed
     _teardown_needed = False  # the result directory is complete and closed: see run()

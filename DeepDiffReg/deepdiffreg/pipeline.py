@@ -1,6 +1,7 @@
 """register(): the one place where the stages of a registration run are strung together.
 
-check → load → initial alignment A_init → working grid (fixed box, method spacing) → method (OOM guard) →
+check → load → initial alignment A_init → working grid (fixed box, method spacing) → contrast check (contrast.py:
+a one-contrast method on images that look like two is refused) → method (OOM guard) →
 compose the result (compose.py: T = A ∘ (id + u) as an ITK composite, Jacobian, grid, warped images) →
 report → result directory (io.result_writer.write_result, atomic).
 
@@ -22,16 +23,16 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import __version__
+from . import __version__, contrast
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .compat import OUT_OF_MEMORY_ERRORS
 from .compose import FIELD_GRIDS, TRANSFORM_CHAIN, ComposedResult, compose_result
 from .devices import resolve_device
-from .errors import BadInput, OutOfMemory
+from .errors import BadInput, OutOfMemory, RegistrationError
 from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
-from .methods.base import FieldEstimate, Method, PairOnGrid, get_method
+from .methods.base import FieldEstimate, Method, PairOnGrid, all_methods, get_method
 from .metrics import dice_per_label_many, dice_summary, present_labels, tre_mm
 from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
@@ -65,6 +66,8 @@ class RegisterRequest:
     grid_lines: int = 16
     field_grid: str = "working"      # where transform.h5's u and inverse.h5's w are stored (compose.FIELD_GRIDS):
                                      # the method's working grid (default) or the full-resolution fixed grid
+    contrast_check: str = "error"    # contrast.MODES: a one-contrast method on images that look like two contrasts
+                                     # is refused ("error"), run with a warning ("warn") or not checked ("off")
 
 
 def check_request(req: RegisterRequest) -> None:
@@ -89,6 +92,8 @@ def check_request(req: RegisterRequest) -> None:
     number(req.align_erode_mm, "--align-erode-mm", positive=False)
     if req.align not in ("affine", "rigid", "none"):
         raise BadInput(f"unknown alignment {req.align!r}; use affine, rigid or none")
+    if req.contrast_check not in contrast.MODES:
+        raise BadInput(f"--contrast-check must be one of {', '.join(contrast.MODES)}, got {req.contrast_check!r}")
     if req.field_grid not in FIELD_GRIDS:
         raise BadInput(f"--field-grid must be one of {', '.join(FIELD_GRIDS)}, got {req.field_grid!r}")
     if not isinstance(req.grid_lines, int) or req.grid_lines < 2:
@@ -259,7 +264,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     """Run one registration and write its result directory. Returns the report (also in report.json).
 
     The data flow, one function each: check the request → load and check the inputs → initial alignment →
-    working grid → the method's estimate (out-of-memory guard) → compose the result (compose.compose_result) →
+    working grid → contrast check → the method's estimate (out-of-memory guard) → compose the result (compose.compose_result) →
     report → files (io.result_writer.write_result, which writes every file)."""
     reporter = reporter or Reporter(stream=None)
     t_start = time.perf_counter()
@@ -268,6 +273,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     inputs = _load(req, method_cls, device, reporter)
     alignment = _align(req, inputs, reporter)
     pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
+    contrast_check = _contrast_check(req, method, pair, reporter)
     est = _estimate(req, method, pair, device, reporter)
 
     reporter.stage("write", "writing results", _SPAN["write"][0])
@@ -280,6 +286,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     parts["compose"] = round(time.perf_counter() - t0, 3)   # transforms, Jacobian, folds, grid, warped images
     t0 = time.perf_counter()
     report = _report(req, method, device, inputs, alignment, pair.geometry, spacing, est, composed)
+    report["contrast_check"] = contrast_check
     parts["metrics"] = round(time.perf_counter() - t0, 3)   # Dice, TRE and the rest of report.json
 
     def finish(rep: dict) -> None:  # when every other file is written, just before report.json
@@ -384,6 +391,39 @@ def _working_pair(req: RegisterRequest, method_cls, inputs: _Inputs, alignment: 
     if user_fg is not None:
         mask_w = to_t(sitk.GetArrayFromImage(resample(user_fg, geom, None, sitk.sitkNearestNeighbor)).astype(np.float32))
     return PairOnGrid(to_t(fixed_w), to_t(moving_w), geom, mask_w), spacing, user_fg
+
+
+def _contrast_check(req: RegisterRequest, method, pair: PairOnGrid, reporter: Reporter) -> dict | None:
+    """report.json's ``contrast_check`` (contrast.check; None with --contrast-check off). A method that handles one
+    contrast, on images that look like two, is refused before it runs (BadInput) or, with --contrast-check warn,
+    run with a warning that report.json and the Slicer panel carry."""
+    if req.contrast_check == "off":
+        return None
+    result = contrast.check(pair.fixed, pair.moving, pair.fixed_mask, method.contrasts())
+    if result["mismatch"]:
+        alternatives = _methods_for_two_contrasts()
+        message = contrast.mismatch_message(req.method, result, alternatives)
+        if req.contrast_check == "error":
+            raise BadInput(message)
+        result["warning"] = message.split("; use a method")[0].split("; --contrast-check")[0]
+        reporter.info(result["warning"], warning=True)
+    return result
+
+
+def _methods_for_two_contrasts() -> list[str]:
+    """The methods that handle different contrasts and can run here with their defaults (weights installed)."""
+    names = []
+    for name, cls in sorted(all_methods().items()):
+        if name.startswith("_") or cls.caps.contrasts != "different" and not cls.caps.learned:
+            continue
+        try:
+            m = cls()
+            m.check_ready()
+        except RegistrationError:
+            continue
+        if m.contrasts() == "different":
+            names.append(name)
+    return names
 
 
 def _estimate(req: RegisterRequest, method, pair: PairOnGrid, device: torch.device, reporter: Reporter) -> FieldEstimate:
@@ -498,4 +538,7 @@ def summary_of(report: dict) -> dict:
     if "tre_mm" in report:
         s["tre_before_mm"] = round(report["tre_mm"]["before"]["mean"], 3)
         s["tre_after_mm"] = round(report["tre_mm"]["after"]["mean"], 3)
+    warning = (report.get("contrast_check") or {}).get("warning")
+    if warning:
+        s["warning"] = warning
     return s

@@ -186,7 +186,7 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     def method_words(req):
         cmd = ddcontroller.build_register_command("py", req, files, "out")
         generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--spacing-scale",
-                   "--no-align", "--overwrite", "--fixed-mask", "--field-grid"}
+                   "--no-align", "--overwrite", "--fixed-mask", "--field-grid", "--contrast-check"}
         flags = {w for w in cmd if w.startswith("--")} - generic
         declared = {o.flag for o in req.method.options} | {o.negative_flag for o in req.method.options
                                                             if o.negative_flag}
@@ -197,6 +197,9 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     assert cmd[cmd.index("--nodeo-iterations") + 1] == "30" and "--nodeo-lr" not in cmd  # default: not passed
     assert "--spacing" not in cmd and "--spacing-scale" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
     assert cmd[cmd.index("--field-grid") + 1] == "working"   # the panel's default
+    assert "--contrast-check" not in cmd                      # the engine's default: a contrast mismatch is refused
+    cmd = method_words(ddcontroller.RunRequest(vxm, contrast_check="warn"))
+    assert cmd[cmd.index("--contrast-check") + 1] == "warn"  # Advanced: "Run on different contrasts"
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", field_grid="fixed"))
     # a factor of the spacing the engine chooses for the image (NODEO: 3 mm, or 1.5 mm for a fine image), not 4.5 mm
     assert cmd[cmd.index("--spacing-scale") + 1] == "1.5" and "--spacing" not in cmd

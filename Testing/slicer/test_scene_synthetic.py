@@ -203,3 +203,24 @@ def test_uncertainty_map_labelled_unreliable_unless_the_report_declares_it_qa(mr
         name, attr, warnings = names[case_name]
         assert name.endswith("(unreliable, not QA)") and attr == "false" and len(warnings) == 1
     assert "rho 0.31 below 0.5" in names["unreliable"][2][0]
+
+
+def test_contrast_warning_of_the_report_reaches_the_panel(mrml, tmp_path):
+    """A run made with --contrast-check warn on images that looked like two contrasts: load_result returns the
+    report's warning (the panel shows res.warnings); a report without one adds none."""
+    import json
+
+    import synthetic
+    got = {}
+    warned = {"looks": "different", "mismatch": True,
+              "warning": "the images look like different contrasts (rank correlation -0.34 ...)"}
+    for case_name, check in (("warned", warned), ("clean", {"looks": "same", "mismatch": False})):
+        case = synthetic.write_result_dir(str(tmp_path / case_name))
+        out = case["out_dir"]
+        rep = json.loads(open(out + "/report.json").read())
+        rep["contrast_check"] = check
+        open(out + "/report.json", "w").write(json.dumps(rep))
+        lg, fixed, moving = _load_inputs(mrml, case)
+        res = ddscene.load_result(mrml.scene, out, fixed, moving, logics=lg, name_prefix=case_name)
+        got[case_name] = [w for w in res.warnings if "contrast" in w]
+    assert got["clean"] == [] and got["warned"] == [warned["warning"]]

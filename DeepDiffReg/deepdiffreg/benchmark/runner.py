@@ -105,6 +105,9 @@ def run_method(pair: dict[str, Any], row: MethodRow, out_dir: Path, threads: int
                quick: bool) -> dict[str, Any]:
     cmd = register_cmd() + ["register", "--fixed", pair["fixed"], "--moving", pair["moving"], "--out", str(out_dir),
                             "--overwrite"] + row.register_args(quick) + _pair_args(pair)
+    # every method is measured on every pair, the contrast pair too: a one-contrast method's refusal (the engine's
+    # default) would leave its row empty; its report.json records the check and the warning
+    cmd += ["--contrast-check", "warn"]
     if threads:
         cmd += ["--threads", str(threads)]
     log = out_dir.with_suffix(".log")
@@ -123,7 +126,8 @@ def run_method(pair: dict[str, Any], row: MethodRow, out_dir: Path, threads: int
                peak_memory_mb=rep.get("peak_memory_mb"), method_options=rep.get("method_options"),
                voxels=_voxels(rep), transform_mb=_file_mb(out_dir, rep, "transform"),
                folds={k: rep["folds"].get(k) for k in ("percent_folded", "percent_folded_foreground", "min_det",
-                                                       "max_det", "std_log_det")})
+                                                       "max_det", "std_log_det")},
+               contrast_check=rep.get("contrast_check"))
     if "dice" in rep:
         res["dice"] = {k: {"mean": rep["dice"][k]["mean"], "num_labels": rep["dice"][k]["num_labels"]}
                        for k in ("before", "initial_alignment", "after")}

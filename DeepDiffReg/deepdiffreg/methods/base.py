@@ -306,6 +306,10 @@ class Method:
         return cls.Options(**values)
 
     # -- the work ----------------------------------------------------------------------------------------------
+    def contrasts(self) -> str:
+        """What this run handles, "same" | "different" (``contrasts_of``: a learned method's weights decide)."""
+        return contrasts_of(type(self))
+
     def check_ready(self) -> None:
         """Fail now (before any voxel is read) when the method cannot run as configured, e.g. missing or tampered
         weights. Cheap: called by the pipeline's input gate."""

@@ -51,7 +51,7 @@ from torch import nn
 
 from ..errors import BadInput
 from ..io.weights import find_model, load_weights, verify_entry
-from .base import Method, all_methods, option
+from .base import Method, all_methods, contrasts_of, option
 
 
 @dataclass
@@ -79,6 +79,10 @@ class LearnedMethod(Method):
         """The registry entry (or file entry) the ``model``/``weights`` options select; MissingWeights if none."""
         o = self.opts
         return find_model(getattr(o, "model", None), method=self.name, file=getattr(o, "weights", None))
+
+    def contrasts(self) -> str:
+        """The selected model's statement ("contrasts" in its manifest entry), else the method's declaration."""
+        return contrasts_of(type(self), self.model_entry())
 
     def check_ready(self) -> None:
         """The weights exist, lie inside their model folder and match their sha256 (no unpickling)."""
