@@ -79,10 +79,14 @@ def check(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, 
                          "alignment, where both are foreground"}
 
 
-def mismatch_message(method: str, result: dict[str, Any], alternatives: list[str]) -> str:
-    """One line: why a one-contrast method should not run on this pair, and what to do instead."""
-    instead = f"use a method that handles different contrasts ({', '.join(alternatives)}), or " if alternatives else ""
+def mismatch_warning(method: str, result: dict[str, Any]) -> str:
+    """What report.json and the Slicer panel say when a one-contrast method ran on such a pair anyway."""
     return (f"the images look like different contrasts (rank correlation of their intensities "
             f"{result['rank_correlation']:.2f} after the initial alignment, below {result['threshold']:g}) and "
-            f"{method} handles one contrast only: its result would likely be worse than the initial alignment; "
-            f"{instead}--contrast-check warn to run it anyway")
+            f"{method} handles one contrast only: its result would likely be worse than the initial alignment")
+
+
+def mismatch_message(method: str, result: dict[str, Any], alternatives: list[str]) -> str:
+    """The refusal, one line: the warning and what to do instead."""
+    instead = f"use a method that handles different contrasts ({', '.join(alternatives)}), or " if alternatives else ""
+    return f"{mismatch_warning(method, result)}; {instead}--contrast-check warn to run it anyway"

@@ -401,11 +401,9 @@ def _contrast_check(req: RegisterRequest, method, pair: PairOnGrid, reporter: Re
         return None
     result = contrast.check(pair.fixed, pair.moving, pair.fixed_mask, method.contrasts())
     if result["mismatch"]:
-        alternatives = _methods_for_two_contrasts()
-        message = contrast.mismatch_message(req.method, result, alternatives)
         if req.contrast_check == "error":
-            raise BadInput(message)
-        result["warning"] = message.split("; use a method")[0].split("; --contrast-check")[0]
+            raise BadInput(contrast.mismatch_message(req.method, result, _methods_for_two_contrasts()))
+        result["warning"] = contrast.mismatch_warning(req.method, result)
         reporter.info(result["warning"], warning=True)
     return result
 
