@@ -10,10 +10,11 @@ The statistic: Spearman's rank correlation of the two normalised images on the w
 alignment, over the voxels where both are foreground (each above its own Otsu threshold, capped at 10 % of the
 range, so the background and its noise — dark in every MR contrast, and a positive correlation whatever the tissues
 do — are left out; inside the user's mask when one is given). One contrast, even of two different brains or with a bias field, keeps the order of the tissue intensities
-(positive ρ); another contrast reverses part of it (CSF bright in T2, dark in T1). Measured 2026-12-07 on the
-benchmark's pairs at 1 mm after the engine's initial alignment: same contrast 0.54 (synth-15-16, two brains),
-0.61 (ixi-1, two subjects), 0.88 (known-15, known-16), 0.91 (same-1); T1 ↔ T2 (contrast-15-16) −0.45. The
-threshold, 0.2, lies between.
+(positive ρ); another contrast reverses part of it (CSF bright in T2, dark in T1). Measured 2026-12-07 through the
+engine (2 mm working grid) on the benchmark's pairs: same contrast 0.55 (synth-15-16, two brains), 0.57 / 0.61
+(ixi-2 / ixi-1, two subjects), 0.90–0.93 (one subject or label map with a known deformation), 0.72–0.82 (T1 and T1ce
+of BraTSReg_002); T1 ↔ T2 (contrast-15-16) −0.40 (docs/benchmarks.md, "Contrast check"). The threshold, 0.2, lies
+between.
 """
 from __future__ import annotations
 
