@@ -49,7 +49,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from ..errors import BadInput, RegistrationError
 from ..io.weights import find_model, load_weights, verify_entry
 from .base import Method, all_methods, contrasts_of, option
 
@@ -81,8 +81,14 @@ class LearnedMethod(Method):
         return find_model(getattr(o, "model", None), method=self.name, file=getattr(o, "weights", None))
 
     def contrasts(self) -> str:
-        """The selected model's statement ("contrasts" in its manifest entry), else the method's declaration."""
-        return contrasts_of(type(self), self.model_entry())
+        """The selected model's statement ("contrasts" in its manifest entry), else the method's declaration (also
+        when no entry is found: a run without weights has been refused at the input gate already, so that is a
+        network supplied another way, e.g. a test's)."""
+        try:
+            entry = self.model_entry()
+        except RegistrationError:
+            entry = None
+        return contrasts_of(type(self), entry)
 
     def check_ready(self) -> None:
         """The weights exist, lie inside their model folder and match their sha256 (no unpickling)."""
