@@ -401,9 +401,10 @@ def _contrast_check(req: RegisterRequest, method, pair: PairOnGrid, reporter: Re
         return None
     result = contrast.check(pair.fixed, pair.moving, pair.fixed_mask, method.contrasts())
     if result["mismatch"]:
+        aligned = req.align != "none"
         if req.contrast_check == "error":
-            raise BadInput(contrast.mismatch_message(req.method, result, _methods_for_two_contrasts()))
-        result["warning"] = contrast.mismatch_warning(req.method, result)
+            raise BadInput(contrast.mismatch_message(req.method, result, _methods_for_two_contrasts(), aligned))
+        result["warning"] = contrast.mismatch_warning(req.method, result, aligned)
         reporter.info(result["warning"], warning=True)
     return result
 

@@ -174,7 +174,7 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
         sitk.WriteImage(img, str(paths[role]))
     out = tmp_path / "out"
     r = _cli(env, "register", "--method", name, "--fixed", paths["fixed"], "--moving", paths["moving"], "--out", out,
-             "--no-align")
+             "--no-align", "--contrast-check", "warn")   # the tiny phantom pair, far apart: ρ 0.15 (contrast.py)
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ("transform.h5", "inverse.h5", "jacobian.nii.gz", "grid.vtk", "warped.nii.gz", "report.json"):
         assert (out / f).exists(), f
@@ -183,7 +183,7 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
     assert "numerical" in report["method_info"]["inverse"]
     # a variant no installed model was trained as is refused in one line (bad input), not silently substituted
     r = _cli(env, "register", "--method", name, "--fixed", paths["fixed"], "--moving", paths["moving"],
-             "--out", tmp_path / "out-svf", "--no-align", "--r2net-variant", "svf")
+             "--out", tmp_path / "out-svf", "--no-align", "--contrast-check", "warn", "--r2net-variant", "svf")
     assert r.returncode == 2 and "svf" in r.stderr and not (tmp_path / "out-svf").exists()
 
 
