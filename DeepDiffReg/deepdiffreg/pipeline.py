@@ -399,7 +399,7 @@ def _contrast_check(req: RegisterRequest, method, pair: PairOnGrid, reporter: Re
     run with a warning that report.json and the Slicer panel carry."""
     if req.contrast_check == "off":
         return None
-    result = contrast.check(pair.fixed, pair.moving, pair.fixed_mask, method.contrasts())
+    result = contrast.check(pair.fixed, pair.moving, pair.fixed_mask, method.contrasts(), pair.geometry.spacing_ijk)
     if result["mismatch"]:
         aligned = req.align != "none"
         if req.contrast_check == "error":
