@@ -132,7 +132,7 @@ def cmd_benchmark(args) -> int:
             why = missing_weights(r)
             if why:
                 skip[r.label] = why
-                note = f"{r.method} rows skipped: {why}"
+                note = f"{r.method} rows skipped: {_portable(why)}"
                 if note not in notes:
                     notes.append(note)
         for name, pair in pairs.items():
@@ -188,3 +188,10 @@ def cmd_benchmark(args) -> int:
 
 
 __all__ = ["add_benchmark_parser", "cmd_benchmark", "all_rows"]
+
+
+def _portable(text: str) -> str:
+    """``text`` with this checkout's models folder and the home folder written as ``models/`` and ``~``: the notes
+    go into the committed docs/benchmarks.md, which should not name the clone a run was made from."""
+    from ..io.weights import bundled_dir
+    return text.replace(str(bundled_dir()), "models/").replace(str(Path.home()), "~")
