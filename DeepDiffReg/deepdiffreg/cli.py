@@ -123,7 +123,8 @@ def _cmd_register(args) -> int:
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                           fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
                           align=args.align, spacing_mm=args.spacing, spacing_scale=args.spacing_scale,
-                          method_options=options, overwrite=args.overwrite, field_grid=args.field_grid, contrast_check=args.contrast_check)
+                          method_options=options, overwrite=args.overwrite, field_grid=args.field_grid,
+                          contrast_check=args.contrast_check)
     reporter = make_reporter(getattr(args, "json_protocol", False))
     report = register(req, reporter)
     s = summary_of(report)

@@ -30,10 +30,10 @@ from .metrics import spearman
 SAME_CONTRAST_MIN_RHO = 0.2     # below: the images "look like different contrasts"
 MAX_FOREGROUND_THRESHOLD = 0.1  # of the normalised [0, 1] range (foreground_threshold)
 SMOOTH_MM = 2.0                 # Gaussian σ applied to both images first (smoothing)
-MAX_VOXELS = 200_000
+MAX_VOXELS = 200_000            # a regular subsample of the joint foreground (ranks of 200k values: ~0.05 s)
 STATISTIC = (f"Spearman rank correlation of the normalised images on the working grid after the initial alignment, "
              f"both averaged over 2x2x2 blocks and smoothed by a Gaussian of {SMOOTH_MM:g} mm, where both are "
-             f"foreground (eroded by {2 * SMOOTH_MM:g} mm)")            # a regular subsample of the joint foreground (ranks of 200k values: ~0.05 s)
+             f"foreground (eroded by {2 * SMOOTH_MM:g} mm)")
 MODES = ("error", "warn", "off")
 
 
@@ -83,24 +83,20 @@ def rank_correlation(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tens
     if f.max() <= f.min() or m.max() <= m.min():
         return None
     roi = mask.detach()[0, 0].float().cpu().numpy() if mask is not None else None
-    if spacing_ijk is not None and sigma_mm > 0:
+    smooth = spacing_ijk is not None and sigma_mm > 0
+    if smooth:
         shrink = [2 if n >= 64 else 1 for n in f.shape[::-1]]          # (i, j, k); small images stay
         spacing = [float(s) * k for s, k in zip(spacing_ijk, shrink)]
-        f_img, m_img = (sitk.BinShrink(_image(a, spacing_ijk), shrink) for a in (f, m))
-        f, m = sitk.GetArrayFromImage(f_img), sitk.GetArrayFromImage(m_img)
-        if roi is not None:
-            roi = sitk.GetArrayFromImage(sitk.BinShrink(_image(roi, spacing_ijk), shrink))
-        both = (f > foreground_threshold(f.ravel())) & (m > foreground_threshold(m.ravel()))
-        if roi is not None:
-            both &= roi >= 0.5
+        f, m, roi = (None if a is None else sitk.GetArrayFromImage(sitk.BinShrink(_image(a, spacing_ijk), shrink))
+                     for a in (f, m, roi))
+    both = (f > foreground_threshold(f.ravel())) & (m > foreground_threshold(m.ravel()))
+    if roi is not None:
+        both &= roi >= 0.5                   # a {0, 1} mask, or its block means: at least half of a block inside
+    if smooth:
         radius = [max(1, int(round(2.0 * sigma_mm / s))) for s in spacing]
         both = sitk.GetArrayFromImage(sitk.BinaryErode(_image(both.astype(np.uint8), spacing), radius)) > 0
         f, m = (sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(_image(a, spacing), float(sigma_mm)))
                 for a in (f, m))
-    else:
-        both = (f > foreground_threshold(f.ravel())) & (m > foreground_threshold(m.ravel()))
-        if roi is not None:
-            both &= roi > 0
     idx = np.flatnonzero(both.ravel())
     if len(idx) < 1000:
         return None
@@ -124,8 +120,8 @@ def check(fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, 
 
 def mismatch_warning(method: str, result: dict[str, Any], aligned: bool = True) -> str:
     """What report.json and the Slicer panel say when a one-contrast method ran on such a pair anyway. ``aligned``:
-    whether an initial alignment ran (without one, images far apart also correlate poorly: the test's 24³
-    phantom pair, deformed by ~2 voxels with --no-align, gave 0.15)."""
+    whether an initial alignment ran (without one, images far apart also correlate poorly: one of the 24³
+    training phantom's validation pairs, deformed by ~2 voxels, with --no-align gave −0.13)."""
     where = "after the initial alignment" if aligned else "with no initial alignment"
     return (f"the images look like different contrasts, or are far from aligned (rank correlation of their "
             f"intensities {result['rank_correlation']:.2f} {where}, below {result['threshold']:g}) and {method} "

@@ -264,8 +264,8 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     """Run one registration and write its result directory. Returns the report (also in report.json).
 
     The data flow, one function each: check the request → load and check the inputs → initial alignment →
-    working grid → contrast check → the method's estimate (out-of-memory guard) → compose the result (compose.compose_result) →
-    report → files (io.result_writer.write_result, which writes every file)."""
+    working grid → contrast check → the method's estimate (out-of-memory guard) → compose the result
+    (compose.compose_result) → report → files (io.result_writer.write_result, which writes every file)."""
     reporter = reporter or Reporter(stream=None)
     t_start = time.perf_counter()
     req, method_cls, method, device, result_dir = _check_request(req)
@@ -413,8 +413,8 @@ def _methods_for_two_contrasts() -> list[str]:
     """The methods that handle different contrasts and can run here with their defaults (weights installed)."""
     names = []
     for name, cls in sorted(all_methods().items()):
-        if name.startswith("_") or cls.caps.contrasts != "different" and not cls.caps.learned:
-            continue
+        if name.startswith("_") or (cls.caps.contrasts != "different" and not cls.caps.learned):
+            continue                 # a test's method, or one declared for one contrast that no model can change
         try:
             m = cls()
             m.check_ready()

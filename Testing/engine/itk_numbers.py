@@ -7,7 +7,8 @@ import numpy as np
 import SimpleITK as sitk
 
 
-def _on_fixed(t, fixed):
+def on_fixed(t, fixed):
+    """(K, J, I, 3) T(x) − x at the fixed voxels, LPS mm (pipeline.displacement_on_grid)."""
     from deepdiffreg.pipeline import displacement_on_grid
     return sitk.GetArrayFromImage(displacement_on_grid([t], fixed))
 
@@ -19,7 +20,7 @@ def near_tie(t, fixed, image, tol=1e-4):
     fg, mg = Geometry.of(fixed), Geometry.of(image)
     k, j, i = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in fg.shape_kji), indexing="ij")
     m = fg.lps_from_ijk_matrix()
-    y = np.stack([i, j, k], -1) @ m[:3, :3].T + m[:3, 3] + _on_fixed(t, fixed)
+    y = np.stack([i, j, k], -1) @ m[:3, :3].T + m[:3, 3] + on_fixed(t, fixed)
     inv = np.linalg.inv(mg.lps_from_ijk_matrix())
     p = y @ inv[:3, :3].T + inv[:3, 3]
     return (np.abs(p - np.floor(p) - 0.5) < tol).any(axis=-1)

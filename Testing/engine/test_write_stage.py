@@ -6,7 +6,7 @@ import SimpleITK as sitk
 from deepdiffreg.metrics import fold_stats
 from deepdiffreg.pipeline import _fold_region
 from deepdiffreg.preprocess import foreground_mask
-from itk_numbers import assert_itk_numbers
+from itk_numbers import assert_itk_numbers, on_fixed as _on_fixed
 from synth import blank, from_array, phantom, points_lps
 
 
@@ -95,11 +95,6 @@ def _old_compose(est, work, align, fixed, moving, moving_seg, Geometry):
     return {"T": T, "field_size": size, "det": det, "grid": lines,
             "warped": sitk.GetArrayFromImage(sitk.Resample(moving, fixed, T, sitk.sitkLinear, 0.0, sitk.sitkFloat32)),
             "seg": sitk.GetArrayFromImage(sitk.Resample(moving_seg, fixed, T, sitk.sitkNearestNeighbor, 0))}
-
-
-def _on_fixed(t, fixed):
-    from deepdiffreg.pipeline import displacement_on_grid
-    return sitk.GetArrayFromImage(displacement_on_grid([t], fixed))
 
 
 def test_field_grid_fixed_is_the_old_writer_and_working_the_same_T_at_every_fixed_voxel(tmp_path):

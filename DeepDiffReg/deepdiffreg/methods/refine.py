@@ -41,7 +41,7 @@ def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
     t0 = time.time()
     param = initial.detach().clone().requires_grad_(True)
     adam = _Adam(param, lr)
-    best, best_loss, first = param.detach().clone(), float("inf"), None
+    best, best_loss, first = param.detach().clone() if keep_best else None, float("inf"), None
     with torch.enable_grad():
         for i in range(steps):
             param.grad = None
