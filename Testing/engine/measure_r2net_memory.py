@@ -6,6 +6,8 @@ One measurement per fresh process (peak RSS from ``deepdiffreg.peak_memory``, Vm
     python Testing/engine/measure_r2net_memory.py fwd r2net-svf 128
     python Testing/engine/measure_r2net_memory.py fwd vxm 128          # VoxelMorph-diff as shipped (½-grid S&S)
     python Testing/engine/measure_r2net_memory.py fwd vxm-fullint 128  # μ upsampled, S&S at full resolution
+    python Testing/engine/measure_r2net_memory.py fwd r2net-vxm 128    # R2Net on VoxelMorph-diff's U-Net
+    python Testing/engine/measure_r2net_memory.py train r2net-vxm 128  # one training step (forward, MSE, backward)
     python Testing/engine/measure_r2net_memory.py est 128 128 128      # R2Net estimate() incl. numerical inverse
     python Testing/engine/measure_r2net_memory.py est-ms 300 512 512   # MS-R2Net estimate() on that working grid
 
@@ -33,12 +35,16 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     mode, rest = argv[0], argv[1:]
-    if mode == "fwd":
+    if mode in ("fwd", "train"):
         kind, n = rest[0], int(rest[1])
         m, f = torch.rand(1, 1, n, n, n), torch.rand(1, 1, n, n, n)
         if kind.startswith("r2net"):
             from deepdiffreg.nn.r2net import R2Net
-            net = R2Net(stationary=kind.endswith("svf")).eval()
+            if kind == "r2net-vxm":               # VoxelMorph-diff's U-Net as the velocity network (½-grid μ)
+                from deepdiffreg.nn.unet import DEFAULT_DEC, DEFAULT_ENC
+                net = R2Net(enc=DEFAULT_ENC, dec=DEFAULT_DEC, backbone="vxm").eval()
+            else:
+                net = R2Net(stationary=kind.endswith("svf")).eval()
 
             def run():
                 return net(m, f)[0]
@@ -70,8 +76,16 @@ def main(argv: list[str]) -> None:
         voxels = d * h * w
     base = rss_mb()
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = run()
+    if mode == "train":                           # one training step's memory: forward, MSE, backward
+        from deepdiffreg.field import warp
+        net.train()
+        u = run()
+        loss = ((warp(m, u) - f) ** 2).mean()
+        loss.backward()
+        out = u.detach()
+    else:
+        with torch.no_grad():
+            out = run()
     sec = time.perf_counter() - t0
     peak = rss_mb()
     print(json.dumps({"mode": mode, "args": rest, "voxels": voxels, "out_shape": list(out.shape),

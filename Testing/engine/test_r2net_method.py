@@ -202,3 +202,118 @@ def test_prob_variant_and_phase1_views(pair):
         m, f, ml, fl = _phase1_view(pair["moving"], pair["fixed"], pair["moving_labels"], pair["fixed_labels"],
                                     train_on, 3, 16)
         assert m.shape == f.shape == (1, 1, 16, 16, 16) and fl.dtype == pair["fixed_labels"].dtype
+
+
+# ---- warm start from VoxelMorph-diff weights (backbone "vxm"), cascades, the learned-integration fit ----------------
+
+def _vxm_weights(stages: int = 2) -> dict:
+    """A VoxelMorph-diff weights object as `train --method vxm-diff` saves it (small channels, random weights)."""
+    from deepdiffreg.nn import vxm_model
+    torch.manual_seed(3)
+    cfg = {**vxm_model.DEFAULT_CONFIG, "enc": [4, 8, 8, 8], "dec": [8, 8, 8, 8, 4], "stages": stages}
+    net = vxm_model.build_net(cfg)
+    for name, p in net.named_parameters():          # heads start near zero: give the toy net a real velocity,
+        p.data.normal_(0.0, 0.003 if ".mu." in name else 0.2)   # mean |μ| ≈ 0.5, max ≈ 3 voxels (½ grid)
+    return {"config": cfg, "state_dict": net.state_dict(), "meta": {"method": cfg["method"]}}, net
+
+
+def _warm_started(given_over: dict | None = None):
+    obj, vxm = _vxm_weights()
+    given = R2NetMethod.config_from(R2NetMethod.parse_train_options(dict(given_over or {})))
+    file_cfg = R2NetMethod.init_config(obj, given)
+    cfg = {**R2NetMethod.default_config(), **file_cfg,
+           **{k: v for k, v in given.items() if k not in R2NetMethod.network_keys}, "method": R2NetMethod.name}
+    net = R2NetMethod.build_network(cfg)
+    R2NetMethod.init_network(net, obj)
+    return net, cfg, vxm
+
+
+def test_warm_start_from_voxelmorph_diff_weights_fills_each_stage(pair):
+    from deepdiffreg.field import resize_disp
+    from deepdiffreg.nn import vxm_model
+    from deepdiffreg.nn.r2net import R2NetCascade
+    net, cfg, vxm = _warm_started()
+    assert cfg["backbone"] == "vxm" and cfg["stages"] == 2 and cfg["enc"] == [4, 8, 8, 8]
+    assert isinstance(net, R2NetCascade) and len(net.stages) == 2
+    f, m = pair["fixed"], pair["moving"]
+    with torch.no_grad():
+        for st, old in zip(net.stages, vxm_model.stage_nets(vxm)):
+            mu_vxm = old(m, f)[0]
+            v0, mu, logvar = st.eval().initial_velocity(m, f)
+            assert torch.equal(mu, mu_vxm) and logvar is None              # nonProb: the μ head only
+            assert torch.allclose(v0, resize_disp(mu_vxm, tuple(f.shape[2:])))   # ½ grid → full grid voxels
+        assert float(mu_vxm.abs().mean()) > 0.05                         # the toy net predicts a real velocity
+    card = R2NetMethod.model_card(cfg)
+    assert "VoxelMorph-diff" in card["title"] and "warm-started" in card["deviation"]
+
+
+def test_fitting_the_integrator_trains_only_the_lc_blocks_towards_scaling_and_squaring(pair):
+    from deepdiffreg.methods.r2net import _integration_error
+    net, cfg, _ = _warm_started({"fit_integrator": True})
+    R2NetMethod.prepare_for_training(net, cfg)
+    unets = {k: v.clone() for k, v in net.state_dict().items() if ".unet." in k}
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert params and all(".integrator." in n for n, p in net.named_parameters() if p.requires_grad)
+    opt = torch.optim.Adam(params, lr=3e-3)
+    step = TrainStep(0, 0, torch.Generator().manual_seed(0), torch.device("cpu"))
+    net.train()
+    errs = []
+    for _ in range(25):
+        out = R2NetMethod.training_loss(net, pair, cfg, step)
+        assert set(out) == {"loss", "int_err"}
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        errs.append(float(out["int_err"]))
+    with torch.no_grad():
+        final = float(_integration_error(net.eval(), pair["moving"], pair["fixed"]))
+    assert final < 0.5 * errs[0], (errs[0], final)         # the LC blocks learn to integrate v0
+    for k, v in net.state_dict().items():
+        if k in unets:
+            assert torch.equal(v, unets[k]), k
+
+
+def test_cascade_trains_the_last_stage_only_when_asked_and_validates_as_composed(pair):
+    from deepdiffreg.nn.wrappers import Cascade
+    from deepdiffreg.methods.r2net import _stage_module
+    net, cfg, _ = _warm_started({"train_stages": "last", "jac_weight": 10.0})
+    R2NetMethod.prepare_for_training(net, cfg)
+    assert all(not p.requires_grad for p in net.stages[0].parameters())
+    assert all(p.requires_grad for p in net.stages[1].parameters())
+    out = R2NetMethod.training_loss(net.train(), pair, cfg, TrainStep(0, 0, torch.Generator(), torch.device("cpu")))
+    out["loss"].backward()
+    assert all(p.grad is None for p in net.stages[0].parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.stages[1].parameters())
+    # a contrast pair (two intensity tables): no MSE term
+    out = R2NetMethod.training_loss(net, {**pair, "same_contrast": False}, cfg,
+                                    TrainStep(0, 0, torch.Generator(), torch.device("cpu")))
+    assert "sim" not in out and torch.isfinite(out["loss"])
+    net.eval()
+    f, m = pair["fixed"], pair["moving"]
+    with torch.no_grad():
+        u1 = net.stages[0].integrator(net.stages[0].initial_velocity(m, f)[0])
+        u2 = net.stages[1].integrator(net.stages[1].initial_velocity(warp(m, u1), f)[0])
+        want = compose(u1, u2)
+        got = R2NetMethod.validation_disp(net, m, f, cfg)
+        assert torch.allclose(got, want, atol=1e-5)
+        assert torch.allclose(Cascade([_stage_module(s) for s in net.stages])(m, f).disp(tuple(f.shape[2:])), want,
+                              atol=1e-5)
+
+
+def test_symmetric_r2net_swaps_to_the_negated_initial_velocity(pair, tmp_path):
+    from deepdiffreg.nn.wrappers import Symmetric
+    from deepdiffreg.methods.r2net import _stage_module
+    net, cfg, _ = _warm_started()
+    st = net.stages[0].eval()
+    f, m = pair["fixed"], pair["moving"]
+    sym = Symmetric(_stage_module(st))
+    with torch.no_grad():
+        a, b = sym(m, f), sym(f, m)
+    assert torch.allclose(a.param, -b.param, atol=1e-6)
+    # through estimate: a warm-started cascade registers, with --r2net-symmetric recorded
+    path = tmp_path / "r2net-vxm.pt"
+    torch.save({"config": cfg, "state_dict": net.state_dict()}, path)
+    est = R2NetMethod(weights=str(path), symmetric=True).estimate(_pair_on_grid(pair), torch.device("cpu"),
+                                                                  lambda a, b: None)
+    assert est.info["backbone"] == "vxm" and est.info["stages"] == 2 and est.info["symmetric"]
+    assert est.disp_vox.shape == (1, 3, 32, 32, 32) and torch.isfinite(est.disp_vox).all()

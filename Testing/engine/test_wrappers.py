@@ -81,7 +81,8 @@ def test_symmetric_swaps_exactly():
         fwd, back = sym(m, f), sym(f, m)
     assert torch.equal(fwd.velocity, -back.velocity)
     assert torch.equal(fwd.extras["logvar"], m)                           # the forward pass's extras
-    with pytest.raises(TypeError, match="SVF"):
+    # a plain displacement is no velocity: −u(f, m) is not the inverse of u(m, f)'s map, so it is refused
+    with pytest.raises(TypeError, match="velocity parameter, got Displacement"):
         Symmetric(lambda a, b: Displacement(a.repeat(1, 3, 1, 1, 1)))(m, f)
 
 

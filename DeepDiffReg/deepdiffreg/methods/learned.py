@@ -28,7 +28,8 @@ A learned method is declared in its own file like any method, and additionally:
             net, config, model = self.load_network(device)         # registry / --<prefix>-weights FILE
             ...                                                    # run it with nn/wrappers.py
 
-Optional hooks with defaults: ``init_network`` (load an --init weights object; e.g. seed a deeper cascade),
+Optional hooks with defaults: ``init_config`` (the network config an --init file gives a new run), ``init_network``
+(load an --init weights object; e.g. seed a deeper cascade),
 ``prepare_for_training`` (freeze parts), ``model_card`` (manifest fields). The training loop owns data, schedule,
 checkpoints/resume, EMA, validation, CSV/PNG logs and publishing, for every method.
 
@@ -151,6 +152,14 @@ class Trainable:
         raise NotImplementedError
 
     # -- hooks with defaults -----------------------------------------------------------------------------------
+    @classmethod
+    def init_config(cls, weights: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """The network config a new run takes from an ``--init`` weights object (config, meta; ``given``: the run's
+        own options); its ``network_keys`` then win over the flags. Default: the file's config as it is. A method
+        that can start from another method's weights translates that file's config here (e.g. its U-Net's
+        channels)."""
+        return dict(weights["config"])
+
     @classmethod
     def init_network(cls, net: nn.Module, weights: dict[str, Any]) -> None:
         """Load an ``--init`` weights object (config + state_dict) into a freshly built ``net``."""

@@ -40,12 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
-from ..field import invert_fixed_point, resize_disp, warp
+from ..field import compose, integrate_ss, invert_fixed_point, resize_disp, warp
 from ..io.weights import list_models
 from ..losses import jacobian_penalty, kl_laplacian
-from ..nn.r2net import BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, chunk_slices
+from ..nn import vxm_model
+from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices, \
+    stage_nets
 from ..nn.vxm_model import soft_dice_loss
-from ..nn.wrappers import Deformation, OnNetGrid, Refine
+from ..nn.wrappers import Cascade, Deformation, OnNetGrid, Refine, Symmetric
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
 from .refine import RefineOptions
@@ -57,7 +59,9 @@ PROB_SIGMA = 0.02                          # the probabilistic variant's default
 
 class Integrated(Deformation):
     """φ = id + LC(v0): the learned integrator applied to an initial velocity. ``param`` is v0 (what ``Refine``
-    optimises); the displacement is integrated once and cached."""
+    optimises, and ``Symmetric`` averages with the swapped pair's negated one); the displacement is integrated once
+    and cached."""
+    velocity_param = True
 
     def __init__(self, v0: torch.Tensor, integrator, info: dict[str, Any] | None = None):
         self.v0, self.integrator, self.info = v0, integrator, dict(info or {})
@@ -77,6 +81,11 @@ class Integrated(Deformation):
 
     def disp(self, shape) -> torch.Tensor:
         return resize_disp(self.field(), tuple(shape))
+
+
+def _stage_module(stage: R2Net):
+    """One R2Net as a registration module (nn/wrappers.py): (moving, fixed) → φ = id + LC(μ-based v0)."""
+    return lambda m, f: Integrated(stage.initial_velocity(m, f)[0], stage.integrator)   # noqa: E731
 
 
 def _resize(x: torch.Tensor, size, mode: str = "trilinear") -> torch.Tensor:
@@ -130,6 +139,9 @@ class R2NetMethod(Trainable, LearnedMethod):
         int_steps: int | None = option(None, min=1, max=50,
                                        help="LC integration steps (SVF models only; NSVF models have one block per "
                                             "step); default: the model's")
+        symmetric: bool = option(True, help="average each stage's initial velocity with the negated one of the "
+                                            "swapped pair, v0 = ½(v0(m, f) − v0(f, m)), before integrating (two "
+                                            "network passes per stage; off: the forward pass only, the paper)")
         inverse_iterations: int = option(30, min=1, max=500,
                                          help="fixed-point iterations of the numerical inverse (R2Net has no exact "
                                               "inverse)")
@@ -174,31 +186,39 @@ class R2NetMethod(Trainable, LearnedMethod):
                                f"(docs/training.md)")
         progress(0.1, f"loaded model {model['id']}")
         stationary = cfg.get("variant") == "svf"
+        stages = stage_nets(net) if not isinstance(net, MSR2Net) else []
         if isinstance(net, MSR2Net):
             ms, untrained = net, False
         elif o.multiscale:
-            ms, untrained = ms_from_single(net), True
+            ms, untrained = ms_from_single(stages[0]), True
         else:
             ms, untrained = None, False
-        integrator = ms.integrator if ms is not None else net.integrator
-        trained_steps = integrator.steps
+        integrators = [ms.integrator] if ms is not None else [st.integrator for st in stages]
+        trained_steps = integrators[0].steps
         steps = int(o.int_steps or trained_steps)
         if steps != trained_steps and not stationary:
             raise BadInput(f"{self.flag('int_steps')}: an NSVF model has one block per step; this one has "
                            f"{trained_steps} (got {steps})")
-        integrator.steps = steps
         info: dict[str, Any] = {"variant": cfg.get("variant", "nsvf"), "probabilistic": bool(cfg.get("probabilistic")),
-                                "multiscale": ms is not None, "int_steps": steps}
+                                "backbone": cfg.get("backbone", "r2net"), "multiscale": ms is not None,
+                                "int_steps": steps}
         if untrained:
-            info["multiscale_phase2"] = ("built from the single-scale model: both phase-1 networks are it, fusion = "
-                                         "mean of the two initial velocities, its own LC blocks (untrained phase 2)")
+            info["multiscale_phase2"] = ("built from the single-scale model" +
+                                         (" (its first cascade stage)" if len(stages) > 1 else "") +
+                                         ": both phase-1 networks are it, fusion = mean of the two initial "
+                                         "velocities, its own LC blocks (untrained phase 2)")
+        for integ in integrators:
+            integ.steps = steps
         try:
             if ms is not None:
-                module = lambda m, f: Integrated(ms_v0(ms, m, f), integrator)            # noqa: E731
+                modules = [lambda m, f: Integrated(ms_v0(ms, m, f), ms.integrator)]          # noqa: E731
                 multiple = 1          # any grid: the branches resample their own inputs
             else:
-                module = lambda m, f: Integrated(net.initial_velocity(m, f)[0], integrator)  # noqa: E731
+                modules = [_stage_module(st) for st in stages]
+                if o.symmetric:
+                    modules = [Symmetric(mod) for mod in modules]
                 multiple = net.size_multiple
+                info.update(stages=len(stages), symmetric=bool(o.symmetric))
             if o.refine > 0:
                 sigma, lam = _sigma(cfg), float(cfg.get("jac_weight", 1.0))
 
@@ -206,16 +226,17 @@ class R2NetMethod(Trainable, LearnedMethod):
                     u = d.field()
                     return F.mse_loss(warp(m, u), f) / sigma ** 2 + lam * jacobian_penalty(u, 0.0, squared=False)
 
-                module = Refine(module, loss_fn, o.refine, float(o.refine_lr),
-                                progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
+                modules[-1] = Refine(modules[-1], loss_fn, o.refine, float(o.refine_lr),
+                                     progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
             with torch.no_grad():
-                res = OnNetGrid(module, multiple=multiple)(pair, device)
+                res = OnNetGrid(Cascade(modules), multiple=multiple)(pair, device)
                 u = res.deformation.disp(res.grid.shape)                  # canonical axes, working-grid voxels
                 progress(0.75, "network done; inverting the field")
                 inv = invert_fixed_point(u, int(o.inverse_iterations))
                 disp, inv = res.grid.disp_to_work(u), res.grid.disp_to_work(inv)
         finally:
-            integrator.steps = trained_steps
+            for integ in integrators:
+                integ.steps = trained_steps
         info.update(res.info)
         info.update(res.deformation.info)
         info["inverse"] = (f"numerical: fixed-point inverse of the field ({o.inverse_iterations} iterations, "
@@ -252,9 +273,24 @@ class R2NetMethod(Trainable, LearnedMethod):
         global_init: str | None = option(None, help="phase-1 'global' weights for --multiscale")
         enc: tuple[int, ...] = option(ENC, min=1, max=1024, help="U-Net encoder channels (stride-2 blocks)")
         dec: tuple[int, ...] = option(DEC, min=1, max=1024, help="U-Net decoder channels")
+        backbone: str = option("r2net", choices=BACKBONES,
+                               help="velocity U-Net: r2net = the released code's (v0 at full resolution); vxm = "
+                                    "VoxelMorph-diff's (½-resolution μ resized to the full grid), which an --init "
+                                    "VoxelMorph-diff weights file fills (a deviation from the paper: say so in the "
+                                    "model card)")
+        stages: int = option(1, min=1, max=8, help="R2Nets in a recursive cascade (φ1∘φ2∘…); an --init file with "
+                                                   "fewer stages seeds the extra ones with its last")
+        train_stages: str = option("all", choices=("last", "all"),
+                                   help="cascade stages trained: all end to end, or the last on what the frozen "
+                                        "earlier ones leave")
+        fit_integrator: bool = option(False, help="train only the LC blocks, to reproduce scaling and squaring of "
+                                                  "the frozen U-Net's v0 (loss: mean squared distance of the two "
+                                                  "displacements, voxels²): the first phase of a warm start from "
+                                                  "another model's U-Net, and the paper's integration-error "
+                                                  "measurement")
 
-    network_keys = ("variant", "probabilistic", "blocks", "block_scale", "enc", "dec")
-    loss_terms = ("loss", "sim", "jac", "kl", "dice_loss")
+    network_keys = ("variant", "probabilistic", "blocks", "block_scale", "enc", "dec", "backbone", "stages")
+    loss_terms = ("loss", "sim", "jac", "kl", "dice_loss", "int_err")
 
     @classmethod
     def default_config(cls) -> dict[str, Any]:
@@ -267,22 +303,67 @@ class R2NetMethod(Trainable, LearnedMethod):
         def one():
             return R2Net(stationary=config.get("variant") == "svf", steps=int(config.get("blocks", N_BLOCKS)),
                          scale=float(config.get("block_scale", BLOCK_SCALE)), enc=config.get("enc", ENC),
-                         dec=config.get("dec", DEC), probabilistic=bool(config.get("probabilistic")))
+                         dec=config.get("dec", DEC), probabilistic=bool(config.get("probabilistic")),
+                         backbone=config.get("backbone", "r2net"))
+        n_stages = int(config.get("stages", 1))
         if config.get("multiscale"):
+            if n_stages > 1:
+                raise BadInput("--multiscale: MS-R2Net phase 2 is trained over single-stage phase-1 networks "
+                               "(--stages 1)")
             net = MSR2Net(one(), one(), stationary=config.get("variant") == "svf",
                           steps=int(config.get("blocks", N_BLOCKS)), scale=float(config.get("block_scale",
                                                                                               BLOCK_SCALE)),
                           k=MS_K, overlap=MS_OVERLAP, down=MS_DOWN)
+        elif n_stages > 1:
+            if config.get("train_on", "full") != "full":
+                raise BadInput("--train-on local|global trains one MS-R2Net phase-1 network (--stages 1)")
+            net = R2NetCascade([one() for _ in range(n_stages)])
         else:
             net = one()
         net.r2net_config = dict(config)          # init_network reads --global-init from it
         return net
 
     @classmethod
+    def init_config(cls, weights: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+        """A VoxelMorph-diff weights file (the project's other U-Net) gives the "vxm" backbone its channels and
+        cascade depth; the rest of the network (variant, blocks, probabilistic) is this run's own."""
+        file_config = weights["config"]
+        if not _is_vxm_weights(weights):
+            if file_config.get("backbone") == "vxm" and "probabilistic" in given:
+                # the vxm U-Net always has its log σ² head: Prob or nonProb is the loss, not a layer, so the run's
+                # flag decides (a warm start may fit the integrator nonProb and fine-tune Prob)
+                return {**file_config, "probabilistic": bool(given["probabilistic"])}
+            return dict(file_config)
+        return {**{k: given[k] for k in ("variant", "probabilistic", "blocks", "block_scale") if k in given},
+                "backbone": "vxm", "enc": list(file_config["enc"]), "dec": list(file_config["dec"]),
+                "stages": max(int(given.get("stages", 1)), int(file_config.get("stages", 1)))}
+
+    @classmethod
     def init_network(cls, net, weights: dict[str, Any]) -> None:
-        """Phase 2 from phase-1 weights: a single-scale --init file fills both phase-1 networks and the phase-2
-        LC blocks start as its integrator; --global-init (when given) replaces the global network."""
-        if not isinstance(net, MSR2Net) or weights["config"].get("multiscale"):
+        """From a VoxelMorph-diff file: each stage's U-Net is that model's stage (its last for extra stages), the
+        LC blocks stay new. From a single-stage R2Net file: MS phase 2 (below), or every cascade stage a copy.
+        Phase 2 from phase-1 weights: a single-scale --init file fills both phase-1 networks and the phase-2 LC
+        blocks start as its integrator; --global-init (when given) replaces the global network."""
+        src_cfg = weights["config"]
+        if _is_vxm_weights(weights):
+            src = vxm_model.build_net(src_cfg)
+            src.load_state_dict(weights["state_dict"])
+            old = vxm_model.stage_nets(src)
+            for k, st in enumerate(stage_nets(net)):
+                st.unet.load_state_dict(old[min(k, len(old) - 1)].state_dict())
+            return
+        if isinstance(net, R2NetCascade):
+            have = int(src_cfg.get("stages", 1))
+            if have == len(net.stages):
+                net.load_state_dict(weights["state_dict"])
+                return
+            src = cls.build_network({**src_cfg, "multiscale": False})
+            src.load_state_dict(weights["state_dict"])
+            old = stage_nets(src)
+            for k, st in enumerate(net.stages):
+                st.load_state_dict(old[min(k, len(old) - 1)].state_dict())
+            return
+        if not isinstance(net, MSR2Net) or src_cfg.get("multiscale"):
             net.load_state_dict(weights["state_dict"])
             return
         net.local_net.load_state_dict(weights["state_dict"])
@@ -298,10 +379,19 @@ class R2NetMethod(Trainable, LearnedMethod):
             net.global_net.load_state_dict(obj["state_dict"])
 
     @classmethod
-    def prepare_for_training(cls, net) -> None:
+    def prepare_for_training(cls, net, config: dict[str, Any] | None = None) -> None:
+        config = config or {}
         if isinstance(net, MSR2Net):                  # phase 2 trains the fusion and the LC blocks only
             net.local_net.requires_grad_(False)
             net.global_net.requires_grad_(False)
+            return
+        stages = stage_nets(net)
+        if config.get("fit_integrator"):
+            for st in stages:
+                st.unet.requires_grad_(False)
+        if config.get("train_stages", "all") == "last":
+            for st in stages[:-1]:
+                st.requires_grad_(False)
 
     @classmethod
     def training_loss(cls, net, batch: dict[str, Any], config: dict[str, Any], step: TrainStep
@@ -314,15 +404,18 @@ class R2NetMethod(Trainable, LearnedMethod):
         else:
             m, f, ml, fl = _phase1_view(m, f, ml, fl, config.get("train_on", "full"), step.index,
                                         net.size_multiple)
-            prob = bool(config.get("probabilistic"))
-            v0, mu, logvar = net.initial_velocity(m, f, sample=prob, generator=step.generator)
-            u = net.integrator(v0)
-            if prob:
-                out["kl"] = kl_laplacian(mu, logvar, float(config.get("prior_lambda", 20.0)))
-        sim = F.mse_loss(warp(m, u), f) / _sigma(config) ** 2
+            if config.get("fit_integrator"):
+                err = _integration_error(net, m, f)
+                return {"loss": err, "int_err": err.detach()}
+            u, kl = _cascade_forward(net, m, f, config, step.generator)
+            if kl is not None:
+                out["kl"] = kl
         jac = jacobian_penalty(u, threshold=0.0, squared=False)
-        loss = sim + float(config.get("jac_weight", 1.0)) * jac + out.get("kl", 0.0)
-        out.update(sim=sim, jac=jac)
+        loss, out["jac"] = float(config.get("jac_weight", 1.0)) * jac, jac
+        if bool(batch.get("same_contrast", True)):     # two intensity tables: MSE means nothing, leave it out
+            sim = F.mse_loss(warp(m, u), f) / _sigma(config) ** 2
+            loss, out["sim"] = loss + sim, sim
+        loss = loss + out.get("kl", 0.0)
         if config.get("dice_weight", 0) > 0 and fl is not None:
             present = [l for l in torch.unique(fl).tolist() if l != 0]
             if present:
@@ -342,19 +435,28 @@ class R2NetMethod(Trainable, LearnedMethod):
             return net(moving, fixed)
         shape = tuple(fixed.shape[2:])
         grid = tuple(max(net.size_multiple, int(round(n / net.size_multiple)) * net.size_multiple) for n in shape)
-        u = net(_resize(moving, grid), _resize(fixed, grid))[0]
-        return resize_disp(u, shape)
+        phi = Cascade([_stage_module(st) for st in stage_nets(net)])(_resize(moving, grid), _resize(fixed, grid))
+        return resize_disp(phi.disp(grid), shape)
 
     @classmethod
     def model_card(cls, config: dict[str, Any]) -> dict[str, Any]:
         kind = ("MS-R2Net" if config.get("multiscale") else "R2Net") + \
-               f" ({str(config.get('variant', 'nsvf')).upper()}, {'Prob' if config.get('probabilistic') else 'nonProb'})"
-        return {"title": kind,
+               f" ({str(config.get('variant', 'nsvf')).upper()}, {'Prob' if config.get('probabilistic') else 'nonProb'}"
+        if int(config.get("stages", 1)) > 1:
+            kind += f", {int(config['stages'])}-stage cascade"
+        if config.get("backbone") == "vxm":
+            kind += ", VoxelMorph-diff velocity U-Net"
+        card = {"title": kind + ")",
                 "input_grid": {"spacing_mm": config.get("spacing_mm", 2.0),
                                "size_multiple": 1 if config.get("multiscale") else 2 ** len(config.get("enc", ENC)),
                                "orientation": "LPS-aligned array axes (the method reorients internally)"},
                 "modality": "T1-weighted brain MRI, skull-stripped or whole head (mono-contrast pairs; also trained "
                             "on synthetic random-contrast label-map pairs)"}
+        if config.get("backbone") == "vxm":
+            card["deviation"] = ("the velocity U-Net is VoxelMorph-diff's (decoder to ½ resolution, μ resized to the "
+                                 "full grid and integrated there by the paper's LC blocks), warm-started from "
+                                 "VoxelMorph-diff weights; the paper's U-Net decodes to full resolution")
+        return card
 
 
 def _model_fact(config: dict[str, Any], key: str) -> Any:
@@ -386,3 +488,50 @@ def _phase1_view(m, f, ml, fl, train_on: str, index: int, multiple: int):
     if fl is not None:
         ml, fl = _resize(ml, grid, "nearest"), _resize(fl, grid, "nearest")
     return m, f, ml, fl
+
+
+def _is_vxm_weights(weights: dict[str, Any]) -> bool:
+    """Whether a weights object holds a VoxelMorph-diff model (the method nn/vxm_model.py builds for), by the method
+    its meta or config names."""
+    made_for = (weights.get("meta") or {}).get("method") or weights["config"].get("method")
+    return made_for == vxm_model.DEFAULT_CONFIG["method"]
+
+
+def _cascade_forward(net, m: torch.Tensor, f: torch.Tensor, config: dict[str, Any],
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training forward pass: the composed displacement φ1 ∘ … ∘ φK of the stages (each on the moving image warped
+    by the stages before it, one interpolation of the original) and the summed KL of the trained stages (Prob;
+    None otherwise). Frozen stages (``train_stages: last``) run without gradients and without sampling."""
+    stages = stage_nets(net)
+    prob = bool(config.get("probabilistic"))
+    acc, m_in, kl = None, m, None
+    for k, st in enumerate(stages):
+        frozen = config.get("train_stages", "all") == "last" and k < len(stages) - 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            v0, mu, logvar = st.initial_velocity(m_in, f, sample=prob and not frozen, generator=generator)
+            u = st.integrator(v0)
+        acc = u if acc is None else compose(acc, u)
+        if prob and not frozen:
+            term = kl_laplacian(mu, logvar, float(config.get("prior_lambda", 20.0)))
+            kl = term if kl is None else kl + term
+        if k < len(stages) - 1:
+            m_in = warp(m, acc)
+    return acc, kl
+
+
+def _integration_error(net, m: torch.Tensor, f: torch.Tensor, ss_steps: int = 7) -> torch.Tensor:
+    """Mean over voxels and stages of |LC(v0) − exp(v0)|² (voxels²), exp by scaling and squaring (``ss_steps``)
+    at the LC blocks' resolution; v0 = each frozen U-Net's μ, stage k on the moving image warped by the
+    scaling-and-squaring maps of the stages before it (what the U-Nets were trained to see)."""
+    stages = stage_nets(net)
+    acc, m_in, total = None, m, 0.0
+    for k, st in enumerate(stages):
+        with torch.no_grad():
+            v0 = st.initial_velocity(m_in, f)[0]
+            target = integrate_ss(v0, ss_steps)
+        total = total + ((st.integrator(v0) - target) ** 2).sum(dim=1).mean()
+        if k < len(stages) - 1:
+            with torch.no_grad():
+                acc = target if acc is None else compose(acc, target)
+                m_in = warp(m, acc)
+    return total / len(stages)

@@ -16,6 +16,12 @@ are (B, 3, D, H, W) in voxel units of the grid they live on, channel c along arr
 - ``LCIntegrator``: SVF = one shared block applied N times (stationary velocity, the ResNet analogue of exp(v));
   NSVF = N independent blocks (time-varying velocity). N = 7 as in the paper. No warping inside: the network
   learns to integrate (the paper's Eq. 7 is the motivation, not a composition).
+- ``backbone="vxm"``: the velocity U-Net is VoxelMorph-diff's (nn/unet.py: decoder up to ½ resolution, μ and
+  log σ² heads), its μ resized to the full grid (vectors ×2) and integrated there by the LC blocks. A deviation from
+  the paper (whose U-Net decodes to full resolution) that lets R2Net start from trained VoxelMorph-diff weights
+  (the issue allows it when the model card says so); it also keeps the full-resolution part to 3-channel fields.
+- ``R2NetCascade``: K R2Nets in a recursive cascade (stage k registers the moving image warped by stages 1..k−1,
+  φ = φ1 ∘ … ∘ φK), the layout of a VoxelMorph-diff cascade, so such a model can seed one stage for stage.
 - ``MSR2Net``: the two-phase multi-scale model for large volumes — 2×2×2 overlapping chunks at full resolution and
   the ×2-downsampled volume through two phase-1 networks (their *initial* velocities only), merged (overlaps
   averaged), the coarse one upsampled with its vectors ×2, fused by a 6→3 convolution and integrated by LC blocks
@@ -30,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..field import resize_disp
 from .blocks import ConvBlock
+from .unet import VxmDiffUNet
 
 ENC = (16, 32, 32, 32)
 DEC = (32, 32, 32, 32, 16, 16, 3)
@@ -130,35 +138,77 @@ class LCIntegrator(nn.Module):
         return x
 
 
+BACKBONES = ("r2net", "vxm")
+
+
 class R2Net(nn.Module):
-    """U-Net + LC integrator. ``forward(moving, fixed)`` → (displacement, v0, logvar or None)."""
+    """U-Net + LC integrator. ``forward(moving, fixed)`` → (displacement, μ, logvar or None).
+
+    ``backbone``: "r2net" (the released code's U-Net, v0 at full resolution) or "vxm" (VoxelMorph-diff's U-Net,
+    μ on the ½ grid; ``enc``/``dec`` are then that network's, e.g. (32, 32, 32, 32, 16))."""
 
     def __init__(self, stationary: bool = False, steps: int = N_BLOCKS, scale: float = BLOCK_SCALE,
-                 enc: Sequence[int] = ENC, dec: Sequence[int] = DEC, probabilistic: bool = False):
+                 enc: Sequence[int] = ENC, dec: Sequence[int] = DEC, probabilistic: bool = False,
+                 backbone: str = "r2net"):
         super().__init__()
-        self.unet = R2NetUNet(enc, dec, probabilistic=probabilistic)
+        if backbone not in BACKBONES:
+            raise ValueError(f"R2Net() backbone must be one of {BACKBONES}, got {backbone!r}")
+        self.backbone, self.probabilistic = backbone, bool(probabilistic)
+        if backbone == "vxm":
+            self.unet = VxmDiffUNet(enc, dec)          # always has its log σ² head (used when probabilistic)
+        else:
+            self.unet = R2NetUNet(enc, dec, probabilistic=probabilistic)
         self.integrator = LCIntegrator(steps, stationary, scale)
 
     @property
     def size_multiple(self) -> int:
         return self.unet.size_multiple
 
+    def posterior(self, moving: torch.Tensor, fixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(μ, logvar) on the U-Net's velocity grid (the input grid, or its ½ grid for the "vxm" backbone), voxels
+        of that grid; logvar None for the deterministic network."""
+        out = self.unet(moving, fixed)
+        if self.backbone == "vxm":
+            mu, logvar = out
+            return mu, (logvar if self.probabilistic else None)
+        return (out[0], out[1]) if self.probabilistic else (out, None)
+
     def initial_velocity(self, moving: torch.Tensor, fixed: torch.Tensor, sample: bool = False,
                          generator: torch.Generator | None = None):
-        """(v0, mu, logvar): v0 = μ + exp(logvar/2)·ε when probabilistic and ``sample``, else μ (logvar None for
-        the deterministic network)."""
-        out = self.unet(moving, fixed)
-        if not self.unet.probabilistic:
-            return out, out, None
-        mu, logvar = out
-        if not sample:
-            return mu, mu, logvar
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-        return mu + torch.exp(0.5 * logvar) * eps, mu, logvar
+        """(v0, μ, logvar): v0 = μ + exp(logvar/2)·ε when probabilistic and ``sample``, else μ, on the input grid
+        (resized from the velocity grid, in its voxels); μ and logvar on the velocity grid (``posterior``)."""
+        mu, logvar = self.posterior(moving, fixed)
+        v = mu
+        if logvar is not None and sample:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            v = mu + torch.exp(0.5 * logvar) * eps
+        if tuple(v.shape[2:]) != tuple(moving.shape[2:]):
+            v = resize_disp(v, tuple(moving.shape[2:]))
+        return v, mu, logvar
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, sample: bool = False):
         v0, mu, logvar = self.initial_velocity(moving, fixed, sample)
         return self.integrator(v0), mu, logvar
+
+
+class R2NetCascade(nn.Module):
+    """K R2Nets one after the other (recursive cascade; stage k sees the moving image warped by stages 1..k−1).
+    Run through methods/r2net.py (training) and nn/wrappers.Cascade (inference); ``stages[k]`` is one ``R2Net``."""
+
+    def __init__(self, nets: Sequence[R2Net]):
+        super().__init__()
+        if len(nets) < 2:
+            raise ValueError("R2NetCascade() needs at least two stages (one stage is an R2Net)")
+        self.stages = nn.ModuleList(nets)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.stages[0].size_multiple
+
+
+def stage_nets(net: nn.Module) -> list[R2Net]:
+    """The R2Nets of a model: its cascade stages, or the model itself."""
+    return list(net.stages) if isinstance(net, R2NetCascade) else [net]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -219,7 +269,7 @@ class MSR2Net(nn.Module):
         src = moving.shape[2:]
         grid = [max(m, int(round(n / m)) * m) for n in src]
         mv, fx = _net_resize(moving, grid), _net_resize(fixed, grid)
-        v0 = net.initial_velocity(mv, fx)[1]
+        v0 = net.initial_velocity(mv, fx)[0]          # μ on the resampled grid (no sampling)
         ratio = torch.tensor([(t - 1) / max(g - 1, 1) for t, g in zip(size, grid)], dtype=v0.dtype,
                              device=v0.device).view(1, 3, 1, 1, 1)
         return _net_resize(v0, size) * ratio

@@ -59,6 +59,8 @@ class SVF(Deformation):
     """φ = exp(v). ``velocity``: (B, 3, *grid) in voxels of its own grid; ``extras``: what the network returned
     besides (e.g. {"logvar": ...}); exp(v) is integrated once and cached."""
 
+    velocity_param = True          # ``Symmetric`` may average the parameter with the swapped pair's negated one
+
     def __init__(self, velocity: torch.Tensor, steps: int = 7, extras: dict[str, torch.Tensor] | None = None,
                  info: dict[str, Any] | None = None):
         self.velocity, self.steps = velocity, int(steps)
@@ -178,16 +180,20 @@ class Cascade:
 
 
 class Symmetric:
-    """v = ½(v(m, f) − v(f, m)) for a module that returns an ``SVF`` (extras and info: the forward pass's)."""
+    """v = ½(v(m, f) − v(f, m)) for a module whose deformation is a function of a velocity-like parameter
+    (``param``/``with_param`` and ``velocity_param = True``: an ``SVF``, where exp(−v) is the inverse, or a learned
+    integrator of an initial velocity); not a plain displacement, whose negation is no inverse. Extras and info are
+    the forward pass's."""
 
     def __init__(self, module: Module):
         self.module = module
 
-    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> SVF:
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> Deformation:
         fwd, back = self.module(moving, fixed), self.module(fixed, moving)
-        if not (isinstance(fwd, SVF) and isinstance(back, SVF)):
-            raise TypeError("Symmetric() wraps modules that return an SVF")
-        return SVF(0.5 * (fwd.velocity - back.velocity), fwd.steps, fwd.extras, fwd.info)
+        if not (getattr(fwd, "velocity_param", False) and type(fwd) is type(back)):
+            raise TypeError(f"Symmetric() wraps modules whose deformation has a velocity parameter, got "
+                            f"{type(fwd).__name__}")
+        return fwd.with_param(0.5 * (fwd.param - back.param))
 
 
 class Refine:

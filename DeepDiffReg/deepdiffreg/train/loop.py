@@ -144,7 +144,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
     else:
         if settings.init:
             obj = torch.load(settings.init, map_location=device, weights_only=True)
-            config = {**method.default_config(), **obj["config"],
+            config = {**method.default_config(), **method.init_config(obj, settings.model),
                       **{k: v for k, v in settings.model.items() if k not in method.network_keys}, "method": method.name}
             net = method.build_network(config).to(device)
             method.init_network(net, obj)
@@ -259,6 +259,8 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
                           "steps_this_run": int(meta.get("step", 0))},
              "validation": {k: meta.get("val", {}).get(k) for k in ("val_dice", "val_dice_before", "val_fold_pct")},
              "licence": licence, "card": f"{model_id}.md"}
+    if card_facts.get("deviation"):
+        entry["deviation"] = card_facts["deviation"]
     meta.update({k: entry[k] for k in ("id", "method", "version", "licence")})
     sha = save_weights(models_dir / entry["file"], config, obj["state_dict"], meta)
     entry["sha256"] = sha
@@ -268,6 +270,7 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
             f"- config: `{json.dumps(config)}`",
             f"- input grid: {entry['input_grid']}",
             f"- modality: {entry['modality']}",
+            *([f"- deviation from the paper: {entry['deviation']}"] if entry.get("deviation") else []),
             f"- training: `{json.dumps(entry['training'])}`",
             f"- validation (fixed pairs, see docs/training.md): `{json.dumps(entry['validation'])}`",
             f"- licence: {entry['licence']}", "", extra_card]
