@@ -164,6 +164,13 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
     assert entry["method"] == name and entry["training"]["variant"] == "nsvf" and entry["training"]["jac_weight"] == 10
     header = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[0].split(",")
     assert header[2:5] == ["loss", "sim", "jac"]
+    # publishing the same run again without its flags records what the weights were trained as (their config),
+    # not the publishing command's defaults
+    r = _cli(env, "train", "--synthetic", 16, "--out", tmp_path / "run", "--steps", 3, "--threads", 1,
+             "--publish", "r2net-again", "--models-dir", tmp_path / "models-2", "--version", "0.0.2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "models-2" / "manifest.json").read_text())["models"][0]
+    assert again["training"]["jac_weight"] == 10
 
     _, val, _ = synthetic_training_data(24, n_val=1)
     paths = {}

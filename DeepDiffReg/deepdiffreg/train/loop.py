@@ -249,6 +249,9 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
     obj = torch.load(run_dir / weights, map_location="cpu", weights_only=True)
     config, meta = obj["config"], dict(obj.get("meta", {}))
     method = get_trainable(meta.get("method") or config.get("method", ""))
+    # what the weights were trained as is their own config (a resumed run keeps its config whatever the flags of
+    # the publishing command say); the flags only supply what the config does not hold (data mix, schedule)
+    training = {**training, **{k: config[k] for k in training if k in config}}
     card_facts = method.model_card(config)
     input_grid = dict(card_facts.get("input_grid", {}))
     if meta.get("train_shape_dhw") or train_shape_dhw:
