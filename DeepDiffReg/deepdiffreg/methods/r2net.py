@@ -40,14 +40,14 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput
-from ..field import compose, integrate_ss, invert_fixed_point, resize_disp, warp
+from ..field import integrate_ss, invert_fixed_point, resize_disp, warp
 from ..io.weights import list_models
 from ..losses import jacobian_penalty, kl_laplacian
 from ..nn import vxm_model
 from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices, \
     stage_nets
 from ..nn.vxm_model import soft_dice_loss
-from ..nn.wrappers import Cascade, Deformation, OnNetGrid, Refine, Symmetric
+from ..nn.wrappers import Cascade, Deformation, Displacement, OnNetGrid, Refine, Symmetric
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
 from .refine import RefineOptions
@@ -499,39 +499,44 @@ def _is_vxm_weights(weights: dict[str, Any]) -> bool:
 
 def _cascade_forward(net, m: torch.Tensor, f: torch.Tensor, config: dict[str, Any],
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Training forward pass: the composed displacement φ1 ∘ … ∘ φK of the stages (each on the moving image warped
-    by the stages before it, one interpolation of the original) and the summed KL of the trained stages (Prob;
-    None otherwise). Frozen stages (``train_stages: last``) run without gradients and without sampling."""
+    """Training forward pass through ``nn/wrappers.Cascade``: the composed displacement φ1 ∘ … ∘ φK of the stages
+    (each on the moving image warped by the stages before it, one interpolation of the original) and the summed KL
+    of the trained stages (Prob; None otherwise). Frozen stages (``train_stages: last``) run without gradients and
+    without sampling."""
     stages = stage_nets(net)
     prob = bool(config.get("probabilistic"))
-    acc, m_in, kl = None, m, None
-    for k, st in enumerate(stages):
-        frozen = config.get("train_stages", "all") == "last" and k < len(stages) - 1
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            v0, mu, logvar = st.initial_velocity(m_in, f, sample=prob and not frozen, generator=generator)
-            u = st.integrator(v0)
-        acc = u if acc is None else compose(acc, u)
-        if prob and not frozen:
-            term = kl_laplacian(mu, logvar, float(config.get("prior_lambda", 20.0)))
-            kl = term if kl is None else kl + term
-        if k < len(stages) - 1:
-            m_in = warp(m, acc)
-    return acc, kl
+    kls: list[torch.Tensor] = []
+
+    def stage_module(st: R2Net, frozen: bool):
+        def run(m_in: torch.Tensor, fx: torch.Tensor) -> Displacement:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                v0, mu, logvar = st.initial_velocity(m_in, fx, sample=prob and not frozen, generator=generator)
+                u = st.integrator(v0)
+            if prob and not frozen:
+                kls.append(kl_laplacian(mu, logvar, float(config.get("prior_lambda", 20.0))))
+            return Displacement(u)
+        return run
+
+    last_only = config.get("train_stages", "all") == "last"
+    phi = Cascade([stage_module(st, last_only and k < len(stages) - 1) for k, st in enumerate(stages)])(m, f)
+    return phi.disp(tuple(f.shape[2:])), (sum(kls[1:], kls[0]) if kls else None)
 
 
 def _integration_error(net, m: torch.Tensor, f: torch.Tensor, ss_steps: int = 7) -> torch.Tensor:
     """Mean over voxels and stages of |LC(v0) − exp(v0)|² (voxels²), exp by scaling and squaring (``ss_steps``)
-    at the LC blocks' resolution; v0 = each frozen U-Net's μ, stage k on the moving image warped by the
-    scaling-and-squaring maps of the stages before it (what the U-Nets were trained to see)."""
+    at the LC blocks' resolution; v0 = each frozen U-Net's μ, stage k (``nn/wrappers.Cascade``) on the moving image
+    warped by the scaling-and-squaring maps of the stages before it (what the U-Nets were trained to see)."""
     stages = stage_nets(net)
-    acc, m_in, total = None, m, 0.0
-    for k, st in enumerate(stages):
-        with torch.no_grad():
-            v0 = st.initial_velocity(m_in, f)[0]
-            target = integrate_ss(v0, ss_steps)
-        total = total + ((st.integrator(v0) - target) ** 2).sum(dim=1).mean()
-        if k < len(stages) - 1:
+    errs: list[torch.Tensor] = []
+
+    def stage_module(st: R2Net):
+        def run(m_in: torch.Tensor, fx: torch.Tensor) -> Displacement:
             with torch.no_grad():
-                acc = target if acc is None else compose(acc, target)
-                m_in = warp(m, acc)
-    return total / len(stages)
+                v0 = st.initial_velocity(m_in, fx)[0]
+                target = integrate_ss(v0, ss_steps)
+            errs.append(((st.integrator(v0) - target) ** 2).sum(dim=1).mean())
+            return Displacement(target)
+        return run
+
+    Cascade([stage_module(st) for st in stages])(m, f)
+    return sum(errs[1:], errs[0]) / len(stages)
