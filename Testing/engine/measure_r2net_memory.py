@@ -8,8 +8,12 @@ One measurement per fresh process (peak RSS from ``deepdiffreg.peak_memory``, Vm
     python Testing/engine/measure_r2net_memory.py fwd vxm-fullint 128  # μ upsampled, S&S at full resolution
     python Testing/engine/measure_r2net_memory.py fwd r2net-vxm 128    # R2Net on VoxelMorph-diff's U-Net
     python Testing/engine/measure_r2net_memory.py train r2net-vxm 128  # one training step (forward, MSE, backward)
+    python Testing/engine/measure_r2net_memory.py train r2net-vxm-nockpt 128  # the same, LC blocks keep their graph
     python Testing/engine/measure_r2net_memory.py est 128 128 128      # R2Net estimate() incl. numerical inverse
     python Testing/engine/measure_r2net_memory.py est-ms 300 512 512   # MS-R2Net estimate() on that working grid
+    python Testing/engine/measure_r2net_memory.py est-ms-ct models/r2net-brain-2mm.pt   # MS-R2Net, these weights,
+        # on the benchmark's CT-sized phantom pair (ct-512, 512×512×300 at 0.8×0.8×1.5 mm) on its own grid;
+        # also prints Dice of its organ labels before/after and the folded % (computed after the peak is read)
 
 Prints one JSON line: base_rss_mb (peak before the measured work: interpreter, torch, network, inputs), peak_rss_mb,
 delta_mb, bytes_per_voxel (delta / voxels) and seconds. Untrained weights (the architecture decides the memory).
@@ -40,11 +44,13 @@ def main(argv: list[str]) -> None:
         m, f = torch.rand(1, 1, n, n, n), torch.rand(1, 1, n, n, n)
         if kind.startswith("r2net"):
             from deepdiffreg.nn.r2net import R2Net
-            if kind == "r2net-vxm":               # VoxelMorph-diff's U-Net as the velocity network (½-grid μ)
+            if kind.startswith("r2net-vxm"):     # VoxelMorph-diff's U-Net as the velocity network (½-grid μ)
                 from deepdiffreg.nn.unet import DEFAULT_DEC, DEFAULT_ENC
                 net = R2Net(enc=DEFAULT_ENC, dec=DEFAULT_DEC, backbone="vxm").eval()
             else:
-                net = R2Net(stationary=kind.endswith("svf")).eval()
+                net = R2Net(stationary="svf" in kind).eval()
+            # "-nockpt": the LC blocks keep their intermediate fields for the backward pass (before 2026-12-07)
+            net.integrator.set_checkpoint(not kind.endswith("-nockpt"))
 
             def run():
                 return net(m, f)[0]
@@ -59,6 +65,14 @@ def main(argv: list[str]) -> None:
                     return integrate_ss(resize_disp(mu, (n, n, n)), 7)
                 return resize_disp(integrate_ss(mu, 7), (n, n, n))
         voxels = n ** 3
+    elif mode == "est-ms-ct":
+        from deepdiffreg.methods.r2net import R2NetMethod
+        pair, seg = _ct_pair()
+        method = R2NetMethod(weights=rest[0], multiscale=True)
+        voxels = pair.fixed.numel()
+
+        def run():
+            return method.estimate(pair, torch.device("cpu"), lambda fr, msg: None).disp_vox
     else:
         from deepdiffreg.frames import Geometry
         from deepdiffreg.methods.base import PairOnGrid
@@ -88,10 +102,48 @@ def main(argv: list[str]) -> None:
             out = run()
     sec = time.perf_counter() - t0
     peak = rss_mb()
-    print(json.dumps({"mode": mode, "args": rest, "voxels": voxels, "out_shape": list(out.shape),
-                      "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
-                      "delta_mb": round(peak - base, 1), "bytes_per_voxel": round((peak - base) * 2 ** 20 / voxels),
-                      "seconds": round(sec, 2), "threads": torch.get_num_threads()}))
+    result = {"mode": mode, "args": rest, "voxels": voxels, "out_shape": list(out.shape),
+              "base_rss_mb": round(base, 1), "peak_rss_mb": round(peak, 1),
+              "delta_mb": round(peak - base, 1), "bytes_per_voxel": round((peak - base) * 2 ** 20 / voxels),
+              "seconds": round(sec, 2), "threads": torch.get_num_threads()}
+    if mode == "est-ms-ct":
+        result.update(_ct_accuracy(out, *seg, pair.geometry))
+    print(json.dumps(result))
+
+
+def _ct_pair():
+    """The benchmark's ct-512 pair (benchmark/ct_pair.py, built in a temporary folder) as a PairOnGrid on the fixed
+    image's own grid, intensities windowed to [0, 1] as the pipeline does; and the two label maps (numpy, k-j-i)."""
+    import SimpleITK as sitk
+
+    from deepdiffreg.benchmark.ct_pair import build_ct_pair
+    from deepdiffreg.frames import Geometry
+    from deepdiffreg.methods.base import PairOnGrid
+    from deepdiffreg.preprocess import robust_normalise
+    files = build_ct_pair(Path(tempfile.mkdtemp()))
+    fixed = sitk.ReadImage(files["fixed"])
+    geom = Geometry.of(fixed)
+    img = {r: torch.from_numpy(robust_normalise(sitk.GetArrayFromImage(sitk.ReadImage(files[r])).astype("float32")))
+           for r in ("fixed", "moving")}
+    seg = tuple(sitk.GetArrayFromImage(sitk.ReadImage(files[r])) for r in ("fixed_seg", "moving_seg"))
+    return PairOnGrid(img["fixed"][None, None], img["moving"][None, None], geom), seg
+
+
+def _ct_accuracy(disp_vox: torch.Tensor, fixed_seg, moving_seg, geom) -> dict:
+    """Mean Dice of the phantom's organs (labels 2–8) before and after, and % of voxels with det ≤ 0."""
+    import numpy as np
+
+    from deepdiffreg.field import jacobian_det, warp
+    from deepdiffreg.metrics import dice_per_label
+    labels = list(range(2, 9))
+    with torch.no_grad():
+        warped = warp(torch.from_numpy(moving_seg.astype(np.float32))[None, None], disp_vox, mode="nearest")
+        det = jacobian_det(disp_vox)
+    before = dice_per_label(fixed_seg, moving_seg, labels)
+    after = dice_per_label(fixed_seg, warped[0, 0].numpy().astype(moving_seg.dtype), labels)
+    return {"dice_before": round(float(np.mean(list(before.values()))), 4),
+            "dice_after": round(float(np.mean(list(after.values()))), 4),
+            "folded_pct": round(100.0 * float((det <= 0).float().mean()), 4)}
 
 
 if __name__ == "__main__":

@@ -47,6 +47,30 @@ def test_svf_shares_one_block_and_nsvf_has_one_per_step():
         assert torch.allclose(svf.eval()(v0), torch.zeros_like(v0))   # no velocity, no motion
 
 
+def test_checkpointed_blocks_give_the_same_field_gradients_and_power_iteration():
+    # checkpointing (the default) only changes what the backward pass keeps, not a single number
+    import copy
+    torch.manual_seed(0)
+    on = LCIntegrator(7).train()
+    off = copy.deepcopy(on)
+    off.set_checkpoint(False)
+    assert all(b.checkpoint for b in on.blocks) and not any(b.checkpoint for b in off.blocks)
+    v_on = torch.randn(1, 3, 10, 12, 9, requires_grad=True)
+    v_off = v_on.detach().clone().requires_grad_(True)
+    for _ in range(2):                             # two training steps: buffers and weights move identically
+        y_on, y_off = on(v_on), off(v_off)
+        assert torch.equal(y_on, y_off)
+        (y_on ** 2).sum().backward()
+        (y_off ** 2).sum().backward()
+        assert torch.equal(v_on.grad, v_off.grad)
+        for p, q in zip(on.parameters(), off.parameters()):
+            assert p.grad is not None and torch.equal(p.grad, q.grad)
+    for a, b in zip(on.buffers(), off.buffers()):  # the spectral norm's power-iteration vectors: one step each
+        assert torch.equal(a, b)
+    with torch.no_grad():                          # inference records nothing, checkpointed or not
+        assert torch.equal(on.eval()(v_on), off.eval()(v_off))
+
+
 def test_chunks_cover_the_grid_with_the_stated_overlap_and_merge_back_exactly():
     shape = (21, 16, 33)
     slices = chunk_slices(shape, k=2, overlap=2)

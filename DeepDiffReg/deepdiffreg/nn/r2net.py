@@ -33,6 +33,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -109,27 +110,50 @@ class R2NetUNet(nn.Module):
 
 
 class LCBlock(nn.Module):
-    """One Lipschitz-continuous residual branch F(x) = scale·tanh(SN1×1(LeakyReLU(SN3×3(x)))) on a 3-channel field."""
+    """One Lipschitz-continuous residual branch F(x) = scale·tanh(SN1×1(LeakyReLU(SN3×3(x)))) on a 3-channel field.
 
-    def __init__(self, scale: float = BLOCK_SCALE, channels: int = 3):
+    ``checkpoint`` (default on; it only acts while autograd records): the branch keeps only its input for the
+    backward pass and recomputes its three intermediate full-resolution fields there, instead of keeping them
+    (≈ 48 of the ≈ 60 bytes per voxel each block holds; docs/r2net.md has the measured effect). The spectral-
+    normalised weights are computed once, outside the recomputed part, so the power iteration still runs once per
+    training forward pass and the result is bit-identical with checkpointing off."""
+
+    def __init__(self, scale: float = BLOCK_SCALE, channels: int = 3, checkpoint: bool = True):
         super().__init__()
         self.scale = float(scale)
+        self.checkpoint = bool(checkpoint)
         self.conv3 = spectral_norm(nn.Conv3d(channels, channels, 3, padding=1, bias=False), n_power_iterations=1)
         self.conv1 = spectral_norm(nn.Conv3d(channels, channels, 1, bias=False), n_power_iterations=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * torch.tanh(self.conv1(F.leaky_relu(self.conv3(x), 0.2)))
+        w3, w1 = self.conv3.weight, self.conv1.weight          # one power iteration each (training mode)
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(_lc_branch, x, w3, w1, self.scale, use_reentrant=False)
+        return _lc_branch(x, w3, w1, self.scale)
+
+
+def _lc_branch(x: torch.Tensor, w3: torch.Tensor, w1: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·tanh(conv1×1(LeakyReLU_0.2(conv3×3(x)))), no biases (the block's maths, weights given)."""
+    return scale * torch.tanh(F.conv3d(F.leaky_relu(F.conv3d(x, w3, padding=1), 0.2), w1))
 
 
 class LCIntegrator(nn.Module):
     """x_0 = v0, x_k = x_{k−1} + F_k(x_{k−1}), returns the displacement x_N (B, 3, D, H, W), voxel units.
 
-    ``stationary=True`` (SVF-R2Net): one block applied ``steps`` times; False (NSVF-R2Net): ``steps`` blocks."""
+    ``stationary=True`` (SVF-R2Net): one block applied ``steps`` times; False (NSVF-R2Net): ``steps`` blocks.
+    ``checkpoint``: each block recomputes its branch in the backward pass (LCBlock); the sum x_{k−1} + F_k keeps
+    nothing, so a training step holds one 3-channel field per block."""
 
-    def __init__(self, steps: int = N_BLOCKS, stationary: bool = False, scale: float = BLOCK_SCALE):
+    def __init__(self, steps: int = N_BLOCKS, stationary: bool = False, scale: float = BLOCK_SCALE,
+                 checkpoint: bool = True):
         super().__init__()
         self.steps, self.stationary = int(steps), bool(stationary)
-        self.blocks = nn.ModuleList([LCBlock(scale) for _ in range(1 if stationary else self.steps)])
+        self.blocks = nn.ModuleList([LCBlock(scale, checkpoint=checkpoint)
+                                     for _ in range(1 if stationary else self.steps)])
+
+    def set_checkpoint(self, on: bool) -> None:
+        for b in self.blocks:
+            b.checkpoint = bool(on)
 
     def forward(self, v0: torch.Tensor) -> torch.Tensor:
         x = v0
