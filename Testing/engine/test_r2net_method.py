@@ -188,6 +188,8 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["model"]["sha256"] == entry["sha256"] and report["method_info"]["variant"] == "nsvf"
     assert "numerical" in report["method_info"]["inverse"]
+    unf = report["method_info"]["unfold"]                  # on by default; folds left = the written Jacobian's
+    assert unf["folded_after"] == 0 and unf["below_min_after"] == 0 and report["folds"]["num_folded"] == 0
     # a variant no installed model was trained as is refused in one line (bad input), not silently substituted
     r = _cli(env, "register", "--method", name, "--fixed", paths["fixed"], "--moving", paths["moving"],
              "--out", tmp_path / "out-svf", "--no-align", "--contrast-check", "warn", "--r2net-variant", "svf")

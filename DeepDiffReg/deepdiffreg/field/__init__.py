@@ -3,7 +3,8 @@ from .grid import identity_vox
 from .integrate import integrate_ss, invert_fixed_point
 from .jacobian import jacobian_det
 from .resize import resize_disp, resize_image
+from .unfold import unfold
 from .warp import compose, warp
 
 __all__ = ["identity_vox", "warp", "compose", "integrate_ss", "invert_fixed_point",
-           "resize_disp", "resize_image", "jacobian_det"]
+           "resize_disp", "resize_image", "jacobian_det", "unfold"]
