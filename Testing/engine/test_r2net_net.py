@@ -52,6 +52,7 @@ def test_checkpointed_blocks_give_the_same_field_gradients_and_power_iteration()
     import copy
     torch.manual_seed(0)
     on = LCIntegrator(7).train()
+    on.set_checkpoint(True, min_voxels=0)          # this small field too (the default starts at 128³)
     off = copy.deepcopy(on)
     off.set_checkpoint(False)
     assert all(b.checkpoint for b in on.blocks) and not any(b.checkpoint for b in off.blocks)
@@ -65,6 +66,14 @@ def test_checkpointed_blocks_give_the_same_field_gradients_and_power_iteration()
         assert torch.equal(v_on.grad, v_off.grad)
         for p, q in zip(on.parameters(), off.parameters()):
             assert p.grad is not None and torch.equal(p.grad, q.grad)
+    saved = []                                     # what autograd keeps: only each block's input when checkpointed
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        on(v_on)
+    n_on = sum(saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        off(v_off)
+    assert n_on < 0.5 * sum(saved)
     for a, b in zip(on.buffers(), off.buffers()):  # the spectral norm's power-iteration vectors: one step each
         assert torch.equal(a, b)
     with torch.no_grad():                          # inference records nothing, checkpointed or not

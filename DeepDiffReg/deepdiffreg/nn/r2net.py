@@ -45,6 +45,7 @@ ENC = (16, 32, 32, 32)
 DEC = (32, 32, 32, 32, 16, 16, 3)
 N_BLOCKS = 7
 BLOCK_SCALE = 0.5
+CHECKPOINT_MIN_VOXELS = 128 ** 3   # LC blocks recompute their branch in the backward pass from this field size up
 
 
 class R2NetUNet(nn.Module):
@@ -112,22 +113,25 @@ class R2NetUNet(nn.Module):
 class LCBlock(nn.Module):
     """One Lipschitz-continuous residual branch F(x) = scale·tanh(SN1×1(LeakyReLU(SN3×3(x)))) on a 3-channel field.
 
-    ``checkpoint`` (default on; it only acts while autograd records): the branch keeps only its input for the
-    backward pass and recomputes its three intermediate full-resolution fields there, instead of keeping them
-    (≈ 48 of the ≈ 60 bytes per voxel each block holds; docs/r2net.md has the measured effect). The spectral-
-    normalised weights are computed once, outside the recomputed part, so the power iteration still runs once per
-    training forward pass and the result is bit-identical with checkpointing off."""
+    ``checkpoint`` (default on; it only acts while autograd records, on fields of at least
+    ``CHECKPOINT_MIN_VOXELS``): the branch keeps only its input for the backward pass and recomputes its three
+    intermediate full-resolution fields there, instead of keeping them (≈ 48 of the ≈ 60 bytes per voxel each block
+    holds; docs/r2net.md has the measured effect). Smaller fields (the 80×96×80 training crops) skip it: there the
+    memory is small and the recomputation only costs time. The spectral-normalised weights are computed once,
+    outside the recomputed part, so the power iteration still runs once per training forward pass and the result is
+    bit-identical with checkpointing off."""
 
     def __init__(self, scale: float = BLOCK_SCALE, channels: int = 3, checkpoint: bool = True):
         super().__init__()
         self.scale = float(scale)
         self.checkpoint = bool(checkpoint)
+        self.checkpoint_min_voxels = CHECKPOINT_MIN_VOXELS
         self.conv3 = spectral_norm(nn.Conv3d(channels, channels, 3, padding=1, bias=False), n_power_iterations=1)
         self.conv1 = spectral_norm(nn.Conv3d(channels, channels, 1, bias=False), n_power_iterations=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w3, w1 = self.conv3.weight, self.conv1.weight          # one power iteration each (training mode)
-        if self.checkpoint and torch.is_grad_enabled():
+        if self.checkpoint and torch.is_grad_enabled() and x[0, 0].numel() >= self.checkpoint_min_voxels:
             return torch.utils.checkpoint.checkpoint(_lc_branch, x, w3, w1, self.scale, use_reentrant=False)
         return _lc_branch(x, w3, w1, self.scale)
 
@@ -151,9 +155,11 @@ class LCIntegrator(nn.Module):
         self.blocks = nn.ModuleList([LCBlock(scale, checkpoint=checkpoint)
                                      for _ in range(1 if stationary else self.steps)])
 
-    def set_checkpoint(self, on: bool) -> None:
+    def set_checkpoint(self, on: bool, min_voxels: int | None = None) -> None:
         for b in self.blocks:
             b.checkpoint = bool(on)
+            if min_voxels is not None:
+                b.checkpoint_min_voxels = int(min_voxels)
 
     def forward(self, v0: torch.Tensor) -> torch.Tensor:
         x = v0
