@@ -70,9 +70,12 @@ def main(argv: list[str]) -> None:
         pair, seg = _ct_pair()
         method = R2NetMethod(weights=rest[0], multiscale=True)
         voxels = pair.fixed.numel()
+        est_info: dict = {}
 
         def run():
-            return method.estimate(pair, torch.device("cpu"), lambda fr, msg: None).disp_vox
+            est = method.estimate(pair, torch.device("cpu"), lambda fr, msg: None)
+            est_info.update(unfold=est.info.get("unfold"), seconds=est.info.get("seconds"))
+            return est.disp_vox
     else:
         from deepdiffreg.frames import Geometry
         from deepdiffreg.methods.base import PairOnGrid
@@ -107,7 +110,7 @@ def main(argv: list[str]) -> None:
               "delta_mb": round(peak - base, 1), "bytes_per_voxel": round((peak - base) * 2 ** 20 / voxels),
               "seconds": round(sec, 2), "threads": torch.get_num_threads()}
     if mode == "est-ms-ct":
-        result.update(_ct_accuracy(out, *seg, pair.geometry))
+        result.update(_ct_accuracy(out, *seg, pair.geometry), method_info=est_info)
     print(json.dumps(result))
 
 

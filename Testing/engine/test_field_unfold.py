@@ -56,3 +56,17 @@ def test_wrong_shape_is_refused():
     import pytest
     with pytest.raises(ValueError, match="B, 3, D, H, W"):
         unfold(torch.zeros(1, 2, 4, 4, 4))
+
+
+def test_far_apart_folds_are_repaired_in_their_own_boxes_also_at_the_grid_face():
+    u = _smooth_field(shape=(64, 60, 48), amp=0.5, seed=1)
+    u[0, 0, 0:3, 4:8, 4:8] += torch.tensor([0.0, 2.5, 2.5]).view(3, 1, 1)     # touches the grid's first face
+    u[0, 2, 50:53, 48:52, 40:44] -= 2.5                                        # the opposite corner
+    det = jacobian_det(u)
+    far = torch.zeros_like(det, dtype=torch.bool)
+    far[0, 24:40, 20:40, 16:32] = True                                         # the middle: > 16 voxels from both
+    out, info = unfold(u)
+    assert info["boxes"] == 2 and info["folded_before"] > 0
+    assert info["folded_after"] == 0 and info["below_min_after"] == 0
+    assert float(jacobian_det(out).min()) >= 0.05
+    assert torch.equal(out[:, :, far[0]], u[:, :, far[0]])                     # untouched between the boxes
