@@ -70,3 +70,10 @@ def test_far_apart_folds_are_repaired_in_their_own_boxes_also_at_the_grid_face()
     assert info["folded_after"] == 0 and info["below_min_after"] == 0
     assert float(jacobian_det(out).min()) >= 0.05
     assert torch.equal(out[:, :, far[0]], u[:, :, far[0]])                     # untouched between the boxes
+
+
+def test_the_determinant_by_slabs_is_the_whole_field_one():
+    from deepdiffreg.field.unfold import _det_by_slabs
+    u = torch.randn(2, 3, 70, 9, 11)
+    assert torch.equal(_det_by_slabs(u), jacobian_det(u))
+    assert torch.equal(_det_by_slabs(u[:, :, :33], slab=8), jacobian_det(u[:, :, :33]))

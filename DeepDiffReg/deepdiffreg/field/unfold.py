@@ -14,7 +14,7 @@ few places costs what those places cost: the grid is cut into ``TILE``³ tiles, 
 are then at least ``TILE·HALO_TILES`` voxels from its folds (more than the largest shell reaches), except where
 they are the grid's own faces; voxels next to a face that is not the grid's are never counted as folded (their
 differences there are one-sided), and every box ends when its own folds are gone. One full-field determinant
-before and one after give the counts reported.
+before and one after (by slabs, so a CT-sized field's nine derivative fields never exist at once) give the counts.
 
 Frames: (B, 3, D, H, W) in voxel units of its grid, channel c along array axis c (the ``field`` convention); the
 determinant is ``jacobian_det``'s central differences, the same as the pipeline's Jacobian map, and it does not
@@ -43,7 +43,7 @@ def unfold(disp_vox: torch.Tensor, min_det: float = 0.05, max_rounds: int = 100,
         raise ValueError(f"unfold(): expected a (B, 3, D, H, W) displacement, got {tuple(disp_vox.shape)}")
     if radius + (max_rounds - 1) // grow_every + 1 >= TILE * HALO_TILES:
         raise ValueError("unfold(): the shell would reach a box face; lower max_rounds or raise grow_every")
-    det = jacobian_det(disp_vox)
+    det = _det_by_slabs(disp_vox)
     info: dict[str, Any] = {"min_det": float(min_det), "folded_before": int((det <= 0).sum()),
                             "below_min_before": int((det < min_det).sum())}
     bad = det < min_det                                   # (B, D, H, W)
@@ -52,7 +52,7 @@ def unfold(disp_vox: torch.Tensor, min_det: float = 0.05, max_rounds: int = 100,
                     max_change_vox=0.0)
         return disp_vox, info
     u = disp_vox.clone()
-    rounds = 0
+    rounds, changed, max_change = 0, torch.zeros(u.shape[0], *u.shape[2:], dtype=torch.bool, device=u.device), 0.0
     for b in range(u.shape[0]):
         boxes = _boxes(bad[b])
         info["boxes"] = info.get("boxes", 0) + len(boxes)
@@ -62,11 +62,30 @@ def unfold(disp_vox: torch.Tensor, min_det: float = 0.05, max_rounds: int = 100,
             new, n = _unfold_box(sub, min_det, max_rounds, radius, grow_every, inner)
             u[b:b + 1, :, box[0], box[1], box[2]] = new
             rounds = max(rounds, n)
-    det = jacobian_det(u)
-    change = (u - disp_vox).norm(dim=1)
+    for b in range(u.shape[0]):                           # boxes may overlap: the change is counted afterwards
+        for box in _boxes(bad[b]):
+            diff = (u[b, :, box[0], box[1], box[2]] - disp_vox[b, :, box[0], box[1], box[2]]).norm(dim=0)
+            changed[b, box[0], box[1], box[2]] |= diff > 0
+            max_change = max(max_change, float(diff.max()))
+    det = _det_by_slabs(u)
     info.update(rounds=rounds, folded_after=int((det <= 0).sum()), below_min_after=int((det < min_det).sum()),
-                voxels_changed=int((change > 0).sum()), max_change_vox=float(change.max()))
+                voxels_changed=int(changed.sum()), max_change_vox=max_change)
     return u, info
+
+
+def _det_by_slabs(u: torch.Tensor, slab: int = 32) -> torch.Tensor:
+    """``jacobian_det(u)`` (B, D, H, W), computed ``slab`` planes at a time with a one-plane halo (the same numbers:
+    central differences reach one plane; the grid's own faces keep their one-sided ones), so the nine derivative
+    fields of a CT-sized grid never exist at once."""
+    n = u.shape[2]
+    out = torch.empty((u.shape[0],) + tuple(u.shape[2:]), dtype=u.dtype, device=u.device)
+    for k0 in range(0, n, slab):
+        k1 = min(k0 + slab, n)
+        lo, hi = max(k0 - 1, 0), min(k1 + 1, n)
+        if hi - lo < 2:                                   # a last slab of one plane on a one-plane grid
+            return jacobian_det(u)
+        out[:, k0:k1] = jacobian_det(u[:, :, lo:hi])[:, k0 - lo:k1 - lo]
+    return out
 
 
 def _unfold_box(u: torch.Tensor, min_det: float, max_rounds: int, radius: int, grow_every: int,
