@@ -326,3 +326,18 @@ def test_symmetric_r2net_swaps_to_the_negated_initial_velocity(pair, tmp_path):
                                                                   lambda a, b: None)
     assert est.info["backbone"] == "vxm" and est.info["stages"] == 2 and est.info["symmetric"]
     assert est.disp_vox.shape == (1, 3, 32, 32, 32) and torch.isfinite(est.disp_vox).all()
+
+
+def test_nsvf_is_the_default_model_even_when_an_svf_one_is_newer(monkeypatch):
+    import deepdiffreg.io.weights as weights
+    import deepdiffreg.methods.r2net as r2net_mod
+    fake = [{"id": "r2-nsvf", "method": "r2net", "training": {"variant": "nsvf"}, "source": "bundled", "path": "a"},
+            {"id": "r2-svf", "method": "r2net", "training": {"variant": "svf"}, "source": "bundled", "path": "b"},
+            {"id": "other", "method": "vxm-diff", "source": "bundled", "path": "c"}]
+    monkeypatch.setattr(weights, "list_models", lambda: list(fake))
+    monkeypatch.setattr(r2net_mod, "list_models", lambda: list(fake))
+    assert R2NetMethod().model_entry()["id"] == "r2-nsvf"
+    assert R2NetMethod(variant="svf").model_entry()["id"] == "r2-svf"
+    assert R2NetMethod(model="r2-svf").model_entry()["id"] == "r2-svf"        # a named model is that model
+    fake.pop(0)                                                                  # only SVF installed: that one
+    assert R2NetMethod().model_entry()["id"] == "r2-svf"

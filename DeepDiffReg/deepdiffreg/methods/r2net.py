@@ -158,23 +158,26 @@ class R2NetMethod(Trainable, LearnedMethod):
         return {k: v for k, v in (("variant", o.variant), ("probabilistic", o.probabilistic),
                                   ("multiscale", o.multiscale)) if v is not None}
 
-    def load_network(self, device):
-        """As ``LearnedMethod.load_network``; without --r2net-model/--r2net-weights, the newest installed model
+    def model_entry(self) -> dict[str, Any]:
+        """As ``LearnedMethod.model_entry``; without --r2net-model/--r2net-weights, the newest installed model
         trained as asked (variant, probabilistic, multi-scale; an asked multi-scale run falls back to a
-        single-scale model, from which ``estimate`` builds MS-R2Net)."""
+        single-scale model, from which ``estimate`` builds MS-R2Net), an NSVF one unless SVF is asked. Loading,
+        the input gate and the contrast statement all read this, so they agree on the model."""
         asked, o = self._asked(), self.opts
-        if asked and not o.model and not o.weights:
+        if not o.model and not o.weights:
             models = [e for e in list_models() if e.get("method") == self.name]
+            # NSVF is the default: among the models that match, the newest NSVF one, else the newest (stable sort)
+            models.sort(key=lambda e: _model_fact(e.get("training") or {}, "variant") == "nsvf")
             for want in (asked, {k: v for k, v in asked.items() if k != "multiscale" or not v}):
                 hits = [e for e in models if all(_model_fact(e.get("training") or {}, k) == v
                                                  for k, v in want.items())]
                 if hits:
                     self.opts = dataclasses.replace(o, model=hits[-1]["id"])
                     try:
-                        return super().load_network(device)
+                        return super().model_entry()
                     finally:
                         self.opts = o
-        return super().load_network(device)
+        return super().model_entry()
 
     def estimate(self, pair: PairOnGrid, device: torch.device, progress) -> FieldEstimate:
         t0 = time.time()
