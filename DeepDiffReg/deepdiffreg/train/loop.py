@@ -92,7 +92,8 @@ def _plot(csv_path: Path, png_path: Path, terms: tuple[str, ...]) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    rows = list(csv.DictReader(open(csv_path)))
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     if not rows:
         return
     s = [int(r["step"]) for r in rows]
