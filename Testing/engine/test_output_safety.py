@@ -347,7 +347,9 @@ def test_tampered_weights_are_refused_before_any_work(pair, tmp_path):
     bundled = os.path.join(os.path.dirname(__file__), "..", "..", "models")
     mine = tmp_path / "models"
     shutil.copytree(bundled, mine)
-    pt = next(mine.glob("*.pt"))
+    # the file of the model the run uses (the folder holds several methods' models)
+    entries = json.loads((mine / "manifest.json").read_text())["models"]
+    pt = mine / [e for e in entries if e["method"] == "vxm-diff"][-1]["file"]
     data = bytearray(pt.read_bytes())
     data[len(data) // 2] ^= 0xFF
     pt.write_bytes(bytes(data))
