@@ -52,38 +52,37 @@ def unfold(disp_vox: torch.Tensor, min_det: float = 0.05, max_rounds: int = 100,
                     max_change_vox=0.0)
         return disp_vox, info
     u = disp_vox.clone()
-    rounds, changed, max_change = 0, torch.zeros(u.shape[0], *u.shape[2:], dtype=torch.bool, device=u.device), 0.0
-    for b in range(u.shape[0]):
-        boxes = _boxes(bad[b])
-        info["boxes"] = info.get("boxes", 0) + len(boxes)
-        for box in boxes:
-            sub = u[b:b + 1, :, box[0], box[1], box[2]]
-            inner = _inner_mask(box, tuple(u.shape[2:]), sub.device)
-            new, n = _unfold_box(sub, min_det, max_rounds, radius, grow_every, inner)
-            u[b:b + 1, :, box[0], box[1], box[2]] = new
-            rounds = max(rounds, n)
-    for b in range(u.shape[0]):                           # boxes may overlap: the change is counted afterwards
-        for box in _boxes(bad[b]):
-            diff = (u[b, :, box[0], box[1], box[2]] - disp_vox[b, :, box[0], box[1], box[2]]).norm(dim=0)
-            changed[b, box[0], box[1], box[2]] |= diff > 0
-            max_change = max(max_change, float(diff.max()))
+    boxes = [(b, box) for b in range(u.shape[0]) for box in _boxes(bad[b])]
+    rounds = 0
+    for b, box in boxes:
+        sub = u[b:b + 1, :, box[0], box[1], box[2]]
+        inner = _inner_mask(box, tuple(u.shape[2:]), sub.device)
+        new, n = _unfold_box(sub, min_det, max_rounds, radius, grow_every, inner)
+        u[b:b + 1, :, box[0], box[1], box[2]] = new
+        rounds = max(rounds, n)
+    # counted once every box is done: boxes may overlap, and a later box may change an earlier one's voxels
+    changed = torch.zeros((u.shape[0],) + tuple(u.shape[2:]), dtype=torch.bool, device=u.device)
+    max_change = 0.0
+    for b, box in boxes:
+        diff = (u[b, :, box[0], box[1], box[2]] - disp_vox[b, :, box[0], box[1], box[2]]).norm(dim=0)
+        changed[b, box[0], box[1], box[2]] |= diff > 0
+        max_change = max(max_change, float(diff.max()))
     det = _det_by_slabs(u)
-    info.update(rounds=rounds, folded_after=int((det <= 0).sum()), below_min_after=int((det < min_det).sum()),
-                voxels_changed=int(changed.sum()), max_change_vox=max_change)
+    info.update(boxes=len(boxes), rounds=rounds, folded_after=int((det <= 0).sum()),
+                below_min_after=int((det < min_det).sum()), voxels_changed=int(changed.sum()),
+                max_change_vox=max_change)
     return u, info
 
 
 def _det_by_slabs(u: torch.Tensor, slab: int = 32) -> torch.Tensor:
     """``jacobian_det(u)`` (B, D, H, W), computed ``slab`` planes at a time with a one-plane halo (the same numbers:
     central differences reach one plane; the grid's own faces keep their one-sided ones), so the nine derivative
-    fields of a CT-sized grid never exist at once."""
+    fields of a CT-sized grid never exist at once. A one-plane grid is refused by ``jacobian_det`` as before."""
     n = u.shape[2]
     out = torch.empty((u.shape[0],) + tuple(u.shape[2:]), dtype=u.dtype, device=u.device)
     for k0 in range(0, n, slab):
         k1 = min(k0 + slab, n)
         lo, hi = max(k0 - 1, 0), min(k1 + 1, n)
-        if hi - lo < 2:                                   # a last slab of one plane on a one-plane grid
-            return jacobian_det(u)
         out[:, k0:k1] = jacobian_det(u[:, :, lo:hi])[:, k0 - lo:k1 - lo]
     return out
 

@@ -121,11 +121,10 @@ class LCBlock(nn.Module):
     outside the recomputed part, so the power iteration still runs once per training forward pass and the result is
     bit-identical with checkpointing off."""
 
-    def __init__(self, scale: float = BLOCK_SCALE, channels: int = 3, checkpoint: bool = True):
+    def __init__(self, scale: float = BLOCK_SCALE, channels: int = 3):
         super().__init__()
         self.scale = float(scale)
-        self.checkpoint = bool(checkpoint)
-        self.checkpoint_min_voxels = CHECKPOINT_MIN_VOXELS
+        self.checkpoint, self.checkpoint_min_voxels = True, CHECKPOINT_MIN_VOXELS   # LCIntegrator.set_checkpoint
         self.conv3 = spectral_norm(nn.Conv3d(channels, channels, 3, padding=1, bias=False), n_power_iterations=1)
         self.conv1 = spectral_norm(nn.Conv3d(channels, channels, 1, bias=False), n_power_iterations=1)
 
@@ -145,17 +144,16 @@ class LCIntegrator(nn.Module):
     """x_0 = v0, x_k = x_{k−1} + F_k(x_{k−1}), returns the displacement x_N (B, 3, D, H, W), voxel units.
 
     ``stationary=True`` (SVF-R2Net): one block applied ``steps`` times; False (NSVF-R2Net): ``steps`` blocks.
-    ``checkpoint``: each block recomputes its branch in the backward pass (LCBlock); the sum x_{k−1} + F_k keeps
-    nothing, so a training step holds one 3-channel field per block."""
+    Checkpointing (on by default): each block recomputes its branch in the backward pass (LCBlock); the sum
+    x_{k−1} + F_k keeps nothing, so a training step holds one 3-channel field per block."""
 
-    def __init__(self, steps: int = N_BLOCKS, stationary: bool = False, scale: float = BLOCK_SCALE,
-                 checkpoint: bool = True):
+    def __init__(self, steps: int = N_BLOCKS, stationary: bool = False, scale: float = BLOCK_SCALE):
         super().__init__()
         self.steps, self.stationary = int(steps), bool(stationary)
-        self.blocks = nn.ModuleList([LCBlock(scale, checkpoint=checkpoint)
-                                     for _ in range(1 if stationary else self.steps)])
+        self.blocks = nn.ModuleList([LCBlock(scale) for _ in range(1 if stationary else self.steps)])
 
     def set_checkpoint(self, on: bool, min_voxels: int | None = None) -> None:
+        """Checkpoint the blocks (``on``) from fields of ``min_voxels`` up (None: keep the blocks' threshold)."""
         for b in self.blocks:
             b.checkpoint = bool(on)
             if min_voxels is not None:
