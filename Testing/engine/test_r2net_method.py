@@ -149,6 +149,10 @@ def _cli(env: dict, *args) -> subprocess.CompletedProcess:
                           encoding="utf-8", errors="replace", timeout=300, env={**os.environ, **env})
 
 
+def _no_constant(name):
+    raise AssertionError(f"not strict JSON: {name}")
+
+
 def test_train_publish_and_register_through_the_cli(tmp_path):
     import SimpleITK as sitk
     name = R2NetMethod.name
@@ -160,6 +164,10 @@ def test_train_publish_and_register_through_the_cli(tmp_path):
              "--val-every", 3, "--lr", 1e-3, "--threads", 1, "--jac-weight", 10,
              "--publish", "r2net-test", "--models-dir", models, "--version", "0.0.1")
     assert r.returncode == 0, r.stderr[-3000:]
+    # the step lines are strict JSON: R2Net logs no int_err in training (NaN in the CSV), so it is null there
+    rows = [json.loads(line, parse_constant=_no_constant) for line in (r.stdout + r.stderr).splitlines()
+            if line.startswith("{")]
+    assert any(row.get("step") == 3 and "int_err" in row and row["int_err"] is None for row in rows), rows
     entry = next(e for e in json.loads((models / "manifest.json").read_text())["models"] if e["id"] == "r2net-test")
     assert entry["method"] == name and entry["training"]["variant"] == "nsvf" and entry["training"]["jac_weight"] == 10
     header = (tmp_path / "run" / "train_log.csv").read_text().splitlines()[0].split(",")

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import BadInput, MissingWeights
+from ..progress import dumps
 
 _PKG = Path(__file__).resolve().parents[1]                      # .../deepdiffreg
 # Where the bundled models are, first match (a folder holding manifest.json) wins:
@@ -78,7 +79,7 @@ def write_manifest(folder: Path, entries: list[dict[str, Any]]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps({"models": entries}, indent=2) + "\n")
+            fh.write(dumps({"models": entries}, indent=2) + "\n")   # strict: null, never NaN
         os.replace(tmp, folder / "manifest.json")
     except BaseException:
         with contextlib.suppress(OSError):

@@ -5,9 +5,10 @@ Also runnable alone: ``python -m deepdiffreg.train.cli train ...``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from ..progress import dumps
 
 DEFAULT_CACHE = Path.home() / ".cache" / "deepdiffreg" / "train-v2"
 
@@ -196,8 +197,8 @@ def run_train(args) -> int:
         entry = publish(Path(args.out), Path(args.models_dir) if args.models_dir else bundled_dir(), args.publish,
                         args.version, training, licence=licence,
                         train_shape_dhw=list(data.sample(0)["fixed"].shape[2:]))
-        print(json.dumps(entry))
-    print(json.dumps(res))
+        print(dumps(entry))
+    print(dumps(res))
     return 0
 
 
@@ -221,7 +222,7 @@ def run_models_list(args) -> int:
     from ..io.weights import bundled_dir, list_models, user_dir
     models = list_models()
     if getattr(args, "json", False):
-        print(json.dumps(models, indent=1))
+        print(dumps(models, indent=1))
         return 0
     print(f"bundled: {bundled_dir()}\nuser:    {user_dir()}")
     for m in models:
@@ -235,7 +236,6 @@ def run_models_list(args) -> int:
 def _models_result(**what) -> None:
     """The JSON result line of `models import/delete` (JSON mode: --json, DEEPDIFFREG_JSON=1 or a non-terminal)."""
     from ..console import json_mode
-    from ..progress import dumps
     if json_mode(getattr(what.pop("args", None), "json_protocol", False)):
         print(dumps({"event": "result", **what}), flush=True)
 

@@ -13,7 +13,6 @@ entry (sha256); the method recorded in the weights file is the manifest's.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..field import jacobian_det, warp
 from ..io.weights import save_weights, upsert_entry
 from ..methods.learned import TrainStep, get_trainable
 from ..metrics import dice_per_label
+from ..progress import dumps
 
 VAL_FIELDS = ["val_dice", "val_dice_before", "val_fold_pct", "lr"]
 
@@ -154,8 +154,8 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
         csv_path.write_text(",".join(csv_fields(method)) + "\n")
     _prepare_for_training(method, net, config)
     ema = _Ema(net, settings.ema, state.get("ema")) if settings.ema > 0 else None   # resumed with the run
-    (out / "settings.json").write_text(json.dumps({**asdict(settings), "method": method.name, "model": config},
-                                                  indent=1))
+    (out / "settings.json").write_text(dumps({**asdict(settings), "method": method.name, "model": config},
+                                             indent=1))
     gen = torch.Generator(device=device).manual_seed(settings.seed + step)
     acc: dict[str, list[float]] = {}
     t0 = time.time()
@@ -199,7 +199,7 @@ def train(settings: TrainSettings, data, val_pairs: list[dict],
                         **({"ema": ema.state} if ema is not None else {})}, tmp)
             tmp.replace(ckpt)
             _plot(csv_path, out / "train_log.png", method.loss_terms)
-            log(json.dumps(row))
+            log(dumps(row))   # strict JSON: a column the method does not log (NaN) is null
         if last:
             break
     return {"step": step, "best_val_dice": best, "out_dir": str(out), "method": method.name}
@@ -271,12 +271,12 @@ def publish(run_dir: Path, models_dir: Path, model_id: str, version: str, traini
     n_params = sum(v.numel() for v in obj["state_dict"].values())
     card = [f"# {model_id} ({card_facts.get('title') or method.name})", "",
             f"- method: {method.name}, version {version}; {n_params:,} parameters; sha256 `{sha}`",
-            f"- config: `{json.dumps(config)}`",
+            f"- config: `{dumps(config)}`",
             f"- input grid: {entry['input_grid']}",
             f"- modality: {entry['modality']}",
             *([f"- deviation from the paper: {entry['deviation']}"] if entry.get("deviation") else []),
-            f"- training: `{json.dumps(entry['training'])}`",
-            f"- validation (fixed pairs, see docs/training.md): `{json.dumps(entry['validation'])}`",
+            f"- training: `{dumps(entry['training'])}`",
+            f"- validation (fixed pairs, see docs/training.md): `{dumps(entry['validation'])}`",
             f"- licence: {entry['licence']}", "", extra_card]
     (models_dir / entry["card"]).write_text("\n".join(card) + "\n")
     upsert_entry(models_dir, entry)

@@ -14,7 +14,6 @@ hash-recorded by the registry's loader like an installed model; without it the i
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,6 +25,7 @@ from ..field import jacobian_det, warp
 from ..frames import Geometry
 from ..methods.base import PairOnGrid, get_method
 from ..metrics import dice_per_label, pearson, spearman
+from ..progress import dumps
 from .cli import DEFAULT_CACHE
 from .real_data import CANON_SPACING
 
@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     res = evaluate_method(a.method, Path(a.weights) if a.weights else None, Path(a.cache), _parse_set(a.set),
                           a.compare)
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1) + "\n")
-    print(json.dumps(res["summary"], indent=1))
+        Path(a.json).write_text(dumps(res, indent=1) + "\n")
+    print(dumps(res["summary"], indent=1))
     return 0
 
 
