@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .field import jacobian_det, warp
+from .field import jacobian_det_slabs, warp
 from .frames import Geometry
 
 
@@ -125,16 +125,14 @@ def jacobian_det_lps(disp_lps, geom: Geometry, dtype: torch.dtype = torch.float6
         shape, planes = arr.shape[:3], lambda k0, k1: arr[k0:k1]
     if min(shape) < 2:
         raise ValueError("jacobian_det_lps(): every axis needs at least 2 voxels")
-    n_k = shape[0]
-    out = torch.empty(shape, dtype=dtype)
+
+    def read_vox(lo: int, hi: int) -> torch.Tensor:                # (1, 3, k', J, I), index-frame voxels
+        u = torch.from_numpy(planes(lo, hi)).to(dtype)              # (k', J, I, 3), no copy in the dtype given
+        return torch.mm(m_t, u.reshape(-1, 3).T).view((1, 3) + tuple(u.shape[:3]))
+
     with warnings.catch_warnings():  # a read-only view (sitk.GetArrayViewFromImage) is fine: it is only read
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for k0 in range(0, n_k, slab):
-            k1 = min(k0 + slab, n_k)
-            lo, hi = max(k0 - 1, 0), min(k1 + 1, n_k)       # halo plane on each side (inside the grid)
-            u = torch.from_numpy(planes(lo, hi)).to(dtype)  # (k', J, I, 3), no copy in the dtype given
-            vox = torch.mm(m_t, u.reshape(-1, 3).T).view((3,) + tuple(u.shape[:3]))  # (3, k', J, I), vox units
-            out[k0:k1] = jacobian_det(vox[None], mode="central")[0, k0 - lo:k1 - lo]
+        out = jacobian_det_slabs(read_vox, shape[0], slab)[0]
     return out.numpy()
 
 

@@ -73,7 +73,9 @@ def test_far_apart_folds_are_repaired_in_their_own_boxes_also_at_the_grid_face()
 
 
 def test_the_determinant_by_slabs_is_the_whole_field_one():
-    from deepdiffreg.field.unfold import _det_by_slabs
+    """field.jacobian_det_slabs (unfold's and metrics.jacobian_det_lps's one slab loop) gives jacobian_det's
+    numbers bit for bit: partial last slabs, one-plane slabs, a two-plane grid (its one-sided faces)."""
+    from deepdiffreg.field import jacobian_det_slabs
     u = torch.randn(2, 3, 70, 9, 11)
-    assert torch.equal(_det_by_slabs(u), jacobian_det(u))
-    assert torch.equal(_det_by_slabs(u[:, :, :33], slab=8), jacobian_det(u[:, :, :33]))
+    for n, slab in ((70, 32), (33, 8), (33, 1), (2, 1), (5, 100)):
+        assert torch.equal(jacobian_det_slabs(lambda lo, hi: u[:, :, lo:hi], n, slab), jacobian_det(u[:, :, :n]))

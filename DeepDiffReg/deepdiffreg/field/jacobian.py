@@ -6,6 +6,8 @@ So one implementation in voxel units serves physical fields too (convert with fr
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
@@ -33,3 +35,22 @@ def jacobian_det(disp_vox: torch.Tensor, mode: str = "central") -> torch.Tensor:
     return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1])
             - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
             + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+
+
+def jacobian_det_slabs(read: Callable[[int, int], torch.Tensor], n: int, slab: int = 32) -> torch.Tensor:
+    """``jacobian_det(u)`` (central differences) of a field read ``slab`` planes of axis 2 at a time, each with a
+    one-plane halo: the same numbers as one pass (central differences reach one plane; the grid's own first and
+    last planes keep their one-sided ones), but the nine derivative arrays of a large grid never exist at once and
+    the field itself need never be whole (``read`` may make each slab on demand, e.g. interpolate a coarse field).
+
+    ``read(lo, hi)`` → (B, 3, hi − lo, H, W) voxel displacement of planes lo … hi − 1; ``n``: planes in all.
+    Returns (B, n, H, W) in the dtype and device of what ``read`` gives."""
+    out = None
+    for k0 in range(0, n, slab):
+        k1 = min(k0 + slab, n)
+        lo, hi = max(k0 - 1, 0), min(k1 + 1, n)          # halo plane on each side, inside the grid
+        det = jacobian_det(read(lo, hi))[:, k0 - lo:k1 - lo]
+        if out is None:
+            out = torch.empty((det.shape[0], n) + tuple(det.shape[2:]), dtype=det.dtype, device=det.device)
+        out[:, k0:k1] = det
+    return out

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .jacobian import jacobian_det
+from .jacobian import jacobian_det, jacobian_det_slabs
 
 TILE = 8          # voxels per tile side when finding the boxes
 HALO_TILES = 2    # tiles added around each folded tile: a box face is >= 16 voxels from its folds
@@ -75,16 +75,9 @@ def unfold(disp_vox: torch.Tensor, min_det: float = 0.05, max_rounds: int = 100,
 
 
 def _det_by_slabs(u: torch.Tensor, slab: int = 32) -> torch.Tensor:
-    """``jacobian_det(u)`` (B, D, H, W), computed ``slab`` planes at a time with a one-plane halo (the same numbers:
-    central differences reach one plane; the grid's own faces keep their one-sided ones), so the nine derivative
-    fields of a CT-sized grid never exist at once. A one-plane grid is refused by ``jacobian_det`` as before."""
-    n = u.shape[2]
-    out = torch.empty((u.shape[0],) + tuple(u.shape[2:]), dtype=u.dtype, device=u.device)
-    for k0 in range(0, n, slab):
-        k1 = min(k0 + slab, n)
-        lo, hi = max(k0 - 1, 0), min(k1 + 1, n)
-        out[:, k0:k1] = jacobian_det(u[:, :, lo:hi])[:, k0 - lo:k1 - lo]
-    return out
+    """``jacobian_det(u)`` (B, D, H, W) by ``jacobian_det_slabs`` (the same numbers), so the nine derivative fields
+    of a CT-sized grid never exist at once. A one-plane grid is refused by ``jacobian_det`` as before."""
+    return jacobian_det_slabs(lambda lo, hi: u[:, :, lo:hi], u.shape[2], slab)
 
 
 def _unfold_box(u: torch.Tensor, min_det: float, max_rounds: int, radius: int, grow_every: int,
