@@ -44,8 +44,8 @@ from ..field import integrate_ss, invert_fixed_point, resize_disp, unfold, warp
 from ..io.weights import list_models
 from ..losses import jacobian_penalty, kl_laplacian
 from ..nn import vxm_model
-from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices, \
-    stage_nets
+from ..nn.blocks import stage_nets
+from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices
 from ..nn.vxm_model import soft_dice_loss
 from ..nn.wrappers import Cascade, Deformation, Displacement, OnNetGrid, Refine, Symmetric
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..field import resize_disp
-from .blocks import ConvBlock
+from .blocks import ConvBlock, StageCascade
 from .unet import VxmDiffUNet
 
 ENC = (16, 32, 32, 32)
@@ -219,24 +219,11 @@ class R2Net(nn.Module):
         return self.integrator(v0), mu, logvar
 
 
-class R2NetCascade(nn.Module):
-    """K R2Nets one after the other (recursive cascade; stage k sees the moving image warped by stages 1..k−1).
-    Run through methods/r2net.py (training) and nn/wrappers.Cascade (inference); ``stages[k]`` is one ``R2Net``."""
+class R2NetCascade(StageCascade):
+    """K ≥ 2 R2Nets one after the other (``StageCascade``; one stage is an R2Net itself). Run through
+    methods/r2net.py (training) and nn/wrappers.Cascade (inference); ``stages[k]`` is one ``R2Net``."""
 
-    def __init__(self, nets: Sequence[R2Net]):
-        super().__init__()
-        if len(nets) < 2:
-            raise ValueError("R2NetCascade() needs at least two stages (one stage is an R2Net)")
-        self.stages = nn.ModuleList(nets)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.stages[0].size_multiple
-
-
-def stage_nets(net: nn.Module) -> list[R2Net]:
-    """The R2Nets of a model: its cascade stages, or the model itself."""
-    return list(net.stages) if isinstance(net, R2NetCascade) else [net]
+    min_stages = 2
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..field import compose, integrate_ss, resize_disp, warp
 from ..losses.kl import kl_laplacian, recon_mse
+from .blocks import StageCascade, stage_nets
 from .unet import DEFAULT_DEC, DEFAULT_ENC, VxmDiffUNet
 from .wrappers import SVF, Cascade, Symmetric
 
@@ -32,27 +32,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class VxmCascade(nn.Module):
-    """K VoxelMorph-diff U-Nets applied one after the other (see the module docstring); ``stages[k]`` is one
-    ``VxmDiffUNet``. Not called directly: ``prior_stages`` + the last stage do the work."""
-
-    def __init__(self, nets: list[VxmDiffUNet]):
-        super().__init__()
-        self.stages = nn.ModuleList(nets)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.stages[0].size_multiple
+class VxmCascade(StageCascade):
+    """K VoxelMorph-diff U-Nets applied one after the other (see the module docstring; ``StageCascade``);
+    ``stages[k]`` is one ``VxmDiffUNet``."""
 
 
 def build_net(config: dict[str, Any]) -> VxmDiffUNet | VxmCascade:
     nets = [VxmDiffUNet(config.get("enc", DEFAULT_ENC), config.get("dec", DEFAULT_DEC))
             for _ in range(int(config.get("stages", 1)))]
     return nets[0] if len(nets) == 1 else VxmCascade(nets)
-
-
-def stage_nets(net: VxmDiffUNet | VxmCascade) -> list[VxmDiffUNet]:
-    return list(net.stages) if isinstance(net, VxmCascade) else [net]
 
 
 def svf_stage(unet: VxmDiffUNet, steps: int = 7, symmetric: bool = False):
@@ -150,19 +138,25 @@ def load_stages(net: VxmDiffUNet | VxmCascade, obj: dict[str, Any]) -> None:
 def _trained_prior_stages(nets: list[VxmDiffUNet], moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
                           generator: torch.Generator | None
                           ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Every stage but the last, *with* gradients (config ``train_stages: all``): each samples its velocity
-    z_k = μ_k + σ_k·ε as the last one does, on the moving image warped by the stages before it. Returns their
-    composed displacement (fixed grid, voxels; None for one network), the moving image warped by it and the sum
-    of their KL terms."""
-    prior, m_in, kl = None, moving, moving.new_zeros(())
-    for unet in nets[:-1]:
-        mu, logvar = unet(m_in, fixed)
-        z = sample_velocity(mu, logvar, generator)
-        d = resize_disp(integrate_ss(z, config["int_steps"]), tuple(fixed.shape[2:]))
-        prior = d if prior is None else compose(prior, d)
-        m_in = warp(moving, prior)
-        kl = kl + kl_laplacian(mu, logvar, config["prior_lambda"])
-    return prior, m_in, kl
+    """Every stage but the last, *with* gradients (config ``train_stages: all``), through ``wrappers.Cascade``:
+    each samples its velocity z_k = μ_k + σ_k·ε as the last one does, on the moving image warped by the stages
+    before it. Returns their composed displacement (fixed grid, voxels; None for one network), the moving image
+    warped by it and the sum of their KL terms."""
+    if len(nets) < 2:
+        return None, moving, moving.new_zeros(())
+    kls: list[torch.Tensor] = []
+
+    def sampled(unet: VxmDiffUNet):
+        def stage(m_in: torch.Tensor, fx: torch.Tensor) -> SVF:
+            mu, logvar = unet(m_in, fx)
+            z = sample_velocity(mu, logvar, generator)
+            kls.append(kl_laplacian(mu, logvar, config["prior_lambda"]))
+            return SVF(z, config["int_steps"])
+        return stage
+
+    phi = Cascade([sampled(u) for u in nets[:-1]])(moving, fixed)
+    prior = phi.disp(phi.grid)
+    return prior, warp(moving, prior), sum(kls[1:], kls[0])
 
 
 def training_step_loss(net: VxmDiffUNet | VxmCascade, moving: torch.Tensor, fixed: torch.Tensor, config: dict[str, Any],
