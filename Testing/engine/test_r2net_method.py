@@ -336,6 +336,30 @@ def test_symmetric_r2net_swaps_to_the_negated_initial_velocity(pair, tmp_path):
     assert est.disp_vox.shape == (1, 3, 32, 32, 32) and torch.isfinite(est.disp_vox).all()
 
 
+def test_one_more_pass_of_the_last_stage_by_default_and_none_when_asked(pair, tmp_path):
+    """The default runs the cascade's last stage once more (nn/wrappers.repeat_last); --r2net-extra-passes 0 is the
+    cascade as trained, and N > 0 is that cascade with N more passes, whatever the default."""
+    from deepdiffreg.methods.r2net import _stage_module
+    from deepdiffreg.nn.wrappers import Cascade, OnNetGrid, Symmetric
+    net, cfg, _ = _warm_started()
+    path = tmp_path / "r2net-vxm.pt"
+    torch.save({"config": cfg, "state_dict": net.state_dict()}, path)
+    grid = _pair_on_grid(pair)
+
+    def run(**kw):
+        return R2NetMethod(weights=str(path), unfold=False, **kw).estimate(grid, torch.device("cpu"),
+                                                                          lambda a, b: None)
+    default, none, two = run(), run(extra_passes=0), run(extra_passes=2)
+    assert (default.info["extra_passes"], default.info["passes"]) == (1, 3)
+    assert (none.info["extra_passes"], none.info["passes"]) == (0, 2) and two.info["passes"] == 4
+    stages = [Symmetric(_stage_module(st.eval())) for st in net.stages]
+    with torch.no_grad():
+        for est, extra in ((default, 1), (none, 0), (two, 2)):
+            res = OnNetGrid(Cascade(stages + [stages[-1]] * extra), net.size_multiple)(grid, torch.device("cpu"))
+            assert torch.allclose(est.disp_vox, res.disp_vox(), atol=1e-5)
+    assert not torch.allclose(default.disp_vox, none.disp_vox, atol=1e-3)
+
+
 def test_nsvf_is_the_default_model_even_when_an_svf_one_is_newer(monkeypatch):
     import deepdiffreg.io.weights as weights
     import deepdiffreg.methods.r2net as r2net_mod

@@ -64,6 +64,16 @@ class LearnedOptions:
                                             "run's best.pt); its sha256 goes into report.json")
 
 
+@dataclass
+class CascadeOptions:
+    """The option of a method whose network is a recursive cascade run through ``nn/wrappers.Cascade``: how many
+    more passes of its last stage inference makes (``nn/wrappers.repeat_last``). A method's ``Options`` inherits it
+    and may redeclare the default (None: the method's choice, stated in its help)."""
+    extra_passes: int | None = option(None, min=0, max=8,
+                                      help="run the last cascade stage this many more times at inference, each "
+                                           "pass on the image the earlier ones warped (0: the cascade as trained)")
+
+
 class LearnedMethod(Method):
     """A method whose network comes from a weights file: ``load_network`` finds it (``model``/``weights``
     options), checks its hash, builds the network from the file's config (``build_network``) and loads it."""

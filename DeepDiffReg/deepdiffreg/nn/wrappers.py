@@ -18,7 +18,8 @@ Deformations:
 Wrappers (each takes a module and returns one; they nest):
 - ``Cascade([m1, …, mK])``: stage k registers the moving image warped by stages 1..k−1 (one interpolation of the
   original), φ = φ1 ∘ … ∘ φK. Multi-scale / pyramid nets are a cascade whose stages run on coarser grids (the
-  parts' own grids; they are resized onto the cascade's grid when composed).
+  parts' own grids; they are resized onto the cascade's grid when composed). ``repeat_last(stages, n)`` runs a
+  trained cascade deeper at inference: its last stage n more times.
 - ``Symmetric(m)``: for SVF modules, v = ½(v(m, f) − v(f, m)): the forward estimate averaged with the inverse of the
   swapped pair's; registering the swapped pair then gives exactly the inverse.
 - ``Refine(m, loss, steps, lr)``: test-time optimisation of the prediction's free parameter (an SVF's velocity, a
@@ -177,6 +178,17 @@ class Cascade:
                 acc = u if acc is None else compose(acc, u)
                 m = warp(moving, acc)
         return Composed(parts, grid, inputs)
+
+
+def repeat_last(stages: Sequence[Module], extra: int) -> list[Module]:
+    """The stages of a recursive cascade with its last stage run ``extra`` more times (for ``Cascade``): each pass
+    registers the moving image warped by everything before it, so it corrects what the earlier passes left; φ stays
+    a composition of the stages' own maps (diffeomorphisms for SVF stages). Zhao et al. (ICCV 2019) run their
+    cascades deeper at test time than in training in the same way. ``extra`` = 0: the stages as they are."""
+    stages = list(stages)
+    if not stages or int(extra) < 0:
+        raise ValueError(f"repeat_last() needs at least one stage and extra >= 0, got {len(stages)}, {extra}")
+    return stages + [stages[-1]] * int(extra)
 
 
 class Symmetric:
