@@ -336,9 +336,12 @@ def test_symmetric_r2net_swaps_to_the_negated_initial_velocity(pair, tmp_path):
     assert est.disp_vox.shape == (1, 3, 32, 32, 32) and torch.isfinite(est.disp_vox).all()
 
 
-def test_one_more_pass_of_the_last_stage_by_default_and_none_when_asked(pair, tmp_path):
-    """The default runs the cascade's last stage once more (nn/wrappers.repeat_last); --r2net-extra-passes 0 is the
-    cascade as trained, and N > 0 is that cascade with N more passes, whatever the default."""
+def test_one_more_checked_pass_of_the_last_stage_by_default(pair, tmp_path):
+    """The default tries the cascade's last stage once more (nn/wrappers.Deeper) and keeps it only where
+    methods.learned.further_pass_helps says so; --r2net-extra-passes 0 is the cascade as trained; with
+    --r2net-refine the default is 0 and asking for both is refused."""
+    from deepdiffreg.errors import BadInput
+    from deepdiffreg.methods.learned import further_pass_helps
     from deepdiffreg.methods.r2net import _stage_module
     from deepdiffreg.nn.wrappers import Cascade, OnNetGrid, Symmetric
     net, cfg, _ = _warm_started()
@@ -349,15 +352,37 @@ def test_one_more_pass_of_the_last_stage_by_default_and_none_when_asked(pair, tm
     def run(**kw):
         return R2NetMethod(weights=str(path), unfold=False, **kw).estimate(grid, torch.device("cpu"),
                                                                           lambda a, b: None)
-    default, none, two = run(), run(extra_passes=0), run(extra_passes=2)
-    assert (default.info["extra_passes"], default.info["passes"]) == (1, 3)
-    assert (none.info["extra_passes"], none.info["passes"]) == (0, 2) and two.info["passes"] == 4
+    default, none = run(), run(extra_passes=0)
+    assert none.info["extra_passes"] == {"asked": 0, "kept": 0, "checks": []}
+    passes = default.info["extra_passes"]
+    assert passes["asked"] == 1 and len(passes["checks"]) == 1
     stages = [Symmetric(_stage_module(st.eval())) for st in net.stages]
     with torch.no_grad():
-        for est, extra in ((default, 1), (none, 0), (two, 2)):
-            res = OnNetGrid(Cascade(stages + [stages[-1]] * extra), net.size_multiple)(grid, torch.device("cpu"))
-            assert torch.allclose(est.disp_vox, res.disp_vox(), atol=1e-5)
-    assert not torch.allclose(default.disp_vox, none.disp_vox, atol=1e-3)
+        two = OnNetGrid(Cascade(stages), net.size_multiple)(grid, torch.device("cpu"))
+        three = OnNetGrid(Cascade(stages + stages[-1:]), net.size_multiple)(grid, torch.device("cpu"))
+        # the check as Deeper makes it: fixed, moving as pass 3 found it, moving warped with pass 3
+        keep, facts = further_pass_helps(two.fixed, two.moving, three.deformation.stage_inputs[2],
+                                         warp(three.moving, three.deformation.on_grid()))
+    assert passes["kept"] == int(keep) and passes["checks"][0]["ncc2_after"] == facts["ncc2_after"]
+    assert torch.allclose(none.disp_vox, two.disp_vox(), atol=1e-5)
+    assert torch.allclose(default.disp_vox, (three if keep else two).disp_vox(), atol=1e-5)
+    assert run(refine=1).info["extra_passes"]["asked"] == 0
+    with pytest.raises(BadInput):
+        run(refine=1, extra_passes=1)
+
+
+def test_a_further_pass_is_kept_only_on_one_contrast_and_when_local_ncc_rises():
+    from deepdiffreg.methods.learned import further_pass_helps
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 36, 36, 36, generator=g), 5, 1)   # smooth, 32³, in (0, 1)
+    x = (x - x.min()) / (x.max() - x.min())
+    shifted = torch.roll(x, 2, dims=2)
+    keep, facts = further_pass_helps(x, shifted, shifted, x)              # the pass undoes a shift: NCC² rises
+    assert keep and facts["ncc2_after"] > facts["ncc2_before"] and facts["rank_correlation"] > 0.2
+    assert not further_pass_helps(x, x, x, shifted)[0]                    # the pass adds a shift: NCC² falls
+    # two contrasts given (the moving image inverted): never kept, even when the registered images agree better
+    keep, facts = further_pass_helps(x, 1.0 - shifted, shifted, x)
+    assert not keep and facts["rank_correlation"] < 0.2 and facts["ncc2_after"] > facts["ncc2_before"]
 
 
 def test_nsvf_is_the_default_model_even_when_an_svf_one_is_newer(monkeypatch):

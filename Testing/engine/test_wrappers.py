@@ -11,7 +11,7 @@ from deepdiffreg.frames import Geometry
 from deepdiffreg.methods.base import PairOnGrid
 from deepdiffreg.nn.grid import NetGrid, canonical_axes, disp_from_canonical, from_canonical, to_canonical
 from deepdiffreg.nn.wrappers import (SVF, Cascade, Composed, Displacement, OnNetGrid, Refine, Symmetric,
-                                     WithInverse, repeat_last)
+                                     WithInverse, Deeper)
 
 PSR = (0, 0, -1, 1, 0, 0, 0, 1, 0)          # IXI-like sagittal direction (column c: LPS vector of index axis c)
 
@@ -66,25 +66,40 @@ def test_cascade_composes_stages_and_inverts_in_reverse_order():
         assert torch.equal(one.disp((12, 12, 12)), SVF(0.3 * net(m, f), 5).disp((12, 12, 12)))
 
 
-def test_repeat_last_runs_the_last_stage_again_on_what_the_cascade_warped():
+def test_deeper_runs_the_last_stage_again_on_what_the_cascade_warped_and_stops_at_a_refused_pass():
     m, f = images()
     net = ConvNet()
     s1 = lambda a, b: SVF(0.3 * net(a, b), 5)                             # noqa: E731
     s2 = lambda a, b: SVF(-0.2 * net(b, a), 5)                            # noqa: E731
-    assert repeat_last([s1, s2], 0) == [s1, s2] and repeat_last([s1, s2], 2) == [s1, s2, s2, s2]
     with pytest.raises(ValueError):
-        repeat_last([s1], -1)
+        Deeper([s1], -1)
     with pytest.raises(ValueError):
-        repeat_last([], 1)
+        Deeper([], 1)
     with torch.no_grad():
-        phi = Cascade(repeat_last([s1, s2], 1))(m, f)
+        phi = Deeper([s1, s2], 1)(m, f)
         u1 = integrate_ss(0.3 * net(m, f), 5)
         u2 = integrate_ss(-0.2 * net(f, warp(m, u1)), 5)
         u12 = compose(u1, u2)
         u3 = integrate_ss(-0.2 * net(f, warp(m, u12)), 5)                # pass 3: stage 2 on m warped by 1 and 2
         assert torch.equal(phi.stage_inputs[2], warp(m, u12))
         assert torch.equal(phi.disp((8, 8, 8)), compose(u12, u3))
+        assert torch.equal(phi.disp((8, 8, 8)), Cascade([s1, s2, s2])(m, f).disp((8, 8, 8)))
         assert not torch.equal(u3, u2)                                   # a pass of its own, not a copy of pass 2
+        assert phi.info["extra_passes"] == {"asked": 1, "kept": 1, "checks": [{"kept": True}]}
+        # the check sees (fixed, before, after): refusing the second extra pass keeps the first one's result
+        seen = []
+
+        def accept(fx, mv, before, after):
+            seen.append((fx, before, after, mv))
+            return len(seen) < 2, {"n": len(seen)}
+        two = Deeper([s1, s2], 3, accept)(m, f)
+        assert len(seen) == 2 and torch.equal(seen[0][0], f) and torch.equal(seen[0][1], warp(m, u12))
+        assert torch.equal(seen[0][3], m)
+        assert torch.equal(seen[0][2], warp(m, compose(u12, u3)))
+        assert torch.equal(two.disp((8, 8, 8)), phi.disp((8, 8, 8))) and len(two.parts) == 3
+        assert two.info["extra_passes"] == {"asked": 3, "kept": 1,
+                                            "checks": [{"n": 1, "kept": True}, {"n": 2, "kept": False}]}
+        assert Deeper([s1, s2], 0)(m, f).info["extra_passes"]["asked"] == 0
 
 
 def test_composed_parts_may_live_on_coarser_grids():

@@ -50,8 +50,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..contrast import SAME_CONTRAST_MIN_RHO, foreground_threshold, rank_correlation
 from ..errors import BadInput, RegistrationError
 from ..io.weights import find_model, load_weights, verify_entry
+from ..losses import LocalNCC
 from .base import Method, all_methods, contrasts_of, option
 
 
@@ -66,12 +68,38 @@ class LearnedOptions:
 
 @dataclass
 class CascadeOptions:
-    """The option of a method whose network is a recursive cascade run through ``nn/wrappers.Cascade``: how many
-    more passes of its last stage inference makes (``nn/wrappers.repeat_last``). A method's ``Options`` inherits it
-    and may redeclare the default (None: the method's choice, stated in its help)."""
+    """The option of a method whose network is a recursive cascade: how many more passes of its last stage
+    inference may make (``nn/wrappers.Deeper``, each checked by ``further_pass_helps``). A method's ``Options``
+    inherits it and may redeclare the default (None: the method's choice, stated in its help)."""
     extra_passes: int | None = option(None, min=0, max=8,
-                                      help="run the last cascade stage this many more times at inference, each "
-                                           "pass on the image the earlier ones warped (0: the cascade as trained)")
+                                      help="run the last cascade stage up to this many more times at inference, "
+                                           "each pass on the image the earlier ones warped and kept only if it "
+                                           "helps (0: the cascade as trained)")
+
+
+PASS_NCC_WINDOW = 9       # voxels of the network grid: the local NCC² a further pass must raise
+
+
+def further_pass_helps(fixed: torch.Tensor, moving: torch.Tensor, before: torch.Tensor, after: torch.Tensor
+                       ) -> tuple[bool, dict]:
+    """The "do no harm" check of an extra cascade pass (``nn/wrappers.Deeper``'s ``accept``): (B, 1, D, H, W)
+    normalised images on one grid — the pair as the cascade was given it, and moving warped without (``before``)
+    and with (``after``) the pass.
+
+    Kept only if (1) the pair looks like one contrast (``contrast.rank_correlation`` of fixed and moving, unsmoothed,
+    ≥ ``SAME_CONTRAST_MIN_RHO``; the registered images are no test: a one-contrast model deforms a T2 until its
+    ranks follow the T1's — contrast-15-16: −0.40 given, +0.47 after two passes): a further pass of such a model on
+    two contrasts deepens its error; and (2) the pass raises the squared local NCC over the fixed image's
+    foreground, a similarity the model was not trained on and that a smooth bias does not move: on a follow-up
+    scan of the same subject a further pass fits noise and bias, and NCC² falls (same-1, docs/r2net.md).
+    Returns (keep, facts)."""
+    mask = (fixed > float(foreground_threshold(fixed.detach().float().cpu().numpy().ravel()))).to(fixed.dtype)
+    rho = rank_correlation(fixed, moving)
+    ncc = LocalNCC(fixed, PASS_NCC_WINDOW, mask=mask)
+    a, b = float(ncc(before)), float(ncc(after))
+    one_contrast = rho is not None and rho >= SAME_CONTRAST_MIN_RHO
+    return one_contrast and b > a, {"rank_correlation": None if rho is None else round(rho, 4),
+                                    "ncc2_before": round(a, 5), "ncc2_after": round(b, 5)}
 
 
 class LearnedMethod(Method):

@@ -47,9 +47,9 @@ from ..nn import vxm_model
 from ..nn.blocks import stage_nets
 from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices
 from ..nn.vxm_model import soft_dice_loss
-from ..nn.wrappers import Cascade, Deformation, Displacement, OnNetGrid, Refine, Symmetric, repeat_last
+from ..nn.wrappers import Cascade, Deeper, Deformation, Displacement, OnNetGrid, Refine, Symmetric
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
-from .learned import CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep
+from .learned import CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep, further_pass_helps
 from .refine import RefineOptions
 
 NAME = "r2net"
@@ -148,10 +148,12 @@ class R2NetMethod(Trainable, LearnedMethod):
         refine_lr: float = option(0.05, min=0.0, max=10.0,
                                   help="Adam step of --refine on the initial velocity (network-grid voxels)")
         extra_passes: int | None = option(None, min=0, max=8,
-                                          help="run the last cascade stage this many more times at inference, each "
-                                               "pass on the image the earlier ones warped (0: the cascade as "
-                                               "trained); default: 1 (single scale), 0 (MS-R2Net, whose passes "
-                                               "cost minutes on a CT-sized volume)")
+                                          help="run the last cascade stage up to this many more times at "
+                                               "inference, each pass on the image the earlier ones warped and kept "
+                                               "only if the images look like one contrast and its local NCC² rises "
+                                               "(0: the cascade as trained); default: 1 for single scale, 0 for "
+                                               "MS-R2Net (a pass costs minutes on a CT-sized volume) and with "
+                                               "--r2net-refine")
         unfold: bool = option(True, help="remove the few folds the learned integrator leaves (det ∇φ < 0.05): the "
                                          "field is locally averaged around them only (field.unfold), before the "
                                          "inverse; report.json says how many voxels and how far (off: the "
@@ -231,12 +233,13 @@ class R2NetMethod(Trainable, LearnedMethod):
                     modules = [Symmetric(mod) for mod in modules]
                 multiple = net.size_multiple
                 info.update(stages=len(stages), symmetric=bool(o.symmetric))
-            # one more pass of the last stage by default: +0.008 validation Dice (0.586 -> 0.595, every pair up) and
-            # +0.01 on the benchmark's ixi-1 / synth-15-16 with v0.1.1 for ~1 s (docs/r2net.md); before --refine,
-            # which refines the last pass only
-            extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None else 1)
-            modules = repeat_last(modules, extra)
-            info.update(extra_passes=extra, passes=len(modules))
+            # one more pass of the last stage by default, kept only where it helps: +0.008 validation Dice (0.586 ->
+            # 0.595, every pair up) and +0.01 on the benchmark's inter-subject pairs with v0.1.1 for ~1 s; unchecked
+            # it cost the same-subject pair and the two-contrast one (docs/r2net.md)
+            if o.extra_passes and o.refine > 0:
+                raise BadInput(f"give {self.flag('extra_passes')} or {self.flag('refine')}, not both (the refinement "
+                               f"optimises the last pass itself)")
+            extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None or o.refine > 0 else 1)
             if o.refine > 0:
                 sigma, lam = _sigma(cfg), float(cfg.get("jac_weight", 1.0))
 
@@ -247,7 +250,8 @@ class R2NetMethod(Trainable, LearnedMethod):
                 modules[-1] = Refine(modules[-1], loss_fn, o.refine, float(o.refine_lr),
                                      progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
             with torch.no_grad():
-                res = OnNetGrid(Cascade(modules), multiple=multiple)(pair, device)
+                cascade = Deeper(modules, extra, further_pass_helps) if extra else Cascade(modules)
+                res = OnNetGrid(cascade, multiple=multiple)(pair, device)
                 u = res.deformation.disp(res.grid.shape)                  # canonical axes, working-grid voxels
                 if o.unfold:
                     # the LC blocks do not keep det ∇φ > 0 by construction (S&S nearly does): a trained model leaves
@@ -261,6 +265,7 @@ class R2NetMethod(Trainable, LearnedMethod):
                 integ.steps = trained_steps
         info.update(res.info)
         info.update(res.deformation.info)
+        info.setdefault("extra_passes", {"asked": 0, "kept": 0, "checks": []})
         info["inverse"] = (f"numerical: fixed-point inverse of the field ({o.inverse_iterations} iterations, "
                            f"field.invert_fixed_point); R2Net has no exact inverse")
         info["seconds"] = round(time.time() - t0, 3)

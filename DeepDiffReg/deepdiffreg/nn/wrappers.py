@@ -18,8 +18,9 @@ Deformations:
 Wrappers (each takes a module and returns one; they nest):
 - ``Cascade([m1, …, mK])``: stage k registers the moving image warped by stages 1..k−1 (one interpolation of the
   original), φ = φ1 ∘ … ∘ φK. Multi-scale / pyramid nets are a cascade whose stages run on coarser grids (the
-  parts' own grids; they are resized onto the cascade's grid when composed). ``repeat_last(stages, n)`` runs a
-  trained cascade deeper at inference: its last stage n more times.
+  parts' own grids; they are resized onto the cascade's grid when composed).
+- ``Deeper(stages, n, accept)``: a trained cascade run deeper at inference — its last stage up to n more times, each
+  pass kept only if ``accept`` says the images agree better with it (a "do no harm" check).
 - ``Symmetric(m)``: for SVF modules, v = ½(v(m, f) − v(f, m)): the forward estimate averaged with the inverse of the
   swapped pair's; registering the swapped pair then gives exactly the inverse.
 - ``Refine(m, loss, steps, lr)``: test-time optimisation of the prediction's free parameter (an SVF's velocity, a
@@ -180,15 +181,37 @@ class Cascade:
         return Composed(parts, grid, inputs)
 
 
-def repeat_last(stages: Sequence[Module], extra: int) -> list[Module]:
-    """The stages of a recursive cascade with its last stage run ``extra`` more times (for ``Cascade``): each pass
-    registers the moving image warped by everything before it, so it corrects what the earlier passes left; φ stays
-    a composition of the stages' own maps (diffeomorphisms for SVF stages). Zhao et al. (ICCV 2019) run their
-    cascades deeper at test time than in training in the same way. ``extra`` = 0: the stages as they are."""
-    stages = list(stages)
-    if not stages or int(extra) < 0:
-        raise ValueError(f"repeat_last() needs at least one stage and extra >= 0, got {len(stages)}, {extra}")
-    return stages + [stages[-1]] * int(extra)
+class Deeper:
+    """A recursive cascade run with up to ``extra`` more passes of its last stage: each pass registers the moving
+    image warped by everything before it, so it corrects what the earlier passes left (Zhao et al., ICCV 2019, run
+    their cascades deeper at test time than in training); φ stays a composition of the stages' own maps.
+
+    ``accept(fixed, moving, before, after) -> (keep, facts)``: the pair as given and the moving image warped
+    without and with the new pass; a pass that is not kept ends the deepening (the result is the cascade before it). None: every pass is kept, and
+    the result is ``Cascade(stages + [stages[-1]] * extra)``'s, number for number. What was tried goes into the
+    result's ``info["extra_passes"]``: {"asked", "kept", "checks": [facts of each pass tried]}."""
+
+    def __init__(self, stages: Sequence[Module], extra: int,
+                 accept: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[bool, dict]]
+                 | None = None):
+        if not stages or int(extra) < 0:
+            raise ValueError(f"Deeper() needs at least one stage and extra >= 0, got {len(stages)}, {extra}")
+        self.stages, self.extra, self.accept = list(stages), int(extra), accept
+
+    def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> Composed:
+        phi = Cascade(self.stages)(moving, fixed)
+        checks: list[dict] = []
+        for _ in range(self.extra):
+            before = warp(moving, phi.on_grid())                 # what the next pass sees: one warp of the original
+            nxt = Composed(phi.parts + [self.stages[-1](before, fixed)], phi.grid, phi.stage_inputs + [before])
+            keep, facts = (True, {}) if self.accept is None else self.accept(fixed, moving, before,
+                                                                             warp(moving, nxt.on_grid()))
+            checks.append({**facts, "kept": bool(keep)})
+            if not keep:
+                break
+            phi = nxt
+        phi.info["extra_passes"] = {"asked": self.extra, "kept": sum(c["kept"] for c in checks), "checks": checks}
+        return phi
 
 
 class Symmetric:
