@@ -9,6 +9,8 @@ One measurement per fresh process (peak RSS from ``deepdiffreg.peak_memory``, Vm
     python Testing/engine/measure_r2net_memory.py fwd r2net-vxm 128    # R2Net on VoxelMorph-diff's U-Net
     python Testing/engine/measure_r2net_memory.py train r2net-vxm 128  # one training step (forward, MSE, backward)
     python Testing/engine/measure_r2net_memory.py train r2net-vxm-nockpt 128  # the same, LC blocks keep their graph
+    python Testing/engine/measure_r2net_memory.py train-int lc 224     # the integrator alone: LC blocks (checkpointed;
+        # lc-nockpt: not) or ss (scaling and squaring, 7 steps) of a random velocity, warp + MSE + backward
     python Testing/engine/measure_r2net_memory.py est 128 128 128      # R2Net estimate() incl. numerical inverse
     python Testing/engine/measure_r2net_memory.py est-ms 300 512 512   # MS-R2Net estimate() on that working grid
     python Testing/engine/measure_r2net_memory.py est-ms-ct models/r2net-brain-2mm.pt   # MS-R2Net, these weights,
@@ -39,7 +41,25 @@ def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     mode, rest = argv[0], argv[1:]
-    if mode in ("fwd", "train"):
+    if mode == "train-int":
+        kind, n = rest[0], int(rest[1])
+        m, f = torch.rand(1, 1, n, n, n), torch.rand(1, 1, n, n, n)
+        v = (0.5 * torch.randn(1, 3, n, n, n)).requires_grad_(True)      # allocated before the base is read
+        if kind.startswith("lc"):
+            from deepdiffreg.nn.r2net import LCIntegrator
+            net = LCIntegrator()
+            net.set_checkpoint(not kind.endswith("-nockpt"))
+
+            def run():
+                return net(v)
+        else:
+            from deepdiffreg.field import integrate_ss
+            net = torch.nn.Identity()                                    # nothing to train; .train() below
+
+            def run():
+                return integrate_ss(v, 7)
+        voxels = n ** 3
+    elif mode in ("fwd", "train"):
         kind, n = rest[0], int(rest[1])
         m, f = torch.rand(1, 1, n, n, n), torch.rand(1, 1, n, n, n)
         if kind.startswith("r2net"):
@@ -93,7 +113,7 @@ def main(argv: list[str]) -> None:
         voxels = d * h * w
     base = rss_mb()
     t0 = time.perf_counter()
-    if mode == "train":                           # one training step's memory: forward, MSE, backward
+    if mode in ("train", "train-int"):            # one training step's memory: forward, MSE, backward
         from deepdiffreg.field import warp
         net.train()
         u = run()
