@@ -80,6 +80,27 @@ def test_checkpointed_blocks_give_the_same_field_gradients_and_power_iteration()
         assert torch.equal(on.eval()(v_on), off.eval()(v_off))
 
 
+def test_slab_convolutions_give_conv3d_numbers_and_gradients(monkeypatch):
+    # large training fields are convolved slab by slab (nn/r2net._conv3d_by_slabs: oneDNN's temporaries); the
+    # numbers are conv3d's: 3×3×3 with the zero planes at both ends of axis 2, 1×1×1, a partial last slab
+    import torch.nn.functional as F
+
+    import deepdiffreg.nn.r2net as r2
+    monkeypatch.setattr(r2, "SLAB_MIN_VOXELS", 1000)
+    monkeypatch.setattr(r2, "SLAB_PLANES", 8)
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 21, 10, 11, requires_grad=True)
+    for w, pad in ((torch.randn(3, 3, 3, 3, 3, requires_grad=True), 1), (torch.randn(3, 3, 1, 1, 1,
+                                                                                   requires_grad=True), 0)):
+        a, b = r2._conv3d_by_slabs(x, w, pad), F.conv3d(x, w, padding=pad)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)   # float32 sums in another order
+        ga = torch.autograd.grad((a ** 2).sum(), (x, w))
+        gb = torch.autograd.grad((b ** 2).sum(), (x, w))
+        assert all(float((p - q).abs().max()) <= 1e-5 * float(q.abs().max()) for p, q in zip(ga, gb))
+    with torch.no_grad():                          # inference: the single call
+        assert torch.equal(r2._conv3d_by_slabs(x, w, 0), F.conv3d(x, w))
+
+
 def test_chunks_cover_the_grid_with_the_stated_overlap_and_merge_back_exactly():
     shape = (21, 16, 33)
     slices = chunk_slices(shape, k=2, overlap=2)

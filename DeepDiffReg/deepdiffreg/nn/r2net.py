@@ -137,7 +137,38 @@ class LCBlock(nn.Module):
 
 def _lc_branch(x: torch.Tensor, w3: torch.Tensor, w1: torch.Tensor, scale: float) -> torch.Tensor:
     """scale·tanh(conv1×1(LeakyReLU_0.2(conv3×3(x)))), no biases (the block's maths, weights given)."""
-    return scale * torch.tanh(F.conv3d(F.leaky_relu(F.conv3d(x, w3, padding=1), 0.2), w1))
+    return scale * torch.tanh(_conv3d_by_slabs(F.leaky_relu(_conv3d_by_slabs(x, w3, 1), 0.2), w1, 0))
+
+
+# training fields from this size up are convolved slab by slab. Measured (R2Net training step, vxm U-Net, 1 thread,
+# mmap malloc, docs/r2net.md): slabs of 64 planes lowered the peak at 224³ (3,901 -> 3,174 MB), left 192³ as it was
+# (2,057 / 2,059) and raised it at 128³ and 160³ (675 -> 715, 1,228 -> 1,303: the per-slab copies outweigh the
+# temporaries there)
+SLAB_MIN_VOXELS = 200 ** 3
+SLAB_PLANES = 64                          # output planes of axis 2 per slab
+
+
+def _conv3d_by_slabs(x: torch.Tensor, w: torch.Tensor, pad: int) -> torch.Tensor:
+    """``F.conv3d(x, w, padding=pad)`` (stride 1, no bias) of a large field, ``SLAB_PLANES`` output planes of axis 2
+    at a time. Why: on the CPU a convolution of a 3-channel field goes through oneDNN, which reorders it into a
+    blocked layout padded to 16 channels, so one whole-field 3×3×3 convolution held ~78 bytes per voxel around its
+    12-byte output, forward and backward ~155 (measured at 160³); the LC blocks' seven of them made a training step
+    of R2Net at 224³ hold more than scaling and squaring. Per slab those temporaries are a slab's (the numbers are
+    conv3d's exactly, values and gradients). Only while autograd records and from ``SLAB_MIN_VOXELS`` up: inference
+    (no saved tensors, the temporaries freed at once) and smaller fields (the training crops, a 2 mm brain's network
+    grid) take the single call — the same numbers and speed as before."""
+    if not torch.is_grad_enabled() or x[0, 0].numel() < SLAB_MIN_VOXELS:
+        return F.conv3d(x, w, padding=pad)
+    d = x.shape[2]
+    out = x.new_empty((x.shape[0], w.shape[0]) + tuple(x.shape[2:]))  # written slab by slab (autograd: CopySlices)
+    for k0 in range(0, d, SLAB_PLANES):
+        k1 = min(k0 + SLAB_PLANES, d)
+        lo, hi = k0 - pad, k1 + pad                                     # input planes the slab reads
+        part = x[:, :, max(lo, 0):min(hi, d)]
+        if lo < 0 or hi > d:                                            # the zero planes padding=pad adds on axis 2
+            part = F.pad(part, (0, 0, 0, 0, max(-lo, 0), max(hi - d, 0)))
+        out[:, :, k0:k1] = F.conv3d(part, w, padding=(0, pad, pad))
+    return out
 
 
 class LCIntegrator(nn.Module):
