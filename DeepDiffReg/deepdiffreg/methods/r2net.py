@@ -250,8 +250,7 @@ class R2NetMethod(Trainable, LearnedMethod):
                 modules[-1] = Refine(modules[-1], loss_fn, o.refine, float(o.refine_lr),
                                      progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
             with torch.no_grad():
-                cascade = Deeper(modules, extra, further_pass_helps) if extra else Cascade(modules)
-                res = OnNetGrid(cascade, multiple=multiple)(pair, device)
+                res = OnNetGrid(Deeper(modules, extra, further_pass_helps), multiple=multiple)(pair, device)
                 u = res.deformation.disp(res.grid.shape)                  # canonical axes, working-grid voxels
                 if o.unfold:
                     # the LC blocks do not keep det ∇φ > 0 by construction (S&S nearly does): a trained model leaves
@@ -264,8 +263,7 @@ class R2NetMethod(Trainable, LearnedMethod):
             for integ in integrators:
                 integ.steps = trained_steps
         info.update(res.info)
-        info.update(res.deformation.info)
-        info.setdefault("extra_passes", {"asked": 0, "kept": 0, "checks": []})
+        info.update(res.deformation.info)                     # extra_passes: Deeper's, also for 0 asked
         info["inverse"] = (f"numerical: fixed-point inverse of the field ({o.inverse_iterations} iterations, "
                            f"field.invert_fixed_point); R2Net has no exact inverse")
         info["seconds"] = round(time.time() - t0, 3)

@@ -201,15 +201,15 @@ class Deeper:
     def __call__(self, moving: torch.Tensor, fixed: torch.Tensor) -> Composed:
         phi = Cascade(self.stages)(moving, fixed)
         checks: list[dict] = []
+        before = warp(moving, phi.on_grid()) if self.extra else None   # what a pass sees: one warp of the original
         for _ in range(self.extra):
-            before = warp(moving, phi.on_grid())                 # what the next pass sees: one warp of the original
             nxt = Composed(phi.parts + [self.stages[-1](before, fixed)], phi.grid, phi.stage_inputs + [before])
-            keep, facts = (True, {}) if self.accept is None else self.accept(fixed, moving, before,
-                                                                             warp(moving, nxt.on_grid()))
+            after = warp(moving, nxt.on_grid())
+            keep, facts = (True, {}) if self.accept is None else self.accept(fixed, moving, before, after)
             checks.append({**facts, "kept": bool(keep)})
             if not keep:
                 break
-            phi = nxt
+            phi, before = nxt, after                             # the next pass sees what this one made
         phi.info["extra_passes"] = {"asked": self.extra, "kept": sum(c["kept"] for c in checks), "checks": checks}
         return phi
 
