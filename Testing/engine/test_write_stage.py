@@ -1,4 +1,9 @@
 """Pieces of the pipeline's write stage that were made cheaper must give the numbers the straightforward way gives."""
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -286,3 +291,42 @@ def test_field_on_grid_planes_are_itk_s_displacement_field_reading_also_outside_
         got = np.concatenate([read.planes(k, min(k + 5, fg.shape_kji[0]), dtype) for k in range(0, fg.shape_kji[0], 5)])
         np.testing.assert_allclose(got, want, rtol=0, atol=tol)
     assert (want == 0).all(axis=-1).any() and not (want == 0).all()
+
+
+_REUSE_PROBE = r"""
+import json, resource, sys
+import numpy as np
+took = False
+if sys.argv[1] == "keep":
+    from deepdiffreg.cli import keep_freed_memory
+    took = keep_freed_memory()
+faults = []
+for _ in range(3):               # five 20 MB arrays alive at once, then freed: a write stage's pattern
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    arrays = [np.ones(20 << 20, np.uint8) for _ in range(5)]
+    del arrays
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"took": took, "faults": faults}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_keep_freed_memory_lets_the_next_arrays_reuse_pages_instead_of_faulting_them_in_again():
+    def probe(mode):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        out = subprocess.run([sys.executable, "-c", _REUSE_PROBE, mode], capture_output=True, text=True, env=env,
+                             check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    default, kept = probe("default"), probe("keep")
+    if not kept["took"]:
+        pytest.skip("not glibc: keep_freed_memory() is a no-op here")
+    # 100 MB are 25,600 pages: with the heap kept, the second and third rounds find them all mapped already
+    assert max(kept["faults"][1:]) < 100, kept
+    # the default trims the heap on free (more than 2x its mmap threshold is free at its top) and faults them again
+    assert min(default["faults"][1:]) > 10 * max(1, max(kept["faults"][1:])), (default, kept)
+
+
+def test_keep_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch):
+    from deepdiffreg.cli import keep_freed_memory
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False
