@@ -274,6 +274,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     alignment = _align(req, inputs, reporter)
     pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
     contrast_check = _contrast_check(req, method, pair, reporter)
+    pair.contrast = contrast_check      # a method's own checks read the pipeline's, not a second statistic
     est = _estimate(req, method, pair, device, reporter)
 
     reporter.stage("write", "writing results", _SPAN["write"][0])

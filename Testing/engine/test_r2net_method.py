@@ -366,6 +366,14 @@ def test_one_more_checked_pass_of_the_last_stage_by_default(pair, tmp_path):
     assert passes["kept"] == int(keep) and passes["checks"][0]["ncc2_after"] == facts["ncc2_after"]
     assert torch.allclose(none.disp_vox, two.disp_vox(), atol=1e-5)
     assert torch.allclose(default.disp_vox, (three if keep else two).disp_vox(), atol=1e-5)
+    # the pipeline's contrast check (PairOnGrid.contrast) is the statistic when there is one: "two contrasts" there
+    # refuses the pass whatever NCC² does, and the check says where its ρ came from
+    assert passes["checks"][0]["rank_correlation_from"] == "unsmoothed, on the network grid"
+    grid.contrast = {"rank_correlation": -0.4}
+    two_contrasts = run().info["extra_passes"]
+    assert two_contrasts["kept"] == 0 and two_contrasts["checks"][0]["rank_correlation"] == -0.4
+    assert two_contrasts["checks"][0]["rank_correlation_from"] == "the pipeline's contrast check"
+    assert two_contrasts["checks"][0]["ncc2_after"] == facts["ncc2_after"]
     assert run(refine=1).info["extra_passes"]["asked"] == 0
     with pytest.raises(BadInput):
         run(refine=1, extra_passes=1)

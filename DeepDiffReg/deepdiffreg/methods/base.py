@@ -47,6 +47,9 @@ class PairOnGrid:
     moving: torch.Tensor             # (1, 1, D, H, W) float32 in [0, 1], moving resampled through the initial alignment
     geometry: Geometry               # the working grid (LPS), shared by fixed and moving
     fixed_mask: torch.Tensor | None = None   # (1, 1, D, H, W) {0,1} user's region of interest: similarity inside it
+    # the pipeline's contrast check of this pair (contrast.check, report.json "contrast_check"), made before the
+    # method runs; None when it was not made (--contrast-check off, or a caller outside the pipeline)
+    contrast: dict | None = None
 
 
 @dataclass

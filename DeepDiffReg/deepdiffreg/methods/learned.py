@@ -54,7 +54,7 @@ from ..contrast import SAME_CONTRAST_MIN_RHO, foreground_threshold, rank_correla
 from ..errors import BadInput, RegistrationError
 from ..io.weights import find_model, load_weights, verify_entry
 from ..losses import LocalNCC
-from .base import Method, all_methods, contrasts_of, option
+from .base import Method, PairOnGrid, all_methods, contrasts_of, option
 
 
 @dataclass
@@ -80,25 +80,35 @@ class CascadeOptions:
 PASS_NCC_WINDOW = 9       # voxels of the network grid: the local NCC² a further pass must raise
 
 
-def further_pass_helps(fixed: torch.Tensor, moving: torch.Tensor, before: torch.Tensor, after: torch.Tensor
-                       ) -> tuple[bool, dict]:
+def pair_rank_correlation(pair: PairOnGrid) -> float | None:
+    """The pipeline's contrast statistic of ``pair`` (``PairOnGrid.contrast``: smoothed, on the working grid), None
+    when the pipeline made no check or found too little foreground to make one."""
+    return None if pair.contrast is None else pair.contrast.get("rank_correlation")
+
+
+def further_pass_helps(fixed: torch.Tensor, moving: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                       rho: float | None = None) -> tuple[bool, dict]:
     """The "do no harm" check of an extra cascade pass (``nn/wrappers.Deeper``'s ``accept``): (B, 1, D, H, W)
     normalised images on one grid — the pair as the cascade was given it, and moving warped without (``before``)
     and with (``after``) the pass.
 
-    Kept only if (1) the pair looks like one contrast (``contrast.rank_correlation`` of fixed and moving, unsmoothed,
-    ≥ ``SAME_CONTRAST_MIN_RHO``; the registered images are no test: a one-contrast model deforms a T2 until its
+    Kept only if (1) the pair looks like one contrast (``rho`` ≥ ``SAME_CONTRAST_MIN_RHO``: the pipeline's
+    contrast statistic of the pair, ``pair_rank_correlation``; when there is none, ``contrast.rank_correlation`` of
+    ``fixed`` and ``moving``, unsmoothed; the registered images are no test: a one-contrast model deforms a T2 until its
     ranks follow the T1's — contrast-15-16: −0.40 given, +0.47 after two passes): a further pass of such a model on
     two contrasts deepens its error; and (2) the pass raises the squared local NCC over the fixed image's
     foreground, a similarity the model was not trained on and that a smooth bias does not move: on a follow-up
     scan of the same subject a further pass fits noise and bias, and NCC² falls (same-1, docs/r2net.md).
     Returns (keep, facts)."""
     mask = (fixed > float(foreground_threshold(fixed.detach().float().cpu().numpy().ravel()))).to(fixed.dtype)
-    rho = rank_correlation(fixed, moving)
+    source = "the pipeline's contrast check"
+    if rho is None:
+        rho, source = rank_correlation(fixed, moving), "unsmoothed, on the network grid"
     ncc = LocalNCC(fixed, PASS_NCC_WINDOW, mask=mask)
     a, b = float(ncc(before)), float(ncc(after))
     one_contrast = rho is not None and rho >= SAME_CONTRAST_MIN_RHO
     return one_contrast and b > a, {"rank_correlation": None if rho is None else round(rho, 4),
+                                    "rank_correlation_from": source,
                                     "ncc2_before": round(a, 5), "ncc2_after": round(b, 5)}
 
 

@@ -30,6 +30,7 @@ Spec: shared docs/methods/seeds-r2net-nodeo.md, Part A. What this file adds to t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +50,8 @@ from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Ne
 from ..nn.vxm_model import soft_dice_loss
 from ..nn.wrappers import Cascade, Deeper, Deformation, Displacement, OnNetGrid, Refine, Symmetric
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
-from .learned import CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep, further_pass_helps
+from .learned import (CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep, further_pass_helps,
+                      pair_rank_correlation)
 from .refine import RefineOptions
 
 NAME = "r2net"
@@ -250,7 +252,8 @@ class R2NetMethod(Trainable, LearnedMethod):
                 modules[-1] = Refine(modules[-1], loss_fn, o.refine, float(o.refine_lr),
                                      progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
             with torch.no_grad():
-                res = OnNetGrid(Deeper(modules, extra, further_pass_helps), multiple=multiple)(pair, device)
+                accept = functools.partial(further_pass_helps, rho=pair_rank_correlation(pair))
+                res = OnNetGrid(Deeper(modules, extra, accept), multiple=multiple)(pair, device)
                 u = res.deformation.disp(res.grid.shape)                  # canonical axes, working-grid voxels
                 if o.unfold:
                     # the LC blocks do not keep det ∇φ > 0 by construction (S&S nearly does): a trained model leaves

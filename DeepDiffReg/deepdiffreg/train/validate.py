@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import contrast
 from ..field import jacobian_det, warp
 from ..frames import Geometry
 from ..methods.base import PairOnGrid, get_method
@@ -78,7 +79,10 @@ def evaluate_method(method: str, weights: Path | str | None = None, cache: Path 
     others = [get_method(c)() for c in compare]
     rows = []
     for p in (validation_pairs(cache) if pairs is None else pairs):
-        pair = PairOnGrid(p["fixed"], p["moving"], lps_2mm(tuple(p["fixed"].shape[2:])))
+        geom = lps_2mm(tuple(p["fixed"].shape[2:]))
+        pair = PairOnGrid(p["fixed"], p["moving"], geom)
+        # the pipeline's contrast check, as `register` gives it to the method (PairOnGrid.contrast)
+        pair.contrast = contrast.check(pair.fixed, pair.moving, None, m.contrasts(), geom.spacing_ijk)
         est, sec = _run(m, pair)
         fl, ml = p["fixed_labels"], p["moving_labels"]
         labels = sorted(set(torch.unique(fl).tolist()) & set(torch.unique(ml).tolist()) - {0})
