@@ -90,6 +90,7 @@ class DeepDiffRegParameterNode:
     fieldGrid: Annotated[str, Choice(["working", "fixed"])] = "working"  # transform.h5's field grid (--field-grid)
     keepTemporaryFiles: bool = False
     allowContrastMismatch: bool = False        # --contrast-check warn instead of error (not remembered: per run)
+    followUp: bool = False                     # --follow-up: the volumes are one patient's (not remembered: per pair)
     outputTransform: vtkMRMLTransformNode
     outputInverse: vtkMRMLTransformNode
     outputJacobian: vtkMRMLScalarVolumeNode
@@ -743,6 +744,7 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
         return ddcontroller.RunRequest(method=method, device=p.device, preset=p.preset,
                                        options=dict(user_options(p).get(method.name, {})),
                                        spacing_mm=p.workingSpacingMm or None, align=p.initialAlignment,
+                                       follow_up=bool(p.followUp),
                                        field_grid=p.fieldGrid or "working",
                                        contrast_check="warn" if p.allowContrastMismatch else "error",
                                        keep_temporary_files=p.keepTemporaryFiles, context=p)

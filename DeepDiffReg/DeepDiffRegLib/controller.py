@@ -40,6 +40,7 @@ class RunRequest:
     options: dict[str, Any] = field(default_factory=dict)   # Advanced values the user set, by option name
     spacing_mm: float | None = None                         # user's working spacing; None/0 = the preset's
     align: bool = True
+    follow_up: bool = False                                 # --follow-up: the two volumes are one patient's
     field_grid: str = "working"                             # where transform.h5 keeps u: "working" | "fixed"
     contrast_check: str = "error"                           # --contrast-check: "error" | "warn" | "off"
     keep_temporary_files: bool = False
@@ -62,6 +63,7 @@ def build_register_command(python: str, request: RunRequest, files: dict[str, st
         fixed_seg=files.get("fixed_seg"), moving_seg=files.get("moving_seg"),
         fixed_landmarks=files.get("fixed_landmarks"), moving_landmarks=files.get("moving_landmarks"),
         fixed_mask=files.get("fixed_mask"), spacing_mm=spacing, spacing_scale=scale, align=request.align,
+        follow_up=request.follow_up,
         method_args=method_args, field_grid=request.field_grid, contrast_check=request.contrast_check,
         extra=request.extra_args)
 

@@ -302,7 +302,7 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
                      fixed_seg: str | None = None, moving_seg: str | None = None,
                      fixed_landmarks: str | None = None, moving_landmarks: str | None = None,
                      fixed_mask: str | None = None, spacing_mm: float | None = None,
-                     spacing_scale: float | None = None, align: bool = True,
+                     spacing_scale: float | None = None, align: bool = True, follow_up: bool = False,
                      method_args: Sequence[str] = (), overwrite: bool = True, threads: int | None = None,
                      field_grid: str | None = None, contrast_check: str | None = None,
                      extra: Sequence[str] = ()) -> list[str]:
@@ -326,6 +326,8 @@ def register_command(python: str, fixed: str, moving: str, out_dir: str, method:
         cmd += ["--spacing-scale", f"{float(spacing_scale):g}"]
     if not align:
         cmd.append("--no-align")
+    if follow_up:            # the two images are one patient's: methods may refine (engine `register --follow-up`)
+        cmd.append("--follow-up")
     if field_grid:           # "working" (the engine's default) or "fixed" (the full-resolution field)
         cmd += ["--field-grid", field_grid]
     if contrast_check and contrast_check != "error":   # the engine's default refuses a contrast mismatch

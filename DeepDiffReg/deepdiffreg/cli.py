@@ -54,6 +54,11 @@ def _add_register(sub) -> None:
                                         "measured inside it and fold statistics are reported for it")
     p.add_argument("--no-align", dest="align", action="store_const", const="none", default=None,
                    help="skip the initial affine alignment (images already aligned)")
+    p.add_argument("--follow-up", action="store_true",
+                   help="the two images are scans of one patient (e.g. a follow-up of a baseline): methods that "
+                        "declare a follow-up refinement (`deepdiffreg methods`: *_follow_up_refine) refine their "
+                        "prediction on the pair, since a network trained on different subjects adds deformation "
+                        "that one patient's scans do not have")
     p.add_argument("--align", dest="align", choices=["affine", "rigid", "none"],
                    help="initial alignment (default: the method's; affine for methods without their own)")
     p.add_argument("--align-erode-mm", type=float, default=None,
@@ -152,7 +157,8 @@ def _cmd_register(args) -> int:
                           device=args.device, fixed_seg=args.fixed_seg, moving_seg=args.moving_seg,
                           fixed_landmarks=args.fixed_landmarks, moving_landmarks=args.moving_landmarks,
                           fixed_mask=args.fixed_mask, align_erode_mm=args.align_erode_mm,
-                          align=args.align, spacing_mm=args.spacing, spacing_scale=args.spacing_scale,
+                          align=args.align, follow_up=args.follow_up, spacing_mm=args.spacing,
+                          spacing_scale=args.spacing_scale,
                           method_options=options, overwrite=args.overwrite, field_grid=args.field_grid,
                           contrast_check=args.contrast_check)
     reporter = make_reporter(getattr(args, "json_protocol", False))

@@ -66,6 +66,7 @@ class RegisterRequest:
     grid_lines: int = 16
     field_grid: str = "working"      # where transform.h5's u and inverse.h5's w are stored (compose.FIELD_GRIDS):
                                      # the method's working grid (default) or the full-resolution fixed grid
+    follow_up: bool = False          # the images are one patient's (a follow-up scan): PairOnGrid.follow_up
     contrast_check: str = "error"    # contrast.MODES: a one-contrast method on images that look like two contrasts
                                      # is refused ("error"), run with a warning ("warn") or not checked ("off")
 
@@ -275,6 +276,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
     contrast_check = _contrast_check(req, method, pair, reporter)
     pair.contrast = contrast_check      # a method's own checks read the pipeline's, not a second statistic
+    pair.follow_up = bool(req.follow_up)
     est = _estimate(req, method, pair, device, reporter)
 
     reporter.stage("write", "writing results", _SPAN["write"][0])
@@ -460,7 +462,8 @@ def _report(req: RegisterRequest, method, device: torch.device, inputs: _Inputs,
                    "fixed_seg": req.fixed_seg and os.path.abspath(req.fixed_seg),
                    "moving_seg": req.moving_seg and os.path.abspath(req.moving_seg),
                    "fixed_landmarks": req.fixed_landmarks and os.path.abspath(req.fixed_landmarks),
-                   "moving_landmarks": req.moving_landmarks and os.path.abspath(req.moving_landmarks)},
+                   "moving_landmarks": req.moving_landmarks and os.path.abspath(req.moving_landmarks),
+                   "follow_up": bool(req.follow_up)},
         "preprocessing": {"working_grid": geom.to_dict(), "requested_spacing_mm": spacing,
                           "normalisation": "clip to the 0.5–99.5 percentiles of each image's non-background voxels, "
                                            "scale to [0, 1]; Gaussian anti-aliasing before downsampling",

@@ -402,6 +402,31 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     assert float(inner.mean()) < 0.1 and float(torch.quantile(inner.flatten(), 0.99)) < 0.5
 
 
+def test_a_follow_up_pair_is_refined_with_the_methods_follow_up_steps_and_an_asked_refinement_wins():
+    """``register --follow-up`` (PairOnGrid.follow_up): vxm-diff refines its prediction with its declared
+    follow-up steps (the network's inter-subject prior adds deformation one patient's scans do not have); an
+    explicit --vxm-refine wins; without --follow-up nothing is refined; report.json says why it refined, and the
+    refined result's uncertainty map is not declared QA."""
+    _bundled_vxm()
+    from deepdiffreg.methods.refine import refine_plan
+    from deepdiffreg.methods.vxm_diff import FOLLOW_UP_REFINE, FOLLOW_UP_REFINE_LR, VxmDiff
+    o = VxmDiff().opts
+    assert refine_plan(o, False) == (0, o.refine_lr, None)
+    assert refine_plan(o, True)[:2] == (FOLLOW_UP_REFINE, FOLLOW_UP_REFINE_LR) == (20, 0.05)
+    assert refine_plan(VxmDiff(refine=7).opts, True)[:2] == (7, o.refine_lr)            # asked for: that
+    assert refine_plan(VxmDiff(follow_up_refine=0).opts, True)[0] == 0                   # declared off: none
+    p = fixture_input((20, 24, 28))
+    geom = Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1), (28, 24, 20))
+    one_patient = VxmDiff(follow_up_refine=2).estimate(PairOnGrid(p["fixed"], p["moving"], geom, follow_up=True),
+                                                       torch.device("cpu"), lambda f, m: None)
+    assert one_patient.info["refine_steps"] == 2 and "--follow-up" in one_patient.info["refine_reason"]
+    assert one_patient.info["uncertainty_qa"]["reliable"] is False
+    plain = VxmDiff(follow_up_refine=2).estimate(PairOnGrid(p["fixed"], p["moving"], geom), torch.device("cpu"),
+                                                 lambda f, m: None)
+    assert "refine_steps" not in plain.info and "refine_reason" not in plain.info
+    assert not torch.equal(plain.disp_vox, one_patient.disp_vox)
+
+
 def test_uncertainty_map_is_qa_only_as_measured():
     """The map is declared QA (report.json ``uncertainty_qa.reliable``) only when it is the map whose ρ against the
     true error was measured at or above the threshold: the default settings, the bundled weights, no --vxm-refine.

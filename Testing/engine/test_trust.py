@@ -70,7 +70,8 @@ def test_same_pair_from_real_data_builds_with_its_register_flags(tmp_path):
     assert info["subject"] == split_ixi(DATA / "ixi")[1][0]          # a held-out validation subject
     u = info["true_displacement_mm"]
     assert 0.8 < u["mean"] < 1.25 and 2.0 < u["max"] < 5.0
-    assert pair["register_args"] == ["--no-align"] and P.public_view(pair)["register_args"] == ["--no-align"]
+    flags = ["--no-align", "--follow-up"]          # aligned already, and one patient's scans (a follow-up)
+    assert pair["register_args"] == flags and P.public_view(pair)["register_args"] == flags
     fixed = sitk.ReadImage(pair["fixed"], sitk.sitkFloat32)
     brain = sitk.GetArrayFromImage(sitk.ReadImage(pair["fixed_seg"])) > 0
     assert _true_displacement_mm(pair, fixed)[brain].mean() == pytest.approx(u["mean"], rel=0.02)
@@ -186,3 +187,23 @@ def test_methods_state_their_contrasts_text_and_json(tmp_path):
     for name, c in methods.items():
         if c.caps.uncertainty:
             assert ("not validated as QA" in text) == (not c.caps.uncertainty_qa)
+
+
+def test_follow_up_flag_reaches_the_method_and_the_report(tmp_path):
+    """``register --follow-up`` (one patient's scans): report.json's inputs say so, vxm-diff refines with its
+    follow-up steps and says why; without the flag it does not."""
+    from synth import run_cli
+    t1, seg = _head()
+    sitk.WriteImage(t1, str(tmp_path / "f.nii.gz"))
+    moved = sitk.Resample(t1, t1, sitk.TranslationTransform(3, (1.5, -1.0, 0.5)), sitk.sitkLinear, 0.0)
+    sitk.WriteImage(moved, str(tmp_path / "m.nii.gz"))
+    common = ["--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "m.nii.gz"), "--method", "vxm-diff",
+              "--no-align", "--vxm-follow-up-refine", "2", "--threads", "1"]
+    for flag, out in ((["--follow-up"], "fu"), ([], "plain")):
+        res = run_cli("register", *common, "--out", str(tmp_path / out), *flag)
+        assert res.returncode == 0, res.stderr
+    fu, plain = (json.loads((tmp_path / o / "report.json").read_text()) for o in ("fu", "plain"))
+    assert fu["inputs"]["follow_up"] is True and plain["inputs"]["follow_up"] is False
+    assert fu["method_info"]["refine_steps"] == 2 and "--follow-up" in fu["method_info"]["refine_reason"]
+    assert "refine_steps" not in plain["method_info"]
+    assert fu["method_options"]["follow_up_refine"] == 2

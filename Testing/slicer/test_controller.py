@@ -186,7 +186,7 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     def method_words(req):
         cmd = ddcontroller.build_register_command("py", req, files, "out")
         generic = {"--fixed", "--moving", "--method", "--out", "--device", "--spacing", "--spacing-scale",
-                   "--no-align", "--overwrite", "--fixed-mask", "--field-grid", "--contrast-check"}
+                   "--no-align", "--overwrite", "--fixed-mask", "--field-grid", "--contrast-check", "--follow-up"}
         flags = {w for w in cmd if w.startswith("--")} - generic
         declared = {o.flag for o in req.method.options} | {o.negative_flag for o in req.method.options
                                                             if o.negative_flag}
@@ -198,6 +198,8 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     assert "--spacing" not in cmd and "--spacing-scale" not in cmd and cmd[cmd.index("--fixed-mask") + 1] == "mask.nrrd"
     assert cmd[cmd.index("--field-grid") + 1] == "working"   # the panel's default
     assert "--contrast-check" not in cmd                      # the engine's default: a contrast mismatch is refused
+    assert "--follow-up" not in cmd                           # the panel's "Same patient (follow-up)" unticked
+    assert "--follow-up" in method_words(ddcontroller.RunRequest(vxm, follow_up=True))
     cmd = method_words(ddcontroller.RunRequest(vxm, contrast_check="warn"))
     assert cmd[cmd.index("--contrast-check") + 1] == "warn"  # Advanced: "Run on different contrasts"
     cmd = method_words(ddcontroller.RunRequest(nodeo, preset="fast", field_grid="fixed"))

@@ -37,7 +37,8 @@ def _params(fixed, moving, **kw):
     p = types.SimpleNamespace(fixedVolume=fixed, movingVolume=moving, fixedSegmentation=None, movingSegmentation=None,
                               fixedLandmarks=None, movingLandmarks=None, fixedMask=None, method="", preset="balanced",
                               device="cpu", methodOptions="{}", workingSpacingMm=0.0, initialAlignment=True,
-                              fieldGrid="working", keepTemporaryFiles=False, allowContrastMismatch=False, outputTransform=None, outputInverse=None,
+                              fieldGrid="working", keepTemporaryFiles=False, allowContrastMismatch=False, followUp=False,
+                              outputTransform=None, outputInverse=None,
                               outputJacobian=None, outputGrid=None, outputWarped=None)
     for k, v in kw.items():
         setattr(p, k, v)
@@ -56,7 +57,7 @@ def test_logic_request_and_a_run_through_export_and_import(module, mrml, synthet
     mask.SetAndObserveImageData(fixed.GetImageData())
     method = ddmethods.by_name(fixture_methods, "vxm-diff")
     p = _params(fixed, moving, method="vxm-diff", preset="variant:refine", fixedMask=mask, fieldGrid="fixed",
-                allowContrastMismatch=True,
+                allowContrastMismatch=True, followUp=True,
                 methodOptions=json.dumps({"vxm-diff": {"symmetric": False}, "nodeo": {"iterations": 3}}))
     logic = module.DeepDiffRegLogic()
     req = logic.request(p, method)
@@ -73,6 +74,7 @@ def test_logic_request_and_a_run_through_export_and_import(module, mrml, synthet
     assert argv[argv.index("--vxm-refine") + 1] == "50" and "--vxm-no-symmetric" in argv
     assert argv[argv.index("--field-grid") + 1] == "fixed"      # Advanced's field grid reaches the engine
     assert argv[argv.index("--contrast-check") + 1] == "warn"   # and "Run on different contrasts"
+    assert "--follow-up" in argv                               # and "Same patient (follow-up)"
     assert "--nodeo-iterations" not in argv and "--fixed-mask" in argv
     assert moving.GetParentTransformNode() is res.transform and p.outputTransform is res.transform
     assert all(n.GetStorageNode() is None for n in res.nodes())  # no link to the deleted temporary files

@@ -95,7 +95,8 @@ def test_register_command_and_environment(tmp_path):
                  ("--any-method-steps", "30"), ("--spacing", "2"), ("--fixed-seg", "fs.nrrd"),
                  ("--fixed-mask", "mask.nrrd")):
         assert cmd[cmd.index(a) + 1] == b
-    assert "--no-align" in cmd and "--fixed-landmarks" not in cmd
+    assert "--no-align" in cmd and "--fixed-landmarks" not in cmd and "--follow-up" not in cmd
+    assert "--follow-up" in ddprocess.register_command("py", "f", "m", "o", method="any-method", follow_up=True)
     # nothing method-specific is added by the runner itself
     cmd = ddprocess.register_command("py", "f", "m", "o", method="any-method")
     assert [w for w in cmd if w.startswith("--")] == ["--fixed", "--moving", "--method", "--out", "--device",

@@ -8,12 +8,14 @@
   diffeomorphism (the true map is stored, so the displacement error is known voxel by voxel);
 - ``same-N`` (``same-1``): a follow-up-like pair of one real subject — a held-out IXI T1 (2 mm, whole head) and a
   copy of it deformed by a known small smooth diffeomorphism (mean ≈ 1 mm, peak ≈ 4 mm over the brain) with its own
-  noise and a smooth intensity bias; registered without the initial alignment (the pair's ``register_args``).
+  noise and a smooth intensity bias; registered without the initial alignment and marked as one patient's
+  (``--no-align --follow-up``: the pair's ``register_args``, what a user who knows it is a follow-up gives).
   The do-no-harm check: a method's displacement error against the true map, as a ratio of the true mean
   displacement (the error of doing nothing);
 - ``contrast-A-B`` (``contrast-15-16``): as ``synth-A-B`` but the moving image is T2-like — its own, independent
   per-label intensity table (CSF bright, white matter dark), blur and noise: a cross-contrast pair with labels;
-- ``brats-002``: BraTSReg_002 T1, follow-up (fixed) → pre-operative (moving), 6 landmarks → TRE;
+- ``brats-002``: BraTSReg_002 T1, follow-up (fixed) → pre-operative (moving), 6 landmarks → TRE; registered
+  with ``--follow-up``;
 - ``ct-512``: a synthetic CT-sized pair, 512×512×300 voxels of 0.8×0.8×1.5 mm (``ct_pair.py``), generated; ``ct-N``
   (``ct-128``, ``ct-256``, N from 64 to 1024): the same phantom over the same field of view on an N×N×(300·N/512)
   grid, for the memory-growth table;
@@ -342,12 +344,13 @@ def _same_pair(data: Path, work: Path, n: int = 1, seed: int = 2027) -> dict[str
                 f"smooth diffeomorphism exp(v) (v: Gaussian noise on a {SAME_CONTROL_MM:g} mm control grid, upsampled, "
                 f"scaled to a mean displacement of {u['mean']:.2f} mm over the brain, peak {u['max']:.2f} mm), "
                 f"a smooth multiplicative bias (±{SAME_BIAS:g}) and its own noise; true fixed → moving map exp(−v); "
-                f"registered with `--no-align` (a follow-up scan of one patient: no affine to find); seed {seed}")
+                f"registered with `--no-align --follow-up` (a follow-up scan of one patient: no affine to find); "
+                f"seed {seed}")
         (d / "pair.json").write_text(json.dumps({"description": desc, "subject": sid, "true_displacement_mm": u},
                                                 indent=1))
     info = json.loads((d / "pair.json").read_text())
     return {"name": f"same-{n}", "kind": "same", "description": info["description"],
-            "register_args": ["--no-align"], **{k: str(v) for k, v in files.items()}}
+            "register_args": ["--no-align", "--follow-up"], **{k: str(v) for k, v in files.items()}}
 
 
 def _brats_pair(data: Path) -> dict[str, Any]:
@@ -355,7 +358,9 @@ def _brats_pair(data: Path) -> dict[str, Any]:
     f, m = "BraTSReg_002_01_0262", "BraTSReg_002_00_0000"
     return {"name": "brats-002", "kind": "brats",
             "description": "BraTSReg_002 T1: follow-up `_01_0262` (fixed) → pre-operative `_00_0000` (moving), "
-                           "240×240×155 at 1 mm, 6 landmark pairs (TRE = |T(fixed landmark) − moving landmark|)",
+                           "240×240×155 at 1 mm, 6 landmark pairs (TRE = |T(fixed landmark) − moving landmark|); "
+                           "registered with `--follow-up` (one patient's scans)",
+            "register_args": ["--follow-up"],
             "fixed": str(d / f"{f}_t1.nii.gz"), "moving": str(d / f"{m}_t1.nii.gz"),
             "fixed_landmarks": str(d / f"{f}_landmarks.csv"), "moving_landmarks": str(d / f"{m}_landmarks.csv")}
 

@@ -62,7 +62,7 @@ from ..nn.grid import NetGrid
 from ..nn.wrappers import Displacement, OnNetGrid, Refine
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
-from .refine import RefineOptions
+from .refine import RefineOptions, plan_info, refine_plan
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "stage": "affine", "affine_train_steps": 5, "affine_test_steps": 7, "vsvf_steps": 2, "time_steps": 10,
@@ -266,7 +266,8 @@ class AVSM(Trainable, LearnedMethod):
             return self.run_network(net, m, f, int(o.affine_steps), int(o.vsvf_steps), tsteps, found)
 
         run = module
-        if o.refine > 0 and o.vsvf_steps > 0:
+        n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
+        if n_refine > 0 and o.vsvf_steps > 0:
             lam = float(cfg.get("lambda_vr", 10.0))
 
             def loss_fn(d, m, f):
@@ -275,7 +276,7 @@ class AVSM(Trainable, LearnedMethod):
                 v0 = multi_gaussian_smooth(d.m0)
                 return mk_lncc(f, warp(m, affine_after(c["A"], c["b"], u))) + lam * momentum_reg(d.m0, v0)
 
-            run = Refine(module, loss_fn, o.refine, float(o.refine_lr),
+            run = Refine(module, loss_fn, n_refine, refine_lr,
                          progress=lambda fr, msg: progress(0.3 + 0.6 * fr, msg))
         with torch.no_grad():
             res = OnNetGrid(run, multiple=net.size_multiple)(pair, device)
@@ -292,7 +293,8 @@ class AVSM(Trainable, LearnedMethod):
                                 "affine_lps": a_lps.round(8).tolist(),
                                 "inverse": "deformable part inverted numerically (fixed point on the network grid); "
                                            "the affine analytically (the pipeline's A^-1)",
-                                "seconds": round(time.time() - t0, 3)}
+                                "seconds": round(time.time() - t0, 3),
+                                **plan_info(n_refine if o.vsvf_steps > 0 else 0, why)}
         progress(1.0, "avsm done")
         return FieldEstimate(disp_vox=disp.float().cpu(), inverse_disp_vox=inv.float().cpu(), affine_lps=a_lps,
                              info=info, model=model)

@@ -50,6 +50,8 @@ class PairOnGrid:
     # the pipeline's contrast check of this pair (contrast.check, report.json "contrast_check"), made before the
     # method runs; None when it was not made (--contrast-check off, or a caller outside the pipeline)
     contrast: dict | None = None
+    # the user says the two images are one patient's (register --follow-up: a follow-up scan, no change of subject)
+    follow_up: bool = False
 
 
 @dataclass

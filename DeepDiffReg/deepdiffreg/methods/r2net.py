@@ -52,7 +52,7 @@ from ..nn.wrappers import Cascade, Deeper, Deformation, Displacement, OnNetGrid,
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import (CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep, further_pass_helps,
                       pair_rank_correlation)
-from .refine import RefineOptions
+from .refine import RefineOptions, plan_info, refine_plan
 
 NAME = "r2net"
 MS_K, MS_OVERLAP, MS_DOWN = 2, 2, 2        # spec A2.6: 2×2×2 chunks overlapping by 2 voxels, ×2 downsampled branch
@@ -238,18 +238,20 @@ class R2NetMethod(Trainable, LearnedMethod):
             # one more pass of the last stage by default, kept only where it helps: +0.008 validation Dice (0.586 ->
             # 0.595, every pair up) and +0.01 on the benchmark's inter-subject pairs with v0.1.1 for ~1 s; unchecked
             # it cost the same-subject pair and the two-contrast one (docs/r2net.md)
-            if o.extra_passes and o.refine > 0:
+            n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
+            info.update(plan_info(n_refine, why))
+            if o.extra_passes and n_refine > 0:
                 raise BadInput(f"give {self.flag('extra_passes')} or {self.flag('refine')}, not both (the refinement "
                                f"optimises the last pass itself)")
-            extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None or o.refine > 0 else 1)
-            if o.refine > 0:
+            extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None or n_refine > 0 else 1)
+            if n_refine > 0:
                 sigma, lam = _sigma(cfg), float(cfg.get("jac_weight", 1.0))
 
                 def loss_fn(d, m, f):
                     u = d.field()
                     return F.mse_loss(warp(m, u), f) / sigma ** 2 + lam * jacobian_penalty(u, 0.0, squared=False)
 
-                modules[-1] = Refine(modules[-1], loss_fn, o.refine, float(o.refine_lr),
+                modules[-1] = Refine(modules[-1], loss_fn, n_refine, refine_lr,
                                      progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg))
             with torch.no_grad():
                 accept = functools.partial(further_pass_helps, rho=pair_rank_correlation(pair))

@@ -1,7 +1,11 @@
 """Generic test-time refinement for learned methods: optimise a predicted parameter tensor (a velocity field,
 a displacement, ...) on the pair for N Adam steps with the method's own loss, starting from the prediction.
 
-Used by every learned method's ``--refine N`` (off by default); what it did is returned for report.json.
+Used by every learned method's ``--refine N`` (off by default) and, on a pair the user marks as one patient's
+(``register --follow-up``, ``PairOnGrid.follow_up``), by the method's ``follow_up_refine`` steps: a network trained
+on pairs of different subjects adds deformation a follow-up scan does not have, and a few steps on the pair's own
+images take it back (VoxelMorph-diff v0.5.0: docs/benchmarks.md). ``refine_plan`` decides; what it did is returned
+for report.json.
 """
 from __future__ import annotations
 
@@ -21,6 +25,28 @@ class RefineOptions:
     refine: int = option(0, min=0, max=100_000, aliases=("--refine",),
                          help="test-time refinement: Adam steps on the prediction with the method's own loss (0: off)")
     refine_lr: float = option(0.05, min=0.0, max=10.0, help="Adam step of the refinement")
+    follow_up_refine: int = option(0, min=0, max=100_000,
+                                   help="refinement steps when the pair is one patient's (register --follow-up) and "
+                                        "no refinement was asked for (0: none)")
+    follow_up_refine_lr: float = option(0.05, min=0.0, max=10.0, help="Adam step of the follow-up refinement")
+
+
+def refine_plan(opts, follow_up: bool) -> tuple[int, float, str | None]:
+    """(steps, step size, why) of a method's refinement: the asked-for ``refine`` steps at ``refine_lr``; else, on a
+    follow-up pair, the method's ``follow_up_refine`` steps at ``follow_up_refine_lr``; else none. ``opts``: the
+    method's options (a ``RefineOptions`` dataclass or its dict)."""
+    get = opts.get if isinstance(opts, dict) else lambda k: getattr(opts, k)
+    if int(get("refine")) > 0:
+        return int(get("refine")), float(get("refine_lr")), "asked for (--refine)"
+    if follow_up and int(get("follow_up_refine")) > 0:
+        return (int(get("follow_up_refine")), float(get("follow_up_refine_lr")),
+                "the pair is one patient's (--follow-up)")
+    return 0, float(get("refine_lr")), None
+
+
+def plan_info(steps: int, why: str | None) -> dict:
+    """report.json's facts of a ``refine_plan`` (merged into method_info)."""
+    return {"refine_reason": why} if steps > 0 else {}
 
 
 def refine(initial: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], steps: int,

@@ -47,7 +47,7 @@ from ..nn.vxm_model import soft_dice_loss
 from ..nn.wrappers import SVF, Displacement, OnNetGrid, Refine, WithInverse
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
-from .refine import RefineOptions
+from .refine import RefineOptions, plan_info, refine_plan
 
 NCC_WINDOWS = (9, 7, 5, 3)               # levels 1..4 (paper)
 LEVEL_WEIGHTS = (1.0, 0.5, 0.25, 0.125)  # levels 1..4 (the code: loss_1 + 0.5 loss_2 + 0.25 loss_3 + 0.125 loss_4)
@@ -158,7 +158,8 @@ class SPnet(Trainable, LearnedMethod):
             return _Level1(v, u, w, steps)
 
         run = module
-        if o.refine > 0:
+        n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
+        if n_refine > 0:
             win, lam = int(cfg.get("ncc_windows", NCC_WINDOWS)[0]), float(cfg.get("reg_weight", 1.0))
 
             def loss_fn(d, m, f):                         # level-1 term of the training loss, symmetric
@@ -166,7 +167,7 @@ class SPnet(Trainable, LearnedMethod):
                 sim, reg = level_terms(d.velocity, u, w, m, f, win)
                 return sim + lam * reg
 
-            run = Refine(module, loss_fn, o.refine, float(o.refine_lr),
+            run = Refine(module, loss_fn, n_refine, refine_lr,
                          progress=lambda fr, msg: progress(0.3 + 0.6 * fr, msg))
         with torch.no_grad():
             res = OnNetGrid(run, multiple=net.size_multiple)(pair, device)
@@ -174,7 +175,8 @@ class SPnet(Trainable, LearnedMethod):
             info: dict[str, Any] = {"int_steps": steps, "levels": LEVELS, **res.info, **phi.info,
                                     "inverse": "the network's backward field exp(-v1) (level 1), integrated with the "
                                                "same scaling and squaring as the forward exp(v1)"}
-            if o.refine > 0:                              # the refined pair on the network grid
+            info.update(plan_info(n_refine, why))
+            if n_refine > 0:                              # the refined pair on the network grid
                 ice.update(inverse_consistency(phi.disp(res.grid.net_shape), phi.inverse().disp(res.grid.net_shape)))
                 info["inverse"] = "exp(-v1) of the refined level-1 velocity v1 (scaling and squaring)"
             info["inverse_consistency_net_grid"] = ice

@@ -19,7 +19,9 @@ What this file adds to the shared core (nn/vxm_model.py, nn/wrappers.py, losses/
   against the true error is below 0.5) and report.json ``method_info.uncertainty_qa`` says so;
 - ``--refine N``: N Adam steps on μ of the image term + λ·Laplacian prior term of the KL; the image term is
   30·(1 − local NCC²) by default (``--vxm-refine-similarity``; the model's own MSE/σ² on request), which follows a
-  follow-up scan's true map better than the MSE (measured beside ``REFINE_SIMILARITIES``);
+  follow-up scan's true map better than the MSE (measured beside ``REFINE_SIMILARITIES``); on a pair marked
+  ``register --follow-up`` (one patient's scans) without ``--refine``, ``--vxm-follow-up-refine`` steps (20) of it
+  at ``--vxm-follow-up-refine-lr`` (0.05; measured beside ``FOLLOW_UP_REFINE``);
 - the training protocol of ``deepdiffreg train --method vxm-diff`` (methods/learned.py): its training options
   (loss weights, Dice term, cascade stages, channels), the negative ELBO (+ Dice) of a batch, validation fields,
   seeding a deeper cascade from a shallower model and freezing its earlier stages.
@@ -43,7 +45,7 @@ from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp
 from ..nn.wrappers import Cascade, OnNetGrid, Refine
 from .base import UNCERTAINTY_QA_RHO, Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
-from .refine import RefineOptions
+from .refine import RefineOptions, plan_info, refine_plan
 from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, refine_shift_mm, residual_disp_mm,
                               sampled_std_mm, stage_std_mm)
 
@@ -119,6 +121,14 @@ REFINE_LR = 0.025
 REFINE_SIMILARITIES = ("ncc", "mse")
 REFINE_NCC_WEIGHT = 30.0
 REFINE_NCC_WINDOW = 5          # network-grid voxels: 10 mm at the model's 2 mm (NODEO: 9 mm)
+
+
+# ``register --follow-up`` (the pair is one patient's): 20 steps of --vxm-refine's objective at 0.05 ½-grid voxels.
+# Measured 2026-12-07 on the benchmark's follow-up pairs, v0.5.0, one thread (the network alone: same-1 error 0.93x
+# the true displacement, BraTS-Reg TRE 3.37 mm against 2.51 after the affine): 20 x 0.05 -> 0.56x, 2.24 mm;
+# 10 x 0.1 -> 0.58x, 2.28 mm; 20 x 0.025 -> 0.60x, 2.59 mm (worse than the affine); 50 x 0.025 (the
+# vxm-diff+refine row) 0.56x, 2.13 mm for ~2.5x the steps. ~0.3-0.6 s a step on a 2 mm whole head.
+FOLLOW_UP_REFINE, FOLLOW_UP_REFINE_LR = 20, 0.05
 
 
 def refine_image_term(kind: str, fixed: torch.Tensor, warped: torch.Tensor, sigma: float, ncc_weight: float,
@@ -200,6 +210,11 @@ class VxmDiff(Trainable, LearnedMethod):
                                              help="local NCC window of the uncertainty map's objective, "
                                                   "network-grid voxels (odd)")
         refine_lr: float = option(REFINE_LR, min=0.0, max=10.0, help="Adam step for --vxm-refine (½-grid voxels)")
+        follow_up_refine: int = option(FOLLOW_UP_REFINE, min=0, max=100_000,
+                                       help="--vxm-refine steps on a pair marked --follow-up (one patient) when "
+                                            "--vxm-refine is 0 (0: none)")
+        follow_up_refine_lr: float = option(FOLLOW_UP_REFINE_LR, min=0.0, max=10.0,
+                                            help="Adam step of the follow-up refinement (½-grid voxels)")
         refine_similarity: str = option("ncc", choices=REFINE_SIMILARITIES,
                                         help="image term of --vxm-refine: 'ncc' = --vxm-refine-ncc-weight x (1 - "
                                              "squared local NCC), blind to a smooth bias field and, inside each "
@@ -232,19 +247,21 @@ class VxmDiff(Trainable, LearnedMethod):
                         + 0.5 * 3 * lam * laplacian_prec(d.velocity))
             return fn
 
-        if o["refine"] > 0:
+        n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
+        if n_refine > 0:
             stages[-1] = Refine(stages[-1], objective(o["refine_similarity"], o["refine_ncc_weight"],
-                                                      o["refine_ncc_window"]), o["refine"], float(o["refine_lr"]),
+                                                      o["refine_ncc_window"]), n_refine, refine_lr,
                                 progress=lambda fr, msg: progress(0.4 + 0.3 * fr, msg))
         with torch.no_grad():
             res = OnNetGrid(Cascade(stages), multiple=net.size_multiple)(pair, device)
         phi = res.deformation
         last, m_in, fp = phi.parts[-1], phi.stage_inputs[-1], res.fixed
         mu, logvar = last.velocity, last.extras["logvar"]
-        progress(0.4 if o["refine"] <= 0 else 0.7, "network done")
+        progress(0.4 if n_refine <= 0 else 0.7, "network done")
         info: dict[str, Any] = {"int_steps": steps, "velocity_grid": list(mu.shape[2:]), **res.info,
                                 "symmetric": symmetric, "stages": len(phi.parts), **phi.info}
-        if o["refine"] > 0:
+        info.update(plan_info(n_refine, why))
+        if n_refine > 0:
             ncc = o["refine_similarity"] == "ncc"
             info["refine_image_term"] = (f"{float(o['refine_ncc_weight']):g} x (1 - local NCC^2), window "
                                          f"{int(o['refine_ncc_window']) | 1} net voxels" if ncc
@@ -304,7 +321,7 @@ class VxmDiff(Trainable, LearnedMethod):
             info["uncertainty_qa"] = _uncertainty_qa(
                 {"kind": kind, "steps": int(o["uncertainty_steps"]), "lr": float(o["uncertainty_lr"]),
                  "similarity": o["uncertainty_similarity"], "ncc_weight": float(o["uncertainty_ncc_weight"]),
-                 "ncc_window": int(o["uncertainty_ncc_window"]) | 1}, model, refined=o["refine"] > 0)
+                 "ncc_window": int(o["uncertainty_ncc_window"]) | 1}, model, refined=n_refine > 0)
             info["velocity_std_mean_halfgrid_vox"] = float(torch.exp(0.5 * logvar).mean())
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
