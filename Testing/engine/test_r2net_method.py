@@ -374,6 +374,14 @@ def test_one_more_checked_pass_of_the_last_stage_by_default(pair, tmp_path):
     assert two_contrasts["kept"] == 0 and two_contrasts["checks"][0]["rank_correlation"] == -0.4
     assert two_contrasts["checks"][0]["rank_correlation_from"] == "the pipeline's contrast check"
     assert two_contrasts["checks"][0]["ncc2_after"] == facts["ncc2_after"]
+    # a follow-up pair (register --follow-up): no extra pass, a correction stage after the cascade instead
+    grid.contrast, grid.follow_up = None, True
+    fu = run(follow_up_refine=3)
+    assert fu.info["extra_passes"]["asked"] == 0 and fu.info["refine_steps"] == 3
+    assert "--follow-up" in fu.info["refine_reason"] and "half grid" in fu.info["follow_up_correction"]
+    assert not torch.allclose(fu.disp_vox, none.disp_vox, atol=1e-5)
+    assert run(follow_up_refine=0).info["extra_passes"]["asked"] == 1     # declared off: the default pass
+    grid.follow_up = False
     assert run(refine=1).info["extra_passes"]["asked"] == 0
     with pytest.raises(BadInput):
         run(refine=1, extra_passes=1)

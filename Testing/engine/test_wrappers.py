@@ -11,7 +11,7 @@ from deepdiffreg.frames import Geometry
 from deepdiffreg.methods.base import PairOnGrid
 from deepdiffreg.nn.grid import NetGrid, canonical_axes, disp_from_canonical, from_canonical, to_canonical
 from deepdiffreg.nn.wrappers import (SVF, Cascade, Composed, Displacement, OnNetGrid, Refine, Symmetric,
-                                     WithInverse, Deeper)
+                                     WithInverse, Deeper, zero_svf_stage)
 
 PSR = (0, 0, -1, 1, 0, 0, 0, 1, 0)          # IXI-like sagittal direction (column c: LPS vector of index axis c)
 
@@ -136,6 +136,34 @@ def test_refine_lowers_the_loss_of_the_stage_it_wraps():
         phi = Cascade([lambda a, b: SVF(0.2 * ConvNet()(a, b), 4), Refine(module, loss, 3, 0.1)])(m, f)
         assert torch.equal(phi.parts[0].velocity, SVF(0.2 * ConvNet()(m, f), 4).velocity)
         assert float(phi.parts[1].velocity.abs().max()) > 0 and phi.info["refine_steps"] == 3
+
+
+def test_a_correction_stage_starts_at_the_identity_and_registers_what_the_cascade_left():
+    """``zero_svf_stage`` in a ``Refine`` with ``methods.refine.correction_loss`` after a trained stage (a method's
+    follow-up correction): zero steps change nothing (the cascade's own map); with steps, it undoes a shift the first
+    stage left, and the correction is an SVF on the half grid, so it has its exact inverse exp(−v)."""
+    from deepdiffreg.methods.refine import correction_loss
+    g = torch.Generator().manual_seed(3)
+    f = torch.nn.functional.avg_pool3d(torch.rand(1, 1, 28, 28, 28, generator=g), 5, 1)    # smooth, 24³
+    f = (f - f.min()) / (f.max() - f.min())
+    shift = torch.zeros(1, 3, 24, 24, 24)
+    shift[:, 2] = 1.0                                                  # moving = fixed shifted by 1 voxel along W
+    m = warp(f, -shift)
+    first = lambda a, b: SVF(torch.zeros(1, 3, 12, 12, 12), 4)                       # noqa: E731 — a stage that left it
+    stage = zero_svf_stage()
+    assert stage(m, f).velocity.shape == (1, 3, 12, 12, 12) and float(stage(m, f).velocity.abs().max()) == 0
+    with torch.no_grad():
+        none = Cascade([first, Refine(stage, correction_loss(), 0, 0.05)])(m, f)
+        assert float(none.disp((24, 24, 24)).abs().max()) == 0
+        phi = Cascade([first, Refine(stage, correction_loss(), 30, 0.05)])(m, f)
+    part = phi.parts[1]
+    assert part.info["refine_loss_end"] < part.info["refine_loss_start"]
+    inner = (slice(None), slice(None), slice(6, -6), slice(6, -6), slice(6, -6))
+    err0 = float((f - m)[inner].abs().mean())
+    err = float((f - warp(m, phi.disp((24, 24, 24))))[inner].abs().mean())
+    assert err < 0.6 * err0, (err, err0)
+    back = compose(part.disp((24, 24, 24)), part.inverse().disp((24, 24, 24)))
+    assert float(back[inner].abs().mean()) < 0.03 and float(back[inner].abs().max()) < 0.2   # S&S rounding
 
 
 def test_with_inverse_uses_the_networks_backward_field():

@@ -19,6 +19,9 @@ Spec: shared docs/methods/seeds-r2net-nodeo.md, Part A. What this file adds to t
   inverse of the field (``field.invert_fixed_point``, ``--r2net-inverse-iterations``); no uncertainty map;
 - ``--refine N``: N Adam steps on the initial velocity v0 (the LC blocks stay the learned integrator) with the
   training loss (MSE/σ² + λ·mean(ReLU(−det ∇φ))); the best loss is kept;
+- ``register --follow-up`` (one patient's scans) without ``--refine``: ``--r2net-follow-up-refine`` (20) steps of a
+  correction stage after the cascade (``nn.wrappers.zero_svf_stage`` refined from zero with
+  ``methods.refine.correction_loss``, vxm-diff's follow-up objective); no extra pass then;
 - the training protocol of ``deepdiffreg train --method r2net`` (methods/learned.py): the paper's loss (MSE +
   λ·mean(ReLU(−det)) with the true determinant det(I + ∇u), ``losses.jacobian_penalty(threshold=0,
   squared=False)``), the KL of the probabilistic ("Prob") variant, an optional semi-supervised Dice term (as
@@ -48,11 +51,12 @@ from ..nn import vxm_model
 from ..nn.blocks import stage_nets
 from ..nn.r2net import BACKBONES, BLOCK_SCALE, DEC, ENC, N_BLOCKS, MSR2Net, R2Net, R2NetCascade, chunk_slices
 from ..nn.vxm_model import soft_dice_loss
-from ..nn.wrappers import Cascade, Deeper, Deformation, Displacement, OnNetGrid, Refine, Symmetric
+from ..nn.wrappers import (Cascade, Deeper, Deformation, Displacement, OnNetGrid, Refine, Symmetric,
+                           zero_svf_stage)
 from .base import Capabilities, FieldEstimate, PairOnGrid, option, register_method
 from .learned import (CascadeOptions, LearnedMethod, LearnedOptions, Trainable, TrainStep, further_pass_helps,
                       pair_rank_correlation)
-from .refine import RefineOptions, plan_info, refine_plan
+from .refine import CORRECTION_DESCRIPTION, RefineOptions, correction_loss, plan_info, refine_plan
 
 NAME = "r2net"
 MS_K, MS_OVERLAP, MS_DOWN = 2, 2, 2        # spec A2.6: 2×2×2 chunks overlapping by 2 voxels, ×2 downsampled branch
@@ -149,6 +153,15 @@ class R2NetMethod(Trainable, LearnedMethod):
                                               "inverse)")
         refine_lr: float = option(0.05, min=0.0, max=10.0,
                                   help="Adam step of --refine on the initial velocity (network-grid voxels)")
+        # register --follow-up: a correction stage after the cascade (see estimate). Measured 2026-12-07 (v0.1.1,
+        # one thread, the benchmark's follow-up pairs): same-1 error 0.81x -> 0.58x the true displacement, BraTS-Reg
+        # TRE 3.11 -> 2.25 mm (the affine 2.51), ~8 s more on a 2 mm whole head
+        follow_up_refine: int = option(20, min=0, max=100_000,
+                                       help="steps of a correction stage (an SVF on the half grid, from zero, "
+                                            "vxm-diff's follow-up objective) after the cascade on a pair marked "
+                                            "--follow-up, when --r2net-refine is 0 (0: none)")
+        follow_up_refine_lr: float = option(0.05, min=0.0, max=10.0,
+                                            help="Adam step of the follow-up correction (half-grid voxels)")
         extra_passes: int | None = option(None, min=0, max=8,
                                           help="run the last cascade stage up to this many more times at "
                                                "inference, each pass on the image the earlier ones warped and kept "
@@ -244,7 +257,17 @@ class R2NetMethod(Trainable, LearnedMethod):
                 raise BadInput(f"give {self.flag('extra_passes')} or {self.flag('refine')}, not both (the refinement "
                                f"optimises the last pass itself)")
             extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None or n_refine > 0 else 1)
-            if n_refine > 0:
+            if n_refine > 0 and o.refine <= 0:
+                # a follow-up pair (one patient's): a correction stage after the cascade, optimised from the identity
+                # with vxm-diff's follow-up objective (NCC², blind to a bias; methods/refine.py). Refining v0 itself
+                # (--r2net-refine, the MSE objective) cost ~2.5 s a step through the LC blocks and made same-1 worse
+                # (0.81x -> 0.94-1.12x the true displacement, 20 steps, 2026-12-07)
+                modules.append(Refine(zero_svf_stage(), correction_loss(), n_refine, refine_lr,
+                                      progress=lambda fr, msg: progress(0.2 + 0.5 * fr, msg)))
+                info["follow_up_correction"] = (f"{n_refine} Adam steps (step {refine_lr:g} half-grid voxels) of an "
+                                                f"SVF on the half grid after the cascade, from zero: "
+                                                f"{CORRECTION_DESCRIPTION}")
+            elif n_refine > 0:
                 sigma, lam = _sigma(cfg), float(cfg.get("jac_weight", 1.0))
 
                 def loss_fn(d, m, f):

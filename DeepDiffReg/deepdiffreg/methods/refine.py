@@ -44,6 +44,29 @@ def refine_plan(opts, follow_up: bool) -> tuple[int, float, str | None]:
     return 0, float(get("refine_lr")), None
 
 
+# The objective of a correction stage (``nn.wrappers.zero_svf_stage`` in a ``Refine``): VoxelMorph-diff's follow-up
+# refinement objective (its --vxm-refine defaults: 30·(1 − local NCC²) in a 5³ window, blind to a smooth bias, plus
+# the Laplacian prior of its KL with λ = 20 on a ½-grid velocity), for a method with no cheap parameter of its own.
+CORRECTION_NCC_WEIGHT, CORRECTION_NCC_WINDOW, CORRECTION_PRIOR_LAMBDA = 30.0, 5, 20.0
+CORRECTION_DESCRIPTION = (f"{CORRECTION_NCC_WEIGHT:g} x (1 - local NCC^2), window {CORRECTION_NCC_WINDOW} net voxels, "
+                          f"+ 1.5 x {CORRECTION_PRIOR_LAMBDA:g} x Laplacian precision of the velocity")
+
+
+def correction_loss(ncc_weight: float = CORRECTION_NCC_WEIGHT, ncc_window: int = CORRECTION_NCC_WINDOW,
+                    prior_lambda: float = CORRECTION_PRIOR_LAMBDA) -> Callable:
+    """``loss(svf, moving, fixed)`` of a correction stage: ncc_weight·(1 − mean local NCC²) of fixed and moving
+    warped by exp(v), + ½·3·λ·(Laplacian precision of v) — v in voxels of its ½ grid, (B, 1, D, H, W) images."""
+    from ..field import warp
+    from ..losses.kl import laplacian_prec
+    from ..losses.similarity import ncc_loss
+
+    def loss(d, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        warped = warp(moving, d.disp(fixed.shape[2:]))
+        return (float(ncc_weight) * ncc_loss(fixed, warped, win=int(ncc_window) | 1)
+                + 0.5 * 3 * float(prior_lambda) * laplacian_prec(d.velocity))
+    return loss
+
+
 def plan_info(steps: int, why: str | None) -> dict:
     """report.json's facts of a ``refine_plan`` (merged into method_info)."""
     return {"refine_reason": why} if steps > 0 else {}

@@ -26,6 +26,9 @@ Wrappers (each takes a module and returns one; they nest):
 - ``Refine(m, loss, steps, lr)``: test-time optimisation of the prediction's free parameter (an SVF's velocity, a
   displacement) with ``loss(deformation, moving, fixed)``, starting from the network's output (methods/refine.py).
   Inside a cascade it refines the stage it wraps given the earlier ones.
+- ``zero_svf_stage(factor)``: a stage that predicts the identity, exp(0) on a 1/factor grid; in a ``Refine`` at the
+  end of a cascade it is a test-time correction on top of the trained stages, optimised from zero (a method whose
+  own parameter is expensive to refine through, e.g. a learned integrator, still gets a cheap refinement).
 - ``OnNetGrid(m, multiple)``: runs a module on the network grid of a ``PairOnGrid`` (nn/grid.py: LPS canonical
   axes, sizes a multiple of ``multiple``) and maps fields and scalar maps back to the working grid.
 
@@ -253,6 +256,16 @@ class Refine:
         out = d.with_param(p)
         out.info.update(info)
         return out
+
+
+def zero_svf_stage(factor: int = 2, steps: int = 7) -> Module:
+    """A module that predicts nothing: φ = exp(0), the velocity zeros (B, 3, ⌈D/f⌉, ⌈H/f⌉, ⌈W/f⌉) on a 1/``factor``
+    grid of the fixed image's (``steps`` squarings when it is integrated). Wrapped in ``Refine`` and appended to a
+    cascade, its velocity is optimised from the identity on the moving image the trained stages warped."""
+    def stage(moving: torch.Tensor, fixed: torch.Tensor) -> SVF:
+        shape = [max(1, -(-int(n) // int(factor))) for n in fixed.shape[2:]]
+        return SVF(fixed.new_zeros((fixed.shape[0], 3, *shape)), steps)
+    return stage
 
 
 @dataclass
