@@ -213,6 +213,11 @@ def _cmd_methods(args) -> int:
                       + ("validated as QA" if r["caps"]["uncertainty_qa"] else
                          "not validated as QA (it does not follow the registration error closely; see "
                          "docs/benchmarks.md)"))
+            follow_up = next((o for o in r["options"] if o["name"] == "follow_up_refine"), None)
+            if follow_up is not None:      # what `register --follow-up` does for this method (RefineOptions)
+                print(f"{'':10s}   follow-up scans (--follow-up): "
+                      + (f"{follow_up['default']} refinement steps ({follow_up['flag']})" if follow_up["default"]
+                         else f"nothing by default ({follow_up['flag']} N to refine)"))
             for m in r["models"]:
                 print(f"{'':10s}   model {m.get('id')} v{m.get('version')} ({m.get('status', 'installed')}), "
                       f"contrasts: {m['contrasts']}"

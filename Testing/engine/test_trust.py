@@ -187,6 +187,15 @@ def test_methods_state_their_contrasts_text_and_json(tmp_path):
     for name, c in methods.items():
         if c.caps.uncertainty:
             assert ("not validated as QA" in text) == (not c.caps.uncertainty_qa)
+    # what --follow-up does, per method that has the refinement options: its declared default steps
+    for name, row in rows.items():
+        fu = next((o for o in row["options"] if o["name"] == "follow_up_refine"), None)
+        if fu is not None:
+            line = (f"follow-up scans (--follow-up): {fu['default']} refinement steps ({fu['flag']})" if fu["default"]
+                    else f"follow-up scans (--follow-up): nothing by default ({fu['flag']} N to refine)")
+            assert line in text, (name, line)
+    assert rows["vxm-diff"]["options"] and any(o["name"] == "follow_up_refine" and o["default"] == 20
+                                               for o in rows["vxm-diff"]["options"])
 
 
 def test_follow_up_flag_reaches_the_method_and_the_report(tmp_path):
