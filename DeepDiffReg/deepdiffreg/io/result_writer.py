@@ -389,13 +389,70 @@ def write_image(image: sitk.Image, path: str, deflate: bool = True) -> None:
     if deflate or not path.endswith(".nii.gz"):
         sitk.WriteImage(image, path, useCompression=deflate)
         return
-    plain = path[:-3]                                   # write .nii beside it, wrap it as gzip level 0, remove it
-    sitk.WriteImage(image, plain, useCompression=False)
+    header = _nifti_header(image, path[:-3])
+    if header is None:                                  # not a plain 3-D NIfTI-1 case: ITK's file, wrapped
+        plain = path[:-3]                               # write .nii beside it, wrap it as gzip level 0, remove it
+        sitk.WriteImage(image, plain, useCompression=False)
+        try:
+            with open(plain, "rb") as src, gzip.open(path, "wb", compresslevel=0) as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        finally:
+            os.remove(plain)
+        return
+    _write_stored_gzip(path, header, memoryview(np.ascontiguousarray(sitk.GetArrayViewFromImage(image))).cast("B"))
+
+
+_NIFTI1_HEADER = 352            # bytes before the voxels in a single-file NIfTI-1 without extensions
+
+
+def _nifti_header(image: sitk.Image, scratch: str) -> bytes | None:
+    """ITK's NIfTI-1 header for ``image`` without writing its voxels: ITK writes a 1×1×1 image of the same pixel
+    type, origin, spacing and direction to ``scratch`` (removed again), and its dim[1..3] are set to the image's size.
+    Only those three fields depend on the size (checked: a 160×224×192 image's header and its 1×1×1 twin's differ
+    there only). None for what this does not cover (not 3-D, vector pixels, a side over 32767 voxels)."""
+    size = image.GetSize()
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1 or max(size) > 32767:
+        return None
+    tiny = sitk.Image([1, 1, 1], image.GetPixelID())
+    tiny.SetOrigin(image.GetOrigin())
+    tiny.SetSpacing(image.GetSpacing())
+    tiny.SetDirection(image.GetDirection())
+    sitk.WriteImage(tiny, scratch, useCompression=False)
     try:
-        with open(plain, "rb") as src, gzip.open(path, "wb", compresslevel=0) as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
+        with open(scratch, "rb") as f:
+            raw = f.read()
     finally:
-        os.remove(plain)
+        os.remove(scratch)
+    item = np.dtype(sitk.GetArrayViewFromImage(tiny).dtype).itemsize
+    vox_offset = np.frombuffer(raw[108:112], "<f4")[0] if len(raw) >= 112 else -1
+    if len(raw) != _NIFTI1_HEADER + item or vox_offset != _NIFTI1_HEADER or raw[:4] != (348).to_bytes(4, "little"):
+        return None                                     # not the layout assumed here: let ITK write the file
+    header = bytearray(raw[:_NIFTI1_HEADER])
+    header[42:48] = np.asarray(size, "<i2").tobytes()  # dim[1], dim[2], dim[3]
+    return bytes(header)
+
+
+def _write_stored_gzip(path: str, head: bytes, body) -> None:
+    """A gzip file (RFC 1952) of ``head`` + ``body`` (bytes, a byte memoryview) as stored (uncompressed) deflate
+    blocks of 65,535 bytes: the format ``gzip.open(path, "wb", compresslevel=0)`` writes, without its pass through
+    zlib and without a plain file written first and read back. ``head`` is short (a header): it shares the first
+    block with the start of ``body``, so only that block is copied."""
+    import struct
+    import zlib
+    block = 65535
+    if len(head) >= block:
+        raise ValueError("_write_stored_gzip(): the head must be shorter than one block")
+    body = memoryview(body).cast("B")
+    crc = zlib.crc32(body, zlib.crc32(head)) & 0xFFFFFFFF
+    total = len(head) + len(body)
+    first, rest = bytes(head) + bytes(body[:block - len(head)]), body[block - len(head):]
+    chunks = [first] + [rest[i:i + block] for i in range(0, len(rest), block)]
+    with open(path, "wb") as f:
+        f.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")   # magic, deflate, no flags, mtime 0, OS unknown
+        for n, chunk in enumerate(chunks):
+            f.write(struct.pack("<BHH", int(n == len(chunks) - 1), len(chunk), len(chunk) ^ 0xFFFF))
+            f.write(chunk)
+        f.write(struct.pack("<II", crc, total & 0xFFFFFFFF))
 
 
 @dataclass
