@@ -411,7 +411,8 @@ def test_a_follow_up_pair_is_refined_with_the_methods_follow_up_steps_and_an_ask
     from deepdiffreg.methods.refine import refine_plan
     from deepdiffreg.methods.vxm_diff import FOLLOW_UP_REFINE, FOLLOW_UP_REFINE_LR, VxmDiff
     o = VxmDiff().opts
-    assert refine_plan(o, False) == (0, o.refine_lr, None)
+    assert refine_plan(o, False) == (0, o.refine_lr, None) and not refine_plan(o, False).for_follow_up
+    assert refine_plan(o, True).for_follow_up and not refine_plan(VxmDiff(refine=7).opts, True).for_follow_up
     assert refine_plan(o, True)[:2] == (FOLLOW_UP_REFINE, FOLLOW_UP_REFINE_LR) == (20, 0.05)
     assert refine_plan(VxmDiff(refine=7).opts, True)[:2] == (7, o.refine_lr)            # asked for: that
     assert refine_plan(VxmDiff(follow_up_refine=0).opts, True)[0] == 0                   # declared off: none

@@ -399,7 +399,7 @@ def write_image(image: sitk.Image, path: str, deflate: bool = True) -> None:
         finally:
             os.remove(plain)
         return
-    _write_stored_gzip(path, header, memoryview(np.ascontiguousarray(sitk.GetArrayViewFromImage(image))).cast("B"))
+    _write_stored_gzip(path, header, np.ascontiguousarray(sitk.GetArrayViewFromImage(image)))
 
 
 _NIFTI1_HEADER = 352            # bytes before the voxels in a single-file NIfTI-1 without extensions
@@ -433,7 +433,7 @@ def _nifti_header(image: sitk.Image, scratch: str) -> bytes | None:
 
 
 def _write_stored_gzip(path: str, head: bytes, body) -> None:
-    """A gzip file (RFC 1952) of ``head`` + ``body`` (bytes, a byte memoryview) as stored (uncompressed) deflate
+    """A gzip file (RFC 1952) of ``head`` + ``body`` (anything with the buffer protocol: bytes, a C-contiguous array) as stored (uncompressed) deflate
     blocks of 65,535 bytes: the format ``gzip.open(path, "wb", compresslevel=0)`` writes, without its pass through
     zlib and without a plain file written first and read back. ``head`` is short (a header): it shares the first
     block with the start of ``body``, so only that block is copied."""

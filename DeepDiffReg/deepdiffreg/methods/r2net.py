@@ -251,13 +251,14 @@ class R2NetMethod(Trainable, LearnedMethod):
             # one more pass of the last stage by default, kept only where it helps: +0.008 validation Dice (0.586 ->
             # 0.595, every pair up) and +0.01 on the benchmark's inter-subject pairs with v0.1.1 for ~1 s; unchecked
             # it cost the same-subject pair and the two-contrast one (docs/r2net.md)
-            n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
+            plan = refine_plan(o, pair.follow_up)
+            n_refine, refine_lr, why = plan
             info.update(plan_info(n_refine, why))
             if o.extra_passes and n_refine > 0:
                 raise BadInput(f"give {self.flag('extra_passes')} or {self.flag('refine')}, not both (the refinement "
                                f"optimises the last pass itself)")
             extra = o.extra_passes if o.extra_passes is not None else (0 if ms is not None or n_refine > 0 else 1)
-            if n_refine > 0 and o.refine <= 0:
+            if plan.for_follow_up:
                 # a follow-up pair (one patient's): a correction stage after the cascade, optimised from the identity
                 # with vxm-diff's follow-up objective (NCC², blind to a bias; methods/refine.py). Refining v0 itself
                 # (--r2net-refine, the MSE objective) cost ~2.5 s a step through the LC blocks and made same-1 worse

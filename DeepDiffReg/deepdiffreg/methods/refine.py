@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -31,17 +31,46 @@ class RefineOptions:
     follow_up_refine_lr: float = option(0.05, min=0.0, max=10.0, help="Adam step of the follow-up refinement")
 
 
-def refine_plan(opts, follow_up: bool) -> tuple[int, float, str | None]:
-    """(steps, step size, why) of a method's refinement: the asked-for ``refine`` steps at ``refine_lr``; else, on a
-    follow-up pair, the method's ``follow_up_refine`` steps at ``follow_up_refine_lr``; else none. ``opts``: the
-    method's options (a ``RefineOptions`` dataclass or its dict)."""
+ASKED_FOR = "asked for (--refine)"
+FOLLOW_UP = "the pair is one patient's (--follow-up)"
+
+
+class RefinePlan(NamedTuple):
+    """What ``refine_plan`` chose: ``steps`` Adam steps (0: none) of ``lr``, and ``why`` (report.json's
+    ``refine_reason``: ``ASKED_FOR``, ``FOLLOW_UP`` or None)."""
+    steps: int
+    lr: float
+    why: str | None
+
+    @property
+    def for_follow_up(self) -> bool:
+        """The steps are the method's follow-up refinement (not the user's --refine)."""
+        return self.steps > 0 and self.why == FOLLOW_UP
+
+
+def refine_plan(opts, follow_up: bool) -> RefinePlan:
+    """The refinement of a method's run: the asked-for ``refine`` steps at ``refine_lr``; else, on a follow-up
+    pair, the method's ``follow_up_refine`` steps at ``follow_up_refine_lr``; else none. ``opts``: the method's
+    options (a ``RefineOptions`` dataclass or its dict)."""
     get = opts.get if isinstance(opts, dict) else lambda k: getattr(opts, k)
     if int(get("refine")) > 0:
-        return int(get("refine")), float(get("refine_lr")), "asked for (--refine)"
+        return RefinePlan(int(get("refine")), float(get("refine_lr")), ASKED_FOR)
     if follow_up and int(get("follow_up_refine")) > 0:
-        return (int(get("follow_up_refine")), float(get("follow_up_refine_lr")),
-                "the pair is one patient's (--follow-up)")
-    return 0, float(get("refine_lr")), None
+        return RefinePlan(int(get("follow_up_refine")), float(get("follow_up_refine_lr")), FOLLOW_UP)
+    return RefinePlan(0, float(get("refine_lr")), None)
+
+
+def svf_objective(image_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prior_lambda: float) -> Callable:
+    """``loss(svf, moving, fixed)`` of an SVF stage on the pair it sees: ``image_term(fixed, moving ∘ exp(v))`` +
+    ½·3·λ·(Laplacian precision of v) — VoxelMorph-diff's KL prior term, v in voxels of its ½ grid; (B, 1, D, H, W)
+    images. The one objective of vxm-diff's refinements and of a correction stage (``correction_loss``)."""
+    from ..field import warp
+    from ..losses.kl import laplacian_prec
+
+    def loss(d, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        warped = warp(moving, d.disp(fixed.shape[2:]))
+        return image_term(fixed, warped) + 0.5 * 3 * float(prior_lambda) * laplacian_prec(d.velocity)
+    return loss
 
 
 # The objective of a correction stage (``nn.wrappers.zero_svf_stage`` in a ``Refine``): VoxelMorph-diff's follow-up
@@ -54,17 +83,12 @@ CORRECTION_DESCRIPTION = (f"{CORRECTION_NCC_WEIGHT:g} x (1 - local NCC^2), windo
 
 def correction_loss(ncc_weight: float = CORRECTION_NCC_WEIGHT, ncc_window: int = CORRECTION_NCC_WINDOW,
                     prior_lambda: float = CORRECTION_PRIOR_LAMBDA) -> Callable:
-    """``loss(svf, moving, fixed)`` of a correction stage: ncc_weight·(1 − mean local NCC²) of fixed and moving
-    warped by exp(v), + ½·3·λ·(Laplacian precision of v) — v in voxels of its ½ grid, (B, 1, D, H, W) images."""
-    from ..field import warp
-    from ..losses.kl import laplacian_prec
+    """``loss(svf, moving, fixed)`` of a correction stage: ``svf_objective`` with the image term
+    ncc_weight·(1 − mean local NCC²) in a ncc_window³ window."""
     from ..losses.similarity import ncc_loss
 
-    def loss(d, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-        warped = warp(moving, d.disp(fixed.shape[2:]))
-        return (float(ncc_weight) * ncc_loss(fixed, warped, win=int(ncc_window) | 1)
-                + 0.5 * 3 * float(prior_lambda) * laplacian_prec(d.velocity))
-    return loss
+    return svf_objective(lambda fixed, warped: float(ncc_weight) * ncc_loss(fixed, warped, win=int(ncc_window) | 1),
+                         prior_lambda)
 
 
 def plan_info(steps: int, why: str | None) -> dict:

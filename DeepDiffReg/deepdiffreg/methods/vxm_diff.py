@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from ..field import warp
-from ..losses.kl import laplacian_prec, recon_mse
+from ..losses.kl import recon_mse
 from ..losses.similarity import ncc_loss
 from ..nn.unet import DEFAULT_DEC, DEFAULT_ENC
 from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, svf_stage,
@@ -45,7 +45,7 @@ from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp
 from ..nn.wrappers import Cascade, OnNetGrid, Refine
 from .base import UNCERTAINTY_QA_RHO, Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
-from .refine import RefineOptions, plan_info, refine_plan
+from .refine import RefineOptions, plan_info, refine_plan, svf_objective
 from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, refine_shift_mm, residual_disp_mm,
                               sampled_std_mm, stage_std_mm)
 
@@ -241,11 +241,8 @@ class VxmDiff(Trainable, LearnedMethod):
         sig, lam = cfg["image_sigma"], cfg["prior_lambda"]
 
         def objective(kind: str, ncc_weight: float = 0.0, ncc_window: int = 3):   # image term ``kind`` + the
-            def fn(d, m_in, fp):           # model's prior, for the last stage's SVF d on the pair it sees (net grid)
-                warped = warp(m_in, d.disp(fp.shape[2:]))
-                return (refine_image_term(kind, fp, warped, sig, float(ncc_weight), int(ncc_window))
-                        + 0.5 * 3 * lam * laplacian_prec(d.velocity))
-            return fn
+            return svf_objective(     # model's prior, for the last stage's SVF on the pair it sees (net grid)
+                lambda fp, warped: refine_image_term(kind, fp, warped, sig, float(ncc_weight), int(ncc_window)), lam)
 
         n_refine, refine_lr, why = refine_plan(o, pair.follow_up)
         if n_refine > 0:
