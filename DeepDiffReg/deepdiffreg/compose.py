@@ -35,6 +35,7 @@ composite gives, to float32 rounding, with T evaluated once per voxel for all im
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -460,8 +461,9 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
             method_info["inverse_consistency_working_grid"] = inverse_consistency_vox(  # float32, as the method made them
                 u_vox, w_vox)
 
-    maps = {name: MapImage(map_on_fixed(m.data.detach().float().cpu()[0, 0].numpy(), work_geom, fixed_geom),
-                           m.unit, m.description) for name, m in est.maps.items()}
+    # resampled onto the fixed grid when written (the writer thread: io.result_writer.write_result)
+    maps = {name: MapImage(functools.partial(map_on_fixed, m.data.detach().float().cpu()[0, 0].numpy(), work_geom,
+                                             fixed_geom), m.unit, m.description) for name, m in est.maps.items()}
 
     chain = {"affine_lps": m_a.tolist(), "det_affine": det_a,
              "method_affine_lps": None if est.affine_lps is None else np.asarray(est.affine_lps, float).tolist(),

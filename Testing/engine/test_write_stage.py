@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from deepdiffreg.metrics import fold_stats
-from deepdiffreg.pipeline import _fold_region
+from deepdiffreg.pipeline import _FoldRegion
 from deepdiffreg.preprocess import foreground_mask
 from itk_numbers import assert_itk_numbers, on_fixed as _on_fixed
 from synth import blank, from_array, phantom, points_lps
@@ -20,27 +20,52 @@ def _head():
     return from_array(phantom(points_lps(img), seed=0)[0], img)
 
 
-def test_fold_statistics_without_folds_need_no_foreground_mask():
+def _fold_region(det, fixed, user_fg, spare_core=False):
+    region = _FoldRegion(fixed, user_fg, spare_core)
+    try:
+        return region.for_det(det)
+    finally:
+        region.close()
+
+
+@pytest.mark.parametrize("spare_core", [False, True])
+def test_fold_statistics_without_folds_need_no_foreground_mask(spare_core):
     fixed = _head()
     det = np.random.default_rng(0).uniform(0.2, 3.0, fixed.GetSize()[::-1]).astype(np.float32)
-    assert _fold_region(det, fixed, None) is None                      # the automatic mask is not computed
+    assert _fold_region(det, fixed, None, spare_core) is None           # no mask used (with no spare core: made)
     mask = sitk.GetArrayFromImage(foreground_mask(fixed))
     assert fold_stats(det, None) == fold_stats(det, mask)               # and every number is the same without it
 
 
-def test_fold_statistics_with_folds_use_the_automatic_foreground_or_the_users_mask():
+@pytest.mark.parametrize("spare_core", [False, True])
+def test_fold_statistics_with_folds_use_the_automatic_foreground_or_the_users_mask(spare_core):
+    """The mask made beside the registration (a helper thread, ``spare_core``) is the one made when needed."""
     fixed = _head()
     det = np.ones(fixed.GetSize()[::-1], np.float32)
     det[20, 22, 18] = -0.5                                             # one fold inside the head, one outside
     det[0, 0, 0] = -0.1
-    region = _fold_region(det, fixed, None)
+    region = _fold_region(det, fixed, None, spare_core)
     fg = sitk.GetArrayFromImage(region)
     assert np.array_equal(fg, sitk.GetArrayFromImage(foreground_mask(fixed)))
     assert fg[20, 22, 18] == 1 and fg[0, 0, 0] == 0
     stats = fold_stats(det, fg)
     assert stats["num_folded"] == 2 and np.isclose(stats["percent_folded_foreground"], 100.0 / fg.sum())
     user = sitk.Cast(fixed > 1e9, sitk.sitkUInt8) + 1                  # all ones
-    assert _fold_region(det, fixed, user) is user
+    assert _fold_region(det, fixed, user, spare_core) is user
+
+
+def test_fold_mask_thread_is_joined_when_the_run_fails():
+    """A run that fails after the helper started (here: the method's estimate) leaves no thread behind."""
+    import threading
+    fixed = _head()
+    region = _FoldRegion(fixed, None, spare_core=True)
+    try:
+        raise RuntimeError("the method failed")
+    except RuntimeError:
+        pass
+    finally:
+        region.close()
+    assert not any(t.name == "deepdiffreg-fold-mask" for t in threading.enumerate())
 
 
 # -- the field grid: --field-grid fixed is today's writer; working gives the same T at every fixed voxel ----------
@@ -356,3 +381,40 @@ def test_stored_block_maps_are_itks_nifti_bytes_in_a_gzip_stream(tmp_path, size,
     itk = sitk.ReadImage(str(tmp_path / "itk.nii"))          # NIfTI keeps float32 geometry: as ITK's file reads
     assert np.array_equal(sitk.GetArrayFromImage(back), a) and Geometry.of(back) == Geometry.of(itk)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["itk.nii", "map.nii.gz"]
+
+
+def test_register_joins_the_fold_mask_helper_on_success_and_failure(tmp_path, monkeypatch):
+    """pipeline.register with a spare core: the fold mask is made on the helper thread, beside the method; a run
+    whose method fails leaves neither that thread nor a result folder behind."""
+    import threading
+    from affine_case import write_pair
+    from deepdiffreg import pipeline
+    paths = write_pair(tmp_path)
+    made_on = []
+    real_mask = pipeline.foreground_mask
+    monkeypatch.setattr(pipeline, "_spare_core", lambda: True)
+    monkeypatch.setattr(pipeline, "foreground_mask",
+                        lambda img: made_on.append(threading.current_thread().name) or real_mask(img))
+    req = lambda out: pipeline.RegisterRequest(paths["fixed"], paths["moving"], "demons", str(out),  # noqa: E731
+                                               device="cpu", align="none")
+    real_estimate = pipeline._estimate
+
+    def fail(*a, **k):
+        raise RuntimeError("the method failed")
+    monkeypatch.setattr(pipeline, "_estimate", fail)
+    with pytest.raises(RuntimeError, match="the method failed"):
+        pipeline.register(req(tmp_path / "failed"))
+    assert not (tmp_path / "failed").exists()
+    assert made_on == ["deepdiffreg-fold-mask"]
+    assert not any(t.name == "deepdiffreg-fold-mask" for t in threading.enumerate())
+
+    def folding(*a, **k):        # the method's field with one folded voxel: the mask is needed
+        est = real_estimate(*a, **k)
+        est.disp_vox[:, 0, 5, 5, 5] += 3.0
+        est.disp_vox[:, 0, 6, 5, 5] -= 3.0
+        return est
+    monkeypatch.setattr(pipeline, "_estimate", folding)
+    rep = pipeline.register(req(tmp_path / "ok"))
+    assert rep["folds"]["num_folded"] > 0 and rep["folds"]["percent_folded_foreground"] is not None
+    assert made_on == ["deepdiffreg-fold-mask"] * 2          # once per run, on the helper, never again in the write
+    assert not any(t.name == "deepdiffreg-fold-mask" for t in threading.enumerate())
