@@ -80,7 +80,9 @@ def _add_register(sub) -> None:
                         "refuse before it runs; 'warn' run it and record the warning in report.json; 'off' no check")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch and SimpleITK (default: cores - 1, at least 1, so the machine stays "
-                        "responsive)")
+                        "responsive); besides them one helper thread at a time overlaps parts of the write stage "
+                        "(the warped images, the files) and, when a core is left, makes the fold mask during the "
+                        "registration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result directory")
     add_method_arguments(p)
     p.set_defaults(func=_cmd_register)
