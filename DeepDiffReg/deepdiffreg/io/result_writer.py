@@ -582,14 +582,12 @@ def write_result(result_dir: AtomicResultDir, data: ResultData,
     ``timings_s.write_parts``). The directory appears only when all of it is written; whatever fails or is
     cancelled, the writer thread has stopped before the partial directory is removed. Returns ``report``."""
     parts = {} if parts is None else parts
-    files: dict[str, str] = {}
+    files: dict[str, str] = {}      # report.json "files", in the order of the jobs (all of them, once they ran)
     maps: dict[str, dict[str, str]] = {}
-    order: list[str] = []                                # report.json "files": in the order of the jobs
-
     failed = threading.Event()                          # after one file failed, no other is started
 
     def timed(key: str, fname: str, write: Callable[[str], None]) -> Callable[[], None]:
-        order.append(key)
+        files[key] = fname
 
         def job() -> None:
             if failed.is_set():
@@ -601,7 +599,6 @@ def write_result(result_dir: AtomicResultDir, data: ResultData,
                 failed.set()
                 raise
             parts[fname] = round(time.perf_counter() - t0, 3)
-            files[key] = fname
         return job
 
     with result_dir as tmp:
@@ -619,7 +616,7 @@ def write_result(result_dir: AtomicResultDir, data: ResultData,
             for fut in futures:
                 if not fut.cancelled():
                     fut.result()                         # a writer's error is raised here
-        report.setdefault("files", {}).update({k: files[k] for k in order})
+        report.setdefault("files", {}).update(files)    # here every job has run: an error was raised above
         if maps:
             report.setdefault("maps", {}).update(maps)
         if before_report is not None:
