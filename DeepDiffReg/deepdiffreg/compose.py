@@ -376,9 +376,8 @@ class _ReadOnce:
         return u
 
     def warped(self) -> list[sitk.Image]:
-        self.close()
         for job in self._jobs:
-            job.result()
+            job.result()                                # waits for each slab; a helper's error is raised here
         return self._warp.result()
 
     def close(self) -> None:
