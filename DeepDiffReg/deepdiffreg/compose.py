@@ -273,7 +273,8 @@ WARP_SLAB = 16   # k-planes per pass of warp_images: a 1 mm brain's slab of posi
 
 class SlabWarp:
     """Images (each with its interpolator) resampled onto the fixed grid through T(x) = A(x + u(x)), k-slab by
-    k-slab as u at the fixed voxels comes (``add``, in order, each k-plane once), then ``result()``: the numbers
+    k-slab as u at the fixed voxels comes (``add``, in order, each k-plane once; or ``take`` in order and
+    ``sample`` in any order, on any thread), then ``result()``: the numbers
     ``sitk.Resample(image, fixed, T, interpolator, 0)`` gives (float32 for linear, the image's own type for
     nearest neighbour) to float32 rounding, with T evaluated once per fixed voxel for all the images.
 
@@ -306,18 +307,30 @@ class SlabWarp:
                                      torch.from_numpy(plane0.astype(np.float32)), pm[:3, 2].copy(), []))
             self.sources[grids[key]][3].append(len(self.samplers))
             self.samplers.append(sampler)
-        self.slabs: list[list[np.ndarray]] = [[] for _ in self.samplers]
+        self.slabs: list[dict[int, np.ndarray]] = [{} for _ in self.samplers]   # per image: k0 → slab
         self.next_k = 0
 
     def add(self, k0: int, u: np.ndarray) -> None:
         """u (LPS mm, (n, J, I, 3), float32 or float64) at the k-planes k0 … k0 + n − 1; the planes before
-        ``next_k`` (given already) are skipped."""
+        ``next_k`` (given already) are skipped. ``take`` then ``sample``."""
+        part = self.take(k0, u)
+        if part is not None:
+            self.sample(*part)
+
+    def take(self, k0: int, u: np.ndarray):
+        """The in-order half of ``add``: the planes of u not given yet, as ``(k0, u)`` for ``sample`` (None when
+        there are none). Slabs must be taken in order; they may then be sampled in any order, on any thread."""
         skip = self.next_k - k0
         if skip >= len(u):
-            return
+            return None
         if skip < 0:
-            raise ValueError(f"SlabWarp.add(): planes {self.next_k}..{k0 - 1} were never given")
+            raise ValueError(f"SlabWarp.take(): planes {self.next_k}..{k0 - 1} were never given")
         k0, u = self.next_k, u[skip:]
+        self.next_k = k0 + len(u)
+        return k0, u
+
+    def sample(self, k0: int, u: np.ndarray) -> None:
+        """Every image at the k-planes k0 … k0 + len(u) − 1 (a slab from ``take``; any order, any thread)."""
         k1 = k0 + len(u)
         u32 = torch.from_numpy(np.ascontiguousarray(u, dtype=np.float32)).reshape(-1, 3)
         for c_t, plane0, step, members in self.sources:
@@ -329,13 +342,15 @@ class SlabWarp:
                 p[n] += torch.from_numpy((k * step).astype(np.float32))
             inside = self.samplers[members[0]].inside(p)         # the same grid: the same buffer test
             for s in members:
-                self.slabs[s].append(self.samplers[s].sample(p, inside))
-        self.next_k = k1
+                self.slabs[s][k0] = self.samplers[s].sample(p, inside)   # one dict item: atomic under the GIL
 
     def result(self) -> list[sitk.Image]:
-        if self.next_k != self.geom.shape_kji[0]:
-            raise ValueError(f"SlabWarp.result(): {self.next_k} of {self.geom.shape_kji[0]} k-planes given")
-        return [self.geom.apply_to(sitk.GetImageFromArray(np.concatenate(parts))) for parts in self.slabs]
+        n_k = self.geom.shape_kji[0]
+        done = sum(len(part) for part in self.slabs[0].values()) if self.slabs else n_k
+        if self.next_k != n_k or done != n_k:
+            raise ValueError(f"SlabWarp.result(): {done} of {n_k} k-planes sampled ({self.next_k} given)")
+        return [self.geom.apply_to(sitk.GetImageFromArray(np.concatenate([parts[k] for k in sorted(parts)])))
+                for parts in self.slabs]
 
 
 def _planes32(disp_lps):
@@ -362,27 +377,35 @@ class _ReadOnce:
 
     The warp of each slab runs on one helper thread while this one goes on with the Jacobian (grid_sample and
     the gathers release the GIL: the warped image and its segmentation take ~0.3 s of a 1 mm brain, the Jacobian
-    and the interpolation ~0.2 s); the slabs reach the warp in order, one at a time. ``warped()``: the warp's
-    images, when every slab is done (a helper's error is raised there)."""
+    and the interpolation ~0.2 s); the slabs are taken in order and queued. ``warped()``: the warp's images once
+    every slab is done — this thread samples the slabs the helper has not started, from the last one back, so
+    the two finish together (a helper's error is raised there)."""
 
     def __init__(self, disp_lps, warp: SlabWarp):
         self.shape, self._planes, self._warp = tuple(disp_lps.shape), _planes32(disp_lps), warp
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepdiffreg-warp")
-        self._jobs = []
+        self._jobs = []                                 # (future, slab) in the order taken
 
     def planes(self, k0: int, k1: int) -> np.ndarray:
         u = self._planes(k0, k1)                        # a new array per call: the helper reads it, nobody writes
-        self._jobs.append(self._pool.submit(self._warp.add, k0, u))
+        part = self._warp.take(k0, u)
+        if part is not None:
+            self._jobs.append((self._pool.submit(self._warp.sample, *part), part))
         return u
 
     def warped(self) -> list[sitk.Image]:
-        for job in self._jobs:
-            job.result()                                # waits for each slab; a helper's error is raised here
+        for job, part in reversed(self._jobs):
+            if job.cancel():                            # not started by the helper: sampled here
+                self._warp.sample(*part)
+        for job, _ in self._jobs:
+            if not job.cancelled():
+                job.result()                            # waits for the helper's slabs; its error is raised here
         return self._warp.result()
 
     def close(self) -> None:
-        """Wait for the helper (every way out of the Jacobian pass, an error included)."""
-        self._pool.shutdown(wait=True)
+        """Drop the slabs not started and wait for the helper (every way out of the composition, an error
+        included)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def map_on_fixed(map_kji: np.ndarray, work_geom: Geometry, fixed_geom: Geometry) -> sitk.Image:
@@ -448,9 +471,9 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     read = _ReadOnce(u, warp)
     try:
         det = jacobian_det_lps(read, fixed_geom, dtype=torch.float32)  # float32: rounding ~1e-6 on O(1)
+        warped, *rest = read.warped()
     finally:
         read.close()
-    warped, *rest = read.warped()
     warped_seg = rest[0] if rest else None
     if det_a != 1.0:
         det *= np.float32(det_a)                                   # det ∇T = det(A)·det(I + ∇u)

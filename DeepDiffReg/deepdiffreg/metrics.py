@@ -43,7 +43,12 @@ def dice_per_label(fixed_labels: np.ndarray, warped_labels: np.ndarray,
 def dice_per_label_many(fixed_labels: np.ndarray, warped: Sequence[np.ndarray],
                         labels: list[int] | None = None) -> list[dict[int, float]]:
     """``dice_per_label`` of one fixed segmentation against each array of ``warped`` (the report's before /
-    initial alignment / after), the fixed labels' positions found once per chunk for all of them."""
+    initial alignment / after), the fixed labels read once per chunk for all of them.
+
+    Integer labels spanning at most ``_JOINT_SPAN`` values are counted as one bincount of the joint value
+    (fixed, warped) per array and chunk: the confusion matrix over the raw values, whose diagonal, row and column
+    sums are the overlap and the two volumes (~3× faster on a 1 mm brain than mapping each voxel to its label's
+    position first, which the general case still does)."""
     for w in warped:
         if fixed_labels.shape != w.shape:
             raise ValueError(f"dice_per_label(): shapes differ {fixed_labels.shape} vs {w.shape}")
@@ -52,41 +57,70 @@ def dice_per_label_many(fixed_labels: np.ndarray, warped: Sequence[np.ndarray],
     labels = [int(v) for v in labels]
     if not labels:
         return [{} for _ in warped]
+    f = np.asarray(fixed_labels).ravel()
+    ws = [np.asarray(w).ravel() for w in warped]
+    counted = (_joint_counts(f, ws) if f.size else None) or _label_counts(f, ws, labels)
+    position, confusions = counted
+    out = []
+    for conf in confusions:      # (P, P): fixed × warped counts of the positions (one position: every other value)
+        both, count_f, count_w = np.diag(conf), conf.sum(1), conf.sum(0)
+        d = {}
+        for lab in labels:
+            pos = position(lab)
+            denom = count_f[pos] + count_w[pos] if pos is not None else 0
+            d[lab] = float(2.0 * both[pos] / denom) if denom else float("nan")
+        out.append(d)
+    return out
+
+
+_JOINT_SPAN = 2048   # label values spanned by the joint bincount: at most 2048² bins (32 MB of counts per array)
+
+
+def _joint_counts(f: np.ndarray, ws: list[np.ndarray]):
+    """(position of a label value, [confusion (V, V) int64 per warped array]) over the V values lo … hi the arrays
+    take (position: value − lo; None outside), or None when they are not integers or span more than
+    ``_JOINT_SPAN`` values."""
+    arrays = [f] + ws
+    if not all(np.issubdtype(a.dtype, np.integer) and np.can_cast(a.dtype, np.intp) for a in arrays):
+        return None
+    lo, hi = min(int(a.min()) for a in arrays), max(int(a.max()) for a in arrays)
+    span = hi - lo + 1
+    if span > _JOINT_SPAN:
+        return None
+    conf = [np.zeros(span * span, np.int64) for _ in ws]
+    for c0 in range(0, f.size, _CHUNK):
+        row = f[c0:c0 + _CHUNK].astype(np.intp)
+        row *= span
+        row -= lo * span + lo                        # (f − lo)·V − lo: + w is the joint bin (f − lo)·V + (w − lo)
+        for w, c in zip(ws, conf):
+            c += np.bincount(row + w[c0:c0 + _CHUNK], minlength=span * span)
+    return (lambda v: v - lo if lo <= v <= hi else None), [c.reshape(span, span) for c in conf]
+
+
+def _label_counts(f: np.ndarray, ws: list[np.ndarray], labels: list[int]):
+    """What ``_joint_counts`` gives, over the labels' positions: 1 + the label's place among ``labels`` sorted,
+    0 for every other value; each voxel's value mapped to its position by a lookup table (a search when the labels
+    span over 2^20 values)."""
     order = np.asarray(sorted(set(labels)), dtype=np.int64)
     lo, span = int(order[0]), int(order[-1] - order[0]) + 1
     if span <= (1 << 20):        # a lookup table over the labels' range, one slot below and one above it
         lut = np.zeros(span + 2, np.int64)
         lut[order - lo + 1] = np.arange(1, len(order) + 1)
 
-        def index_of(a: np.ndarray) -> np.ndarray:    # 1 + position in ``order``, 0: not one of the labels
+        def index_of(a: np.ndarray) -> np.ndarray:
             return lut[np.clip(a.astype(np.int64) - (lo - 1), 0, span + 1)]
     else:
         def index_of(a: np.ndarray) -> np.ndarray:
             a = a.astype(np.int64)
             pos = np.clip(np.searchsorted(order, a), 0, len(order) - 1)
             return np.where(order[pos] == a, pos + 1, 0)
-
-    f = np.asarray(fixed_labels).ravel()
-    ws = [np.asarray(w).ravel() for w in warped]
     n = len(order) + 1
-    count_f = np.zeros(n, np.int64)
-    both, count_w = ([np.zeros(n, np.int64) for _ in ws] for _ in range(2))
+    conf = [np.zeros(n * n, np.int64) for _ in ws]
     for c0 in range(0, f.size, _CHUNK):
-        fi = index_of(f[c0:c0 + _CHUNK])
-        count_f += np.bincount(fi, minlength=n)
-        for w, b, cw in zip(ws, both, count_w):
-            wi = index_of(w[c0:c0 + _CHUNK])
-            b += np.bincount(fi[(fi == wi) & (fi > 0)], minlength=n)
-            cw += np.bincount(wi, minlength=n)
-    out = []
-    for b, cw in zip(both, count_w):
-        d = {}
-        for lab in labels:
-            pos = int(np.searchsorted(order, lab)) + 1
-            denom = count_f[pos] + cw[pos]
-            d[lab] = float(2.0 * b[pos] / denom) if denom else float("nan")
-        out.append(d)
-    return out
+        row = index_of(f[c0:c0 + _CHUNK]) * n
+        for w, c in zip(ws, conf):
+            c += np.bincount(row + index_of(w[c0:c0 + _CHUNK]), minlength=n * n)
+    return (lambda v: int(np.searchsorted(order, v)) + 1), [c.reshape(n, n) for c in conf]
 
 
 def dice_summary(per_label: dict[int, float]) -> dict:

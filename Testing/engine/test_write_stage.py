@@ -200,6 +200,57 @@ def test_warp_images_give_what_resample_through_the_composite_gives():
             assert_itk_numbers(sitk.GetArrayFromImage(g), sitk.GetArrayFromImage(want), T, fixed, image, interp)
 
 
+def test_slab_warp_slabs_taken_in_order_may_be_sampled_in_any_order_on_any_thread():
+    """SlabWarp.take (in order; overlapping slabs give each plane once) then sample (reversed here) gives the
+    images warp_images gives; _ReadOnce, the Jacobian pass's reader, samples the slabs its helper has not started
+    on the calling thread and gives the same images."""
+    import threading
+    import time
+
+    from deepdiffreg.align import affine_matrix
+    from deepdiffreg.compose import FieldOnGrid, SlabWarp, _ReadOnce, taper_lengths_mm, tapered_field, warp_images
+    from deepdiffreg.frames import displacement_image, lps_from_vox_disp
+    est, work, align, fixed, moving, moving_seg, Geometry = _compose_case()
+    fg = Geometry.of(fixed)
+    u_w = lps_from_vox_disp(est.disp_vox.double()[0].numpy(), work)
+    padded, pgeom, _ = tapered_field(u_w, work, taper_lengths_mm(u_w, work))
+    U = sitk.DisplacementFieldTransform(displacement_image(padded, pgeom))
+    field = FieldOnGrid(sitk.GetArrayViewFromImage(U.GetDisplacementField()), pgeom, fg)
+    images, m_a = [(moving, sitk.sitkLinear), (moving_seg, sitk.sitkNearestNeighbor)], affine_matrix(align)
+    want = [sitk.GetArrayFromImage(g) for g in warp_images(images, fg, field, m_a)]
+    n_k = fg.shape_kji[0]
+    assert n_k >= 6
+    bounds = [(0, 3), (1, 5), (5, n_k)]                 # overlapping slabs, as the Jacobian's halo reads them
+    warp = SlabWarp(images, fg, m_a)
+    parts = [warp.take(k0, field.planes(k0, k1)) for k0, k1 in bounds]
+    assert [(k0, len(u)) for k0, u in parts] == [(0, 3), (3, 2), (5, n_k - 5)]
+    with pytest.raises(ValueError, match="0 of"):
+        warp.result()                                   # taken but not sampled
+    for part in reversed(parts):
+        warp.sample(*part)
+    assert [np.array_equal(sitk.GetArrayFromImage(g), w) for g, w in zip(warp.result(), want)] == [True, True]
+
+    threads = []
+    slow = SlabWarp(images, fg, m_a)
+    sample = slow.sample
+
+    def slow_sample(k0, u):                            # the helper is slow: the caller must take over
+        threads.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.2)
+        sample(k0, u)
+    slow.sample = slow_sample
+    read = _ReadOnce(field, slow)
+    try:
+        for k in range(n_k):
+            read.planes(k, k + 1)
+        got = read.warped()
+    finally:
+        read.close()
+    assert [np.array_equal(sitk.GetArrayFromImage(g), w) for g, w in zip(got, want)] == [True, True]
+    assert len(threads) == n_k and "MainThread" in threads and any(t.startswith("deepdiffreg-warp") for t in threads)
+
+
 def test_itk_sampler_is_resample_at_the_border_outside_and_at_ties():
     """sampling.ItkSampler against sitk.Resample through affine transforms that put samples in the half-voxel
     margin around the image, beyond it, and exactly on half-integer positions (nearest neighbour: round half up),
@@ -256,15 +307,26 @@ def test_itk_sampler_is_resample_at_the_border_outside_and_at_ties():
     assert got.tolist() == [arr[2, 4, 3], arr[0, 0, 0], 0, arr[0, n_j - 1, n_i - 1]]
 
 
-def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each():
+@pytest.mark.parametrize("values, dtype", [
+    ([0, 1, 2, 3, 4, 5], np.int16),                  # the joint bincount over raw values (a brain's labels)
+    ([0, 1, 2, 3, 4, 5], np.uint8),
+    ([-3, 0, 1, 2, 4, 5], np.int32),                 # negative values: the joint bins are offset
+    ([0, 1, 2, 3, 4, 5000], np.int32),               # over _JOINT_SPAN: a lookup table over the labels
+    ([0, 1, 2, 3, 4, 3_000_000], np.int64),          # over 2^20: a search
+    ([0, 1, 2, 3, 4, 5], np.uint64),                 # not castable to intp: the lookup table
+    ([0, 1, 2, 3, 4, 5], np.float32),                # float label maps: the lookup table (values truncated)
+])
+def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each(values, dtype):
     """evaluate_transforms counts before / initial alignment / after in one pass over the fixed labels
     (metrics.dice_per_label_many); every label's Dice must be its definition, 2|A∩B| / (|A| + |B|), also for labels
-    missing from a warped segmentation (0) and a label of the list absent from both (nan)."""
+    missing from a warped segmentation (0) and a label of the list absent from both (nan), whichever way the
+    values are counted (joint bincount, lookup table, search)."""
     from deepdiffreg.metrics import dice_per_label, dice_per_label_many
     rng = np.random.default_rng(3)
-    fixed = rng.integers(0, 6, (20, 22, 18)).astype(np.int16)
+    fixed = np.asarray(values)[rng.integers(0, len(values), (20, 22, 18))].astype(dtype)
     warped = [np.roll(fixed, s, axis=0) for s in (0, 1, 3)] + [np.zeros_like(fixed)]
-    labels = [1, 2, 3, 4, 5, 9]
+    warped[2][:2] = 7                                # a value the fixed segmentation does not have
+    labels = [v for v in values if v != 0] + [9]
     many = dice_per_label_many(fixed, warped, labels)
     for w, got in zip(warped, many):
         assert set(got) == set(labels) and set(dice_per_label(fixed, w, labels)) == set(labels)
@@ -272,7 +334,8 @@ def test_dice_of_several_warped_segmentations_at_once_is_dice_of_each():
             a, b = fixed == lab, w == lab
             want = 2.0 * (a & b).sum() / (a.sum() + b.sum()) if a.sum() + b.sum() else float("nan")
             assert (np.isnan(got[lab]) and np.isnan(want)) or np.isclose(got[lab], want, rtol=0, atol=1e-12)
-    assert many[0][3] == 1.0 and many[3][3] == 0.0 and np.isnan(many[0][9])
+    assert many[0][values[3]] == 1.0 and many[3][values[3]] == 0.0 and np.isnan(many[0][9])
+    assert all(0 < many[1][lab] < 1 for lab in labels[:-1])
     with pytest.raises(ValueError):
         dice_per_label_many(fixed, [fixed[:5]], labels)
 
