@@ -79,10 +79,10 @@ def _add_register(sub) -> None:
                         "their intensities after the initial alignment below 0.2, e.g. T1 to T2): 'error' (default) "
                         "refuse before it runs; 'warn' run it and record the warning in report.json; 'off' no check")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch and SimpleITK (default: cores - 1, at least 1, so the machine stays "
-                        "responsive); besides them one helper thread at a time overlaps parts of the write stage "
-                        "(the warped images, the files) and, when a core is left, makes the fold mask during the "
-                        "registration")
+                   help="CPU threads for torch and SimpleITK (default: the cores this process may use - 1, at "
+                        "least 1, so the machine stays responsive); besides them one helper thread at a time "
+                        "overlaps parts of the write stage (the warped images, the files) and, when a core is left, "
+                        "makes the fold mask during the registration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result directory")
     add_method_arguments(p)
     p.set_defaults(func=_cmd_register)
@@ -91,8 +91,9 @@ def _add_register(sub) -> None:
 def default_threads() -> int:
     """torch threads when the user gives none: cores − 1, at least 1. On a busy machine OpenMP threads that wait
     for a descheduled peer make every operation several times slower (measured 7× on 2 cores under load), and
-    Slicer's GUI needs a core too."""
-    return max(1, (os.cpu_count() or 2) - 1)
+    Slicer's GUI needs a core too. Cores: the process's share (``cores.usable_cores``), as everywhere else."""
+    from .cores import usable_cores
+    return max(1, usable_cores() - 1)
 
 
 def set_threads(n: int) -> None:

@@ -28,6 +28,7 @@ from . import __version__, contrast
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .compat import OUT_OF_MEMORY_ERRORS
 from .compose import FIELD_GRIDS, TRANSFORM_CHAIN, ComposedResult, compose_result
+from .cores import usable_cores
 from .devices import resolve_device
 from .errors import BadInput, OutOfMemory, RegistrationError
 from .frames import Geometry
@@ -195,11 +196,7 @@ class _FoldRegion:
 
 def _spare_core() -> bool:
     """Whether this process may use a core beyond torch's threads for a helper (the fold mask)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return cores > torch.get_num_threads()
+    return usable_cores() > torch.get_num_threads()
 
 
 def _peak_memory_mb(device: torch.device) -> dict:

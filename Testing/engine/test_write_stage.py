@@ -481,3 +481,19 @@ def test_register_joins_the_fold_mask_helper_on_success_and_failure(tmp_path, mo
     assert rep["folds"]["num_folded"] > 0 and rep["folds"]["percent_folded_foreground"] is not None
     assert made_on == ["deepdiffreg-fold-mask"] * 2          # once per run, on the helper, never again in the write
     assert not any(t.name == "deepdiffreg-fold-mask" for t in threading.enumerate())
+
+
+def test_threads_default_and_helpers_count_the_cores_this_process_may_use(monkeypatch):
+    """--threads' default (cores − 1), the write stage's spare core and the batch plan read one count: the
+    process's affinity mask (a container's or SLURM job's share), not the machine's os.cpu_count()."""
+    import torch
+    from deepdiffreg import cli, cores, pipeline
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert cores.usable_cores() == 2 and cli.default_threads() == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert pipeline._spare_core()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert cli.default_threads() == 1 and not pipeline._spare_core()
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)      # macOS / Windows: the machine's count
+    assert cores.usable_cores() == 64 and cli.default_threads() == 63

@@ -15,6 +15,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..cores import usable_cores
 from ..errors import BadInput
 
 GPU = "GPU"
@@ -30,14 +31,6 @@ class Plan:
         if self.gpus:
             return f"{self.workers} worker(s), one per GPU ({', '.join(self.gpus)}), {self.threads_per_pair} CPU thread(s) each"
         return f"{self.workers} worker(s) × 1 pair, {self.threads_per_pair} thread(s) per pair"
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (a SLURM job's or container's share, not the whole node)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def available_memory_gb() -> float | None:

@@ -133,7 +133,7 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     threads = spec.get("threads")
     if threads is None and not spec.get("user_threads"):
         per_worker = getattr(getattr(worker, "state", None), "nthreads", None) or getattr(worker, "nthreads", 1) or 1
-        from .cluster import usable_cores
+        from ..cores import usable_cores
         threads = max(1, usable_cores() // int(per_worker))
     if threads is not None:
         argv += ["--threads", str(int(threads))]
