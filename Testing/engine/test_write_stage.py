@@ -172,13 +172,10 @@ def test_field_grid_fixed_is_the_old_writer_and_working_the_same_T_at_every_fixe
     assert sizes["working"] < sizes["fixed"] / 4
 
 
-def test_warp_images_give_what_resample_through_the_composite_gives():
-    """The warped images are made from T − x computed once per voxel (compose.warp_images); they must be the
-    numbers sitk.Resample through [A, U] gives, for float and integer images, linear and nearest neighbour, with
-    the field read from the working grid (FieldOnGrid) or given on the fixed grid."""
-    import torch
-    from deepdiffreg.align import affine_matrix
-    from deepdiffreg.compose import FieldOnGrid, composite, taper_lengths_mm, tapered_field, warp_images
+def _stored_field_case():
+    """_compose_case's field as the written transform stores it (tapered, on the padded working grid): the
+    displacement transform U, u at the fixed voxels as ITK reads it (FieldOnGrid), and the case's images."""
+    from deepdiffreg.compose import FieldOnGrid, taper_lengths_mm, tapered_field
     from deepdiffreg.frames import displacement_image, lps_from_vox_disp
     est, work, align, fixed, moving, moving_seg, Geometry = _compose_case()
     fg = Geometry.of(fixed)
@@ -186,6 +183,18 @@ def test_warp_images_give_what_resample_through_the_composite_gives():
     padded, pgeom, _ = tapered_field(u_w, work, taper_lengths_mm(u_w, work))
     U = sitk.DisplacementFieldTransform(displacement_image(padded, pgeom))
     field = FieldOnGrid(sitk.GetArrayViewFromImage(U.GetDisplacementField()), pgeom, fg)
+    return U, field, align, fixed, moving, moving_seg, fg
+
+
+def test_warp_images_give_what_resample_through_the_composite_gives():
+    """The warped images are made from T − x computed once per voxel (compose.warp_images); they must be the
+    numbers sitk.Resample through [A, U] gives, for float and integer images, linear and nearest neighbour, with
+    the field read from the working grid (FieldOnGrid) or given on the fixed grid."""
+    import torch
+    from deepdiffreg.align import affine_matrix
+    from deepdiffreg.compose import composite, warp_images
+    from deepdiffreg.frames import Geometry
+    U, field, align, fixed, moving, moving_seg, fg = _stored_field_case()
     T = composite(sitk.AffineTransform(align), U)
     images = [(moving, sitk.sitkLinear), (sitk.Cast(moving * 3.7, sitk.sitkInt16), sitk.sitkLinear),
               (sitk.Cast(moving, sitk.sitkFloat64), sitk.sitkLinear), (moving_seg, sitk.sitkNearestNeighbor),
@@ -208,14 +217,8 @@ def test_slab_warp_slabs_taken_in_order_may_be_sampled_in_any_order_on_any_threa
     import time
 
     from deepdiffreg.align import affine_matrix
-    from deepdiffreg.compose import FieldOnGrid, SlabWarp, _ReadOnce, taper_lengths_mm, tapered_field, warp_images
-    from deepdiffreg.frames import displacement_image, lps_from_vox_disp
-    est, work, align, fixed, moving, moving_seg, Geometry = _compose_case()
-    fg = Geometry.of(fixed)
-    u_w = lps_from_vox_disp(est.disp_vox.double()[0].numpy(), work)
-    padded, pgeom, _ = tapered_field(u_w, work, taper_lengths_mm(u_w, work))
-    U = sitk.DisplacementFieldTransform(displacement_image(padded, pgeom))
-    field = FieldOnGrid(sitk.GetArrayViewFromImage(U.GetDisplacementField()), pgeom, fg)
+    from deepdiffreg.compose import SlabWarp, _ReadOnce, warp_images
+    U, field, align, fixed, moving, moving_seg, fg = _stored_field_case()
     images, m_a = [(moving, sitk.sitkLinear), (moving_seg, sitk.sitkNearestNeighbor)], affine_matrix(align)
     want = [sitk.GetArrayFromImage(g) for g in warp_images(images, fg, field, m_a)]
     n_k = fg.shape_kji[0]
