@@ -144,9 +144,11 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DeepDiffRegLogic()
+        # a spare engine imports torch and the engine while the user picks the volumes (~1.5 s of every run on a
+        # 2-core CPU; ~300 MB while it waits); setting DeepDiffReg/spareEngine = false turns it off
         self.controller = self.logic.makeController(
             confirm=lambda msg, details: slicer.util.confirmOkCancelDisplay(msg, detailedText=details),
-            on_log=self._appendLog, on_change=self._render)
+            on_log=self._appendLog, on_change=self._render, spare_engine=self._setting("spareEngine", True))
 
         for label, key in (("Automatic (GPU if available)", "auto"), ("GPU (CUDA)", "cuda"), ("CPU", "cpu")):
             self.ui.deviceComboBox.addItem(label, key)
@@ -188,8 +190,8 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
-        if self.controller is not None and self.controller.busy:
-            self.controller.cancel()
+        if self.controller is not None:
+            self.controller.shutdown()       # cancels a run and ends the spare engine
         for cmd in (self._listing, self._modelCommand):
             if cmd is not None:
                 cmd.cancel()
@@ -302,6 +304,11 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         qt.QSettings().setValue(SETTINGS_PREFIX + "methodsJson", out)
         self._fillMethods()
         self._checkCanApply()
+        self._prepareSpare()                 # the engine runs here: have one ready for Register
+
+    def _prepareSpare(self):
+        if self._methods and self._parameterNode is not None:
+            self.controller.prepare_spare(self._parameterNode.device or "auto")
 
     def _fillMethods(self):
         from DeepDiffRegLib import methods as ddmethods, models as ddmodels
@@ -372,6 +379,7 @@ class DeepDiffRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onDeviceChanged(self, _index=None):
         if self._parameterNode is not None:
             self._parameterNode.device = self.ui.deviceComboBox.currentData or "auto"
+            self._prepareSpare()             # a spare is started for one device's environment
 
     def _onFieldGridChanged(self, _index=None):
         if self._parameterNode is not None:
@@ -725,11 +733,11 @@ class DeepDiffRegLogic(ScriptedLoadableModuleLogic):
         from DeepDiffRegLib import install as ddinstall
         return ddinstall.plan()
 
-    def makeController(self, confirm=None, on_log=None, on_change=None):
+    def makeController(self, confirm=None, on_log=None, on_change=None, spare_engine=False):
         from DeepDiffRegLib import controller as ddcontroller
         return ddcontroller.RunController(self.python(), self.environment, slicer.app.temporaryPath,
                                           self.exportInputs, self.importResults, confirm_install=confirm,
-                                          on_log=on_log, on_change=on_change)
+                                          on_log=on_log, on_change=on_change, spare_engine=spare_engine)
 
     @staticmethod
     def installRequest():

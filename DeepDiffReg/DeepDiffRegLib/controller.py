@@ -76,7 +76,7 @@ class RunController:
                  plan: Callable[[], ddinstall.Plan] = ddinstall.plan,
                  on_log: Callable[[str], None] | None = None,
                  on_change: Callable[["RunController"], None] | None = None,
-                 cancel_grace_s: float = 3.0):
+                 cancel_grace_s: float = 3.0, spare_engine: bool = False):
         self.python = python
         self._environment = environment
         self.work_root = work_root
@@ -87,6 +87,10 @@ class RunController:
         self._on_log = on_log
         self._on_change = on_change
         self.cancel_grace_s = cancel_grace_s
+        # a spare engine (process.SpareEngine) takes the next run's imports off its critical path
+        self.spare_engine = spare_engine
+        self._spare: ddprocess.SpareEngine | None = None
+        self._served: ddprocess.SpareEngine | None = None   # the spare running the current run
         self.state = ProcessingState.IDLE
         self._optional_tried = False   # optional packages are offered (and tried) once per session
         self._reset()
@@ -156,6 +160,8 @@ class RunController:
             if steps is None:
                 return False
             self.work_dir = tempfile.mkdtemp(prefix="DeepDiffReg-", dir=self.work_root)
+            if steps:
+                self._close_spare()          # it imported the packages as they were before this install
             self._steps = steps
             if steps or request.method is None:
                 self._set(ProcessingState.INSTALLING, ProcessingState.INSTALLING.label)
@@ -213,8 +219,17 @@ class RunController:
         self.out_dir = os.path.join(self.work_dir, "result")
         self.command = build_register_command(self.python, self.request, files, self.out_dir)
         self._log("$ " + " ".join(self.command))
-        self._run = ddprocess.EngineProcess(self.command, env=self._environment(self.request.device),
-                                            on_text=self._log).start()
+        env = self._environment(self.request.device)
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.matches(self.python, env):
+            self._log(f"(run by the spare engine started {spare.process.elapsed():.0f} s ago, "
+                      f"{'ready' if spare.ready else 'still importing'})")
+            self._served = spare
+            self._run = spare.hand_over(self.command, on_text=self._log)
+        else:
+            if spare is not None:
+                spare.close()                # another device's environment, or gone
+            self._run = ddprocess.EngineProcess(self.command, env=env, on_text=self._log).start()
         self._set(ProcessingState.RUNNING, ProcessingState.RUNNING.label)
 
     # -- poll ------------------------------------------------------------------------------------------------
@@ -312,7 +327,42 @@ class RunController:
 
     def _finish(self, state: ProcessingState, message: str) -> None:
         self._cleanup()
+        if self._served is not None:
+            self._served.close()             # its run is over: only its folder is left
+            self._served = None
         self._set(state, message)
+        if self._run is not None and self.request is not None:   # the engine runs here: ready one for the next
+            self.prepare_spare(self.request.device)
+
+    # -- the spare engine ------------------------------------------------------------------------------------
+    def prepare_spare(self, device: str = "auto") -> bool:
+        """Start a spare engine for the next run on ``device`` (``spare_engine`` on, no run going), unless one
+        for that environment is waiting already. Never raises; True when one is waiting."""
+        if not self.spare_engine or self.busy:
+            return False
+        try:
+            env = self._environment(device)
+            if self._spare is not None and self._spare.matches(self.python, env):
+                return True
+            self._close_spare()
+            folder = tempfile.mkdtemp(prefix="DeepDiffReg-spare-", dir=self.work_root)
+            self._spare = ddprocess.SpareEngine(self.python, env, folder).start()
+            return True
+        except Exception:  # noqa: BLE001 - a spare is an optimisation: the next run starts cold instead
+            log.exception("DeepDiffReg: could not start a spare engine")
+            self._close_spare()
+            return False
+
+    def _close_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
+
+    def shutdown(self) -> None:
+        """The panel goes away: cancel a run and end the spare engine (no child is left behind)."""
+        if self.busy:
+            self.cancel()
+        self._close_spare()
 
     def _cleanup(self) -> None:
         if not self.work_dir:

@@ -9,8 +9,10 @@ orphan that keeps the CPU/GPU busy.
 from __future__ import annotations
 
 import collections
+import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +226,75 @@ class EngineProcess:
         kill_process_tree(self.proc.pid, grace_s=grace_s)
 
 
+class SpareEngine:
+    """An engine child started before its command is known (``deepdiffreg warm``, engine ``warm.py``): it imports
+    torch and the engine (~1.3-1.8 s of every run on a 2-core CPU, ~300 MB while it waits) while the user picks the
+    volumes, then runs the one command it is handed. ``matches`` tells whether it can run a command for this
+    Python and environment (the environment differs per device, e.g. no visible GPU for the CPU); ``hand_over``
+    gives it the command and returns its ``EngineProcess``, now that run's; ``close`` ends an unused one.
+
+    The request goes through a file in ``folder`` (written whole, then renamed into place), not stdin: under
+    Slicer the child is the PythonSlicer launcher, whose stdin is not the real Python's."""
+
+    def __init__(self, python: str, env: dict[str, str] | None, folder: str,
+                 idle_timeout_s: float = 1800.0, margin_s: float = 60.0):
+        self.python, self.env, self.folder = str(python), dict(env) if env is not None else None, folder
+        self.request_file = os.path.join(folder, "request.json")
+        self.idle_timeout_s, self.margin_s = float(idle_timeout_s), float(margin_s)
+        self.process = EngineProcess([self.python, "-m", "deepdiffreg", "warm", "--request", self.request_file,
+                                      "--idle-timeout", f"{self.idle_timeout_s:g}"], env=self.env)
+        self._handed = False
+
+    def start(self) -> "SpareEngine":
+        os.makedirs(self.folder, exist_ok=True)
+        self.process.start()
+        return self
+
+    @property
+    def ready(self) -> bool:
+        """Its imports are done (the ``ready`` line came); a spare that is not ready yet can still be handed a
+        command, which then waits for the imports."""
+        return any(i.get("ready") for i in self.process.poll().infos)
+
+    def matches(self, python: str, env: dict[str, str] | None) -> bool:
+        """Not handed over yet, still running, not about to end on its idle timeout, and started with this
+        Python and environment."""
+        if self._handed or self.process.proc is None or self.process.proc.poll() is not None:
+            return False
+        if self.process.elapsed() > self.idle_timeout_s - self.margin_s:
+            return False
+        return self.python == str(python) and self.env == (dict(env) if env is not None else None)
+
+    def hand_over(self, command: Sequence[str], on_text: Callable[[str], None] | None = None,
+                  on_event: Callable[[dict[str, Any]], None] | None = None) -> EngineProcess:
+        """Run ``command`` (``[python, -m, deepdiffreg, *argv]``, as ``register_command`` builds it) in this spare;
+        its process, status and clock are that run's from now on."""
+        command = [str(c) for c in command]
+        if command[:3] != [self.python, "-m", "deepdiffreg"] or self._handed:
+            raise ValueError("SpareEngine.hand_over(): not a command for this spare engine")
+        proc = self.process
+        proc.poll()                                   # the ready line (and anything before it) stays the spare's
+        tmp = self.request_file + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"argv": command[3:]}, f)
+        os.replace(tmp, self.request_file)            # whole, never half-written
+        self._handed = True
+        proc.command, proc.on_text, proc.on_event = command, on_text, on_event
+        proc.status, proc._t0 = RunStatus(), time.monotonic()
+        return proc
+
+    def close(self, grace_s: float = 1.0) -> None:
+        """End the spare if it was never handed a command (a handed one belongs to its run: call this when that
+        run is over), and remove its folder."""
+        if not self._handed and self.process.proc is not None:
+            self.process.cancel(grace_s=grace_s)
+            try:
+                self.process.wait(timeout=grace_s + 10)
+            except TimeoutError:  # pragma: no cover - kill_process_tree already killed what was left
+                pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def _has_live_children(pid: int) -> bool:
     if psutil is None:
         return False
@@ -367,8 +438,6 @@ def child_environment(module_dir: str, base: dict[str, str] | None = None, devic
 
 def default_python() -> str:
     """PythonSlicer inside Slicer (found on PATH next to the app), else this interpreter."""
-    import shutil
-
     return shutil.which("PythonSlicer") or sys.executable
 
 

@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     for modname, fn in ((".train.cli", "add_train_parser"), (".train.cli", "add_models_parser"),
                         (".benchmark", "add_benchmark_parser"), (".evaluate", "add_evaluate_parser"),
-                        (".demo", "add_demo_parser"), (".apply", "add_apply_parser"), (".batch", "add_batch_parser")):
+                        (".demo", "add_demo_parser"), (".apply", "add_apply_parser"), (".batch", "add_batch_parser"),
+                        (".warm", "add_parser")):
         try:
             module = importlib.import_module(modname, __package__)
         except ModuleNotFoundError as e:  # only a subcommand module left out of this build is optional
@@ -272,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
     lib = LibraryOutput(enabled=not debug)
     try:
         with lib:
+            if argv[:1] == ["warm"]:     # a spare engine: imports now, its command comes later (warm.py)
+                from .warm import wait_for_request
+                argv = wait_for_request(argv[1:], Reporter(sys.stdout))
+                if argv is None:
+                    return 0             # nobody asked: nothing was written
+                debug = debug or "--debug" in argv
+                as_json = json_mode("--json" in argv)
             args = build_parser().parse_args(argv)
             as_json = json_mode(getattr(args, "json_protocol", False) or getattr(args, "json", False) is True)
             code = int(args.func(args) or 0)

@@ -30,7 +30,7 @@ class Harness:
     """A controller whose exports are prepared files and whose import records what it was given."""
 
     def __init__(self, tmp_path, mode="ok", result_dir=None, plan=NOTHING_TO_INSTALL, fake=True, env_extra=None,
-                 confirm=None, export=None, importer=None):
+                 confirm=None, export=None, importer=None, spare=False):
         self.tmp = tmp_path
         self.imported, self.logs, self.changes = [], [], []
         self.argv_file = str(tmp_path / "argv.json")
@@ -39,7 +39,7 @@ class Harness:
         self.ctl = ddcontroller.RunController(
             sys.executable, self.env, str(tmp_path / "work"), export or self.export, importer or self.import_,
             confirm_install=confirm, plan=plan, on_log=self.logs.append,
-            on_change=lambda c: self.changes.append(c.state), cancel_grace_s=1.0)
+            on_change=lambda c: self.changes.append(c.state), cancel_grace_s=1.0, spare_engine=spare)
         os.makedirs(tmp_path / "work", exist_ok=True)
 
     def env(self, device):
@@ -47,7 +47,7 @@ class Harness:
         if self.fake:
             base["PYTHONPATH"] = FAKE_ENGINE
             base.update(FAKE_ENGINE_MODE=self.mode, FAKE_ENGINE_RESULT=self.result_dir or "",
-                        FAKE_ENGINE_ARGV=self.argv_file)
+                        FAKE_ENGINE_ARGV=self.argv_file, FAKE_ENGINE_DEVICE=device)   # one environment per device
             return base
         return ddprocess.child_environment(MODULE_DIR, base, device)
 
@@ -277,3 +277,80 @@ def test_bool_option_without_a_negative_flag_cannot_be_turned_off(fixture_method
     with pytest.raises(ValueError):
         spec.args(False)
     assert spec.args(True) == ["--x-flip"]
+
+
+def _wait_ready(spare, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not spare.ready:
+        assert time.monotonic() < deadline, spare.process.log_tail()
+        time.sleep(0.05)
+
+
+def test_a_spare_engine_runs_the_next_command_and_another_waits_after_it(tmp_path, fixture_methods, synthetic_result):
+    """prepare_spare starts `deepdiffreg warm`; Register hands it the command a cold start would have run (the
+    same argv), the run completes as before, a new spare waits for the next run, and shutdown leaves no child and
+    no folder."""
+    import json
+    cold = Harness(tmp_path / "cold", "ok", synthetic_result["out_dir"])
+    os.makedirs(tmp_path / "cold", exist_ok=True)
+    cold.ctl.run(_request(fixture_methods))
+    cold_argv = json.load(open(cold.argv_file))
+    assert "--served-by-spare" not in cold_argv and cold.ctl._spare is None     # spare_engine off: none
+
+    h = Harness(tmp_path, "ok", synthetic_result["out_dir"], spare=True)
+    assert h.ctl.prepare_spare("cpu")
+    first = h.ctl._spare
+    _wait_ready(first)
+    assert h.ctl.prepare_spare("cpu") and h.ctl._spare is first            # one for this environment is waiting
+    res = h.ctl.run(_request(fixture_methods), timeout=60)
+    argv = json.load(open(h.argv_file))
+    def names(args):                      # the runs' temporary folders differ; every other word is the same
+        return [os.path.basename(a) if os.sep in a else a for a in args]
+    assert argv[-1] == "--served-by-spare" and names(argv[:-1]) == names(cold_argv)
+    assert h.ctl.state is ProcessingState.COMPLETED and "transform.h5" in res["files"]
+    assert any("spare engine" in line for line in h.logs)
+    assert _gone(first.process.pid) and not os.path.exists(first.folder)
+    second = h.ctl._spare
+    assert second is not None and second.process.pid != first.process.pid and second.matches(sys.executable,
+                                                                                             h.env("cpu"))
+    assert [d for d in h.work_dirs() if not d.startswith("DeepDiffReg-spare-")] == []
+    h.ctl.shutdown()
+    assert h.ctl._spare is None and h.work_dirs() == []
+    deadline = time.monotonic() + 10
+    while not _gone(second.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(second.process.pid)
+
+
+def test_a_spare_for_another_device_is_ended_and_the_run_starts_cold(tmp_path, fixture_methods, synthetic_result):
+    import json
+    h = Harness(tmp_path, "ok", synthetic_result["out_dir"], spare=True)
+    h.ctl.prepare_spare("auto")
+    spare = h.ctl._spare
+    assert not spare.matches(sys.executable, h.env("cpu")) and spare.matches(sys.executable, h.env("auto"))
+    h.ctl.run(_request(fixture_methods), timeout=60)                  # device "cpu"
+    assert "--served-by-spare" not in json.load(open(h.argv_file))
+    assert _gone(spare.process.pid) and not os.path.exists(spare.folder)
+    h.ctl.shutdown()
+    assert h.work_dirs() == []
+
+
+def test_cancelling_a_run_of_the_spare_engine_ends_it(tmp_path, fixture_methods):
+    h = Harness(tmp_path, "sleep", spare=True)
+    h.ctl.prepare_spare("cpu")
+    spare = h.ctl._spare
+    _wait_ready(spare)
+    h.ctl.start(_request(fixture_methods))
+    deadline = time.monotonic() + 30
+    while h.ctl.stage != "register":
+        assert time.monotonic() < deadline, h.logs
+        h.ctl.poll(); time.sleep(0.05)
+    assert h.ctl._run is spare.process
+    h.ctl.cancel()
+    assert h.ctl.wait(timeout=30) is ProcessingState.CANCELLED and not h.imported
+    deadline = time.monotonic() + 5
+    while not _gone(spare.process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(spare.process.pid)
+    h.ctl.shutdown()
+    assert h.work_dirs() == []

@@ -1,5 +1,6 @@
 """python -m deepdiffreg register ... --out DIR  (stand-in; see __init__.py).
 
+``warm --request FILE`` (a spare engine): says ready, waits for FILE, then runs its command as below.
 FAKE_ENGINE_MODE: ok (copy $FAKE_ENGINE_RESULT to DIR), sleep (progress, then wait to be cancelled), fail (bad
 input), oom (GPU out of memory). The argv is written to $FAKE_ENGINE_ARGV when set."""
 import json
@@ -14,6 +15,14 @@ def emit(obj):
 
 
 argv = sys.argv[1:]
+if argv[:1] == ["warm"]:   # a spare engine (engine warm.py): ready, then the request file's command
+    request = argv[argv.index("--request") + 1]
+    emit({"event": "info", "stage": "", "message": "ready", "ready": True, "pid": os.getpid()})
+    while not os.path.exists(request):
+        time.sleep(0.02)
+    with open(request) as f:
+        argv = json.load(f)["argv"]
+    argv.append("--served-by-spare")          # lets a test tell a spare's run from a cold one
 if os.environ.get("FAKE_ENGINE_ARGV"):
     with open(os.environ["FAKE_ENGINE_ARGV"], "w") as f:
         json.dump(argv, f)
