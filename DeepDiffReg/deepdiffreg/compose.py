@@ -381,16 +381,19 @@ class _ReadOnce:
     every slab is done — this thread samples the slabs the helper has not started, from the last one back, so
     the two finish together (a helper's error is raised there)."""
 
-    def __init__(self, disp_lps, warp: SlabWarp):
+    def __init__(self, disp_lps, warp: SlabWarp, helper: bool = True):
         self.shape, self._planes, self._warp = tuple(disp_lps.shape), _planes32(disp_lps), warp
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepdiffreg-warp")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepdiffreg-warp") if helper else None
         self._jobs = []                                 # (future, slab) in the order taken
 
     def planes(self, k0: int, k1: int) -> np.ndarray:
         u = self._planes(k0, k1)                        # a new array per call: the helper reads it, nobody writes
         part = self._warp.take(k0, u)
         if part is not None:
-            self._jobs.append((self._pool.submit(self._warp.sample, *part), part))
+            if self._pool is None:                      # no helper: sampled here, slab by slab
+                self._warp.sample(*part)
+            else:
+                self._jobs.append((self._pool.submit(self._warp.sample, *part), part))
         return u
 
     def warped(self) -> list[sitk.Image]:
@@ -405,7 +408,8 @@ class _ReadOnce:
     def close(self) -> None:
         """Drop the slabs not started and wait for the helper (every way out of the composition, an error
         included)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def map_on_fixed(map_kji: np.ndarray, work_geom: Geometry, fixed_geom: Geometry) -> sitk.Image:
@@ -426,13 +430,18 @@ def map_on_fixed(map_kji: np.ndarray, work_geom: Geometry, fixed_geom: Geometry)
     return resample(work_geom.apply_to(sitk.GetImageFromArray(arr)), fixed_geom)
 
 
+def _map_image(m, work_geom: Geometry, fixed_geom: Geometry) -> sitk.Image:
+    """A method's ``Map`` on the fixed grid (its data may still be being made beside the write stage: waited for)."""
+    return map_on_fixed(m.value().detach().float().cpu()[0, 0].numpy(), work_geom, fixed_geom)
+
+
 # -- the composition -----------------------------------------------------------------------------------------------
 FIELD_GRIDS = ("working", "fixed")   # where u and w are stored: the method's own grid (default) or the fixed grid
 
 
 def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transform, fixed: sitk.Image,
                    moving: sitk.Image, moving_seg: sitk.Image | None = None, fold_region=None,
-                   grid_lines: int = 16, field_grid: str = "working") -> ComposedResult:
+                   grid_lines: int = 16, field_grid: str = "working", helpers: bool = True) -> ComposedResult:
     """The method's field (working grid, voxel units) and affine, chained with the initial alignment, as the result
     contract's transforms, Jacobian, fold statistics, deformation grid, warped images and maps on the fixed grid.
 
@@ -441,7 +450,8 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     "fixed" resamples them onto the padded fixed grid (a full-resolution float64 field, as before). The Jacobian,
     fold statistics and deformation grid are on the fixed grid either way, computed from the stored field as ITK
     interpolates it (``FieldOnGrid``), slab by slab, in float32.
-    ``fold_region(det) -> sitk.Image | None``: where percent_folded_foreground is counted (None: overall)."""
+    ``fold_region(det) -> sitk.Image | None``: where percent_folded_foreground is counted (None: overall).
+    ``helpers``: warp the images on a helper thread beside the Jacobian (off: on this thread, the same numbers)."""
     if field_grid not in FIELD_GRIDS:
         raise ValueError(f"compose_result(): field_grid must be one of {FIELD_GRIDS}, got {field_grid!r}")
     fixed_geom = Geometry.of(fixed)
@@ -468,7 +478,7 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
     to_warp = [(moving, sitk.sitkLinear)] + ([(moving_seg, sitk.sitkNearestNeighbor)] if moving_seg is not None
                                              else [])
     warp = SlabWarp(to_warp, fixed_geom, m_a)
-    read = _ReadOnce(u, warp)
+    read = _ReadOnce(u, warp, helper=helpers)
     try:
         det = jacobian_det_lps(read, fixed_geom, dtype=torch.float32)  # float32: rounding ~1e-6 on O(1)
         warped, *rest = read.warped()
@@ -506,8 +516,8 @@ def compose_result(est: FieldEstimate, work_geom: Geometry, align_t: sitk.Transf
                 u_vox, w_vox)
 
     # resampled onto the fixed grid when written (the writer thread: io.result_writer.write_result)
-    maps = {name: MapImage(functools.partial(map_on_fixed, m.data.detach().float().cpu()[0, 0].numpy(), work_geom,
-                                             fixed_geom), m.unit, m.description) for name, m in est.maps.items()}
+    maps = {name: MapImage(functools.partial(_map_image, m, work_geom, fixed_geom), m.unit, m.description)
+            for name, m in est.maps.items()}
 
     chain = {"affine_lps": m_a.tolist(), "det_affine": det_a,
              "method_affine_lps": None if est.affine_lps is None else np.asarray(est.affine_lps, float).tolist(),

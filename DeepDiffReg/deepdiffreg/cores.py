@@ -1,5 +1,5 @@
-"""How many CPU cores this process may use: the one count behind ``--threads``' default, the write stage's
-helper threads and the batch plan (standard library only: the CLI reads it before torch is imported)."""
+"""How many CPU cores this process may use: the one count behind ``--threads``' default, the helper threads of
+a run and the batch plan (standard library only at import: the CLI reads it before torch is imported)."""
 from __future__ import annotations
 
 import os
@@ -12,3 +12,10 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):     # no affinity call (macOS, Windows)
         return os.cpu_count() or 1
+
+
+def spare_core() -> bool:
+    """Whether a core is left beyond torch's threads, for a helper thread beside them (the fold mask during the
+    registration, a map computed beside the write stage)."""
+    import torch
+    return usable_cores() > torch.get_num_threads()

@@ -28,13 +28,13 @@ from . import __version__, contrast
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .compat import OUT_OF_MEMORY_ERRORS
 from .compose import FIELD_GRIDS, TRANSFORM_CHAIN, ComposedResult, compose_result
-from .cores import usable_cores
+from .cores import spare_core
 from .devices import resolve_device
 from .errors import BadInput, OutOfMemory, RegistrationError
 from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
-from .methods.base import FieldEstimate, Method, PairOnGrid, all_methods, get_method
+from .methods.base import Deferred, FieldEstimate, Method, PairOnGrid, all_methods, get_method
 from .metrics import dice_per_label_many, dice_summary, present_labels, tre_mm
 from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
@@ -194,9 +194,6 @@ class _FoldRegion:
         return self._mask
 
 
-def _spare_core() -> bool:
-    """Whether this process may use a core beyond torch's threads for a helper (the fold mask)."""
-    return usable_cores() > torch.get_num_threads()
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
@@ -221,8 +218,12 @@ _BASE_MB = 500                # interpreter, torch, SimpleITK, numpy and the eng
 # per fixed voxel: the fixed image (float32), its segmentation, det ∇T (float32), the warped image (float32) and
 # segmentation, the label copy of the Dice pass and the transient copies of reading and smoothing; the Jacobian,
 # fold statistics and label counts run over slabs and chunks (compose.py, metrics.py)
-_BYTES_PER_FIXED_VOXEL = 30    # 24 until the ct-512 benchmark run of 2026-12-02 14:48 (docs/benchmarks-large.md):
-                                # peaks 4334 / 4751 / 4927 MB (nodeo / demons / vxm-diff), nodeo's above its estimate
+_BYTES_PER_FIXED_VOXEL = 60    # 24 until the ct-512 benchmark run of 2026-12-02 14:48 (docs/benchmarks-large.md):
+                                # peaks 4334 / 4751 / 4927 MB (nodeo / demons / vxm-diff), nodeo's above its estimate;
+# 30 until 2026-12-07: the write stage's helper threads (the writer, the warp beside the Jacobian) and the fold mask
+# made beside a short registration hold more fixed-grid arrays at once — 128×144×160 measured 637–641 MB without the
+# fold-mask helper, 662–698 MB with it (64×64×56: 387–396 MB), i.e. up to ~113 B per added fixed voxel with the
+# moving image's and the working grid's parts
 _BYTES_PER_MOVING_VOXEL = 8   # the moving image (float32) and its segmentation
 # per working voxel, the result stage's part on the working grid: u and w in LPS mm (float64, tapered and padded)
 # held by the two transforms and the copy each composite makes, the method's float32 fields, FieldOnGrid's float32
@@ -310,7 +311,7 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     inputs = _load(req, method_cls, device, reporter)
     alignment = _align(req, inputs, reporter)
     pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
-    fold_region = _FoldRegion(inputs.fixed, user_fg, _spare_core())
+    fold_region = _FoldRegion(inputs.fixed, user_fg, spare_core())
     try:
         return _register_pair(req, method, device, result_dir, inputs, alignment, pair, spacing, fold_region,
                               reporter, t_start, check_s)
@@ -326,14 +327,28 @@ def _register_pair(req: RegisterRequest, method, device: torch.device, result_di
     pair.contrast = contrast_check      # a method's own checks read the pipeline's, not a second statistic
     pair.follow_up = bool(req.follow_up)
     est = _estimate(req, method, pair, device, reporter)
+    try:
+        return _write(req, method, device, result_dir, inputs, alignment, pair, spacing, fold_region, reporter,
+                      t_start, check_s, contrast_check, est)
+    finally:
+        for m in est.maps.values():
+            m.close()                         # a map made beside the write stage: its thread has ended
 
+
+def _write(req: RegisterRequest, method, device: torch.device, result_dir: AtomicResultDir, inputs,
+           alignment: "_Alignment", pair: PairOnGrid, spacing: float, fold_region: _FoldRegion, reporter: Reporter,
+           t_start: float, check_s: float, contrast_check, est: FieldEstimate) -> dict:
+    """The write stage: compose the estimate into the result contract, then the report and the files."""
     reporter.stage("write", "writing results", _SPAN["write"][0])
     parts: dict[str, float] = {}          # report.json timings_s.write_parts: where the write stage goes
+    # a map still being made holds the spare core: the write stage then keeps to this thread (a helper of its own
+    # beside it would slow the map down, which the write stage ends up waiting for)
+    helpers = not any(isinstance(m.data, Deferred) for m in est.maps.values())
     t0 = time.perf_counter()
     composed = compose_result(est, pair.geometry, alignment.transform, inputs.fixed, inputs.moving,
                               moving_seg=inputs.moving_seg if inputs.fixed_seg is not None else None,
                               fold_region=fold_region.for_det,
-                              grid_lines=req.grid_lines, field_grid=req.field_grid)
+                              grid_lines=req.grid_lines, field_grid=req.field_grid, helpers=helpers)
     parts["compose"] = round(time.perf_counter() - t0, 3)   # transforms, Jacobian, folds, grid, warped images
 
     def make_report() -> dict:   # Dice, TRE and the rest of report.json, while the files are written beside it
@@ -350,9 +365,15 @@ def _register_pair(req: RegisterRequest, method, device: torch.device, result_di
         rep["timings_s"] = {k: round(v, 3) for k, v in times.items()}   # the stages add up to the total
         rep["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
         rep["timings_s"]["write_parts"] = dict(parts)
+        beside = {}    # maps made on a helper beside the write stage: how long each took, and how long its file
+        for name, m in est.maps.items():    # waited for it (a part of write_parts' time for that file)
+            if isinstance(m.data, Deferred):
+                beside.update({name: m.data.seconds, f"{name} (waited for)": m.data.waited})
+        if beside:
+            rep["timings_s"]["maps_beside_write_parts"] = beside
         rep["peak_memory_mb"] = _peak_memory_mb(device)
 
-    return write_result(result_dir, composed.data, make_report, before_report=finish, parts=parts)
+    return write_result(result_dir, composed.data, make_report, before_report=finish, parts=parts, helper=helpers)
 
 
 def _check_request(req: RegisterRequest):

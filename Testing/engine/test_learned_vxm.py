@@ -377,6 +377,27 @@ def test_loaded_model_reproduces_stored_output():
     np.testing.assert_allclose(got["mu_samples"], want["mu_samples"], rtol=1e-4, atol=1e-5)
 
 
+def test_vxm_uncertainty_made_beside_the_write_stage_is_the_one_made_inline(monkeypatch):
+    """With a core to spare, vxm-diff's refine-shift map is made on a helper (base.Deferred) while the pipeline
+    writes the rest; its numbers are the ones made inline, and the estimate's field does not wait for it."""
+    _bundled_vxm()
+    from deepdiffreg.methods import vxm_diff
+    from deepdiffreg.methods.base import Deferred
+    p = fixture_input((20, 24, 28))
+    pair = PairOnGrid(p["fixed"], p["moving"], Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                                                        (28, 24, 20)))
+    got = {}
+    for spare in (False, True):
+        monkeypatch.setattr(vxm_diff, "spare_core", lambda s=spare: s)
+        est = vxm_diff.VxmDiff().estimate(pair, torch.device("cpu"), lambda f, m: None)
+        m = est.maps["uncertainty"]
+        assert isinstance(m.data, Deferred) == spare
+        got[spare] = (est.disp_vox, m.value())
+        m.close()
+        assert not spare or (m.data.seconds > 0 and m.data.waited >= 0)
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], got[True][1])
+
+
 def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     _bundled_vxm()
     from deepdiffreg.methods.vxm_diff import VxmDiff
@@ -388,8 +409,9 @@ def test_vxm_method_on_oblique_grid_with_refine_and_uncertainty():
     est = VxmDiff(refine=3, uncertainty_samples=4).estimate(pair, torch.device("cpu"),
                                                             lambda f, m: calls.append(f))
     assert est.disp_vox.shape == est.inverse_disp_vox.shape == (1, 3, 20, 24, 28)
-    assert est.maps["uncertainty"].data.shape == (1, 1, 20, 24, 28) and float(est.maps["uncertainty"].data.min()) >= 0
-    assert torch.isfinite(est.disp_vox).all() and torch.isfinite(est.maps["uncertainty"].data).all()
+    unc = est.maps["uncertainty"].value()
+    assert unc.shape == (1, 1, 20, 24, 28) and float(unc.min()) >= 0
+    assert torch.isfinite(est.disp_vox).all() and torch.isfinite(unc).all()
     assert est.info["refine_steps"] == 3 and est.info["refine_loss_end"] <= est.info["refine_loss_start"]
     assert est.model["sha256"] == W.find_model(method="vxm-diff")["sha256"]
     assert calls[-1] == 1.0
@@ -526,7 +548,8 @@ def test_vxm_result_does_not_depend_on_the_array_orientation():
     e2 = run(f2, m2, Geometry((0.0, 0.0, 0.0), (2.0, 2.0, 2.0), psr, (32, 32, 32)))
     back = disp_from_canonical(e1.disp_vox, src, flip)          # e1 is already canonical: map it to PSR order
     assert torch.allclose(e2.disp_vox, back, atol=1e-4)
-    assert torch.allclose(e2.maps["uncertainty"].data, to_canonical_inverse_scalar(e1.maps["uncertainty"].data, src, flip), atol=1e-5)
+    assert torch.allclose(e2.maps["uncertainty"].value(),
+                          to_canonical_inverse_scalar(e1.maps["uncertainty"].value(), src, flip), atol=1e-5)
 
 
 def test_unlabeled_folder_loader(tmp_path):

@@ -458,7 +458,7 @@ def test_register_joins_the_fold_mask_helper_on_success_and_failure(tmp_path, mo
     paths = write_pair(tmp_path)
     made_on = []
     real_mask = pipeline.foreground_mask
-    monkeypatch.setattr(pipeline, "_spare_core", lambda: True)
+    monkeypatch.setattr(pipeline, "spare_core", lambda: True)
     monkeypatch.setattr(pipeline, "foreground_mask",
                         lambda img: made_on.append(threading.current_thread().name) or real_mask(img))
     req = lambda out: pipeline.RegisterRequest(paths["fixed"], paths["moving"], "demons", str(out),  # noqa: E731
@@ -490,13 +490,94 @@ def test_threads_default_and_helpers_count_the_cores_this_process_may_use(monkey
     """--threads' default (cores − 1), the write stage's spare core and the batch plan read one count: the
     process's affinity mask (a container's or SLURM job's share), not the machine's os.cpu_count()."""
     import torch
-    from deepdiffreg import cli, cores, pipeline
+    from deepdiffreg import cli, cores
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert cores.usable_cores() == 2 and cli.default_threads() == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert pipeline._spare_core()
+    assert cores.spare_core()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
-    assert cli.default_threads() == 1 and not pipeline._spare_core()
+    assert cli.default_threads() == 1 and not cores.spare_core()
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)      # macOS / Windows: the machine's count
     assert cores.usable_cores() == 64 and cli.default_threads() == 63
+
+
+def _deferred_map_run(tmp_path, monkeypatch, fn, out="ok", fail_compose=False):
+    """pipeline.register (demons on the affine case) whose estimate carries a map made by ``fn`` beside the write
+    stage (base.Deferred, thread "deepdiffreg-testmap")."""
+    from affine_case import write_pair
+    from deepdiffreg import pipeline
+    from deepdiffreg.methods.base import Deferred, Map
+    paths = write_pair(tmp_path)
+    real_estimate = pipeline._estimate
+
+    def with_map(*a, **k):
+        est = real_estimate(*a, **k)
+        est.maps["testmap"] = Map(Deferred(fn, "testmap"), "mm", "a map made beside the write stage")
+        return est
+    monkeypatch.setattr(pipeline, "_estimate", with_map)
+    if fail_compose:
+        def broken(*a, **k):
+            raise RuntimeError("composition failed")
+        monkeypatch.setattr(pipeline, "compose_result", broken)
+    return pipeline.register(pipeline.RegisterRequest(paths["fixed"], paths["moving"], "demons", str(tmp_path / out),
+                                                      device="cpu", align="none"))
+
+
+def _no_map_thread():
+    import threading
+    return not any(t.name.startswith("deepdiffreg-testmap") for t in threading.enumerate())
+
+
+def test_a_map_made_beside_the_write_stage_is_written_and_timed(tmp_path, monkeypatch):
+    """A method's map whose data is a Deferred: written like any map (here a constant on the working grid, so the
+    file is that constant), its seconds and the wait for it in timings_s, its thread gone after the run."""
+    import time
+    import torch
+    shape = {}
+
+    def make(stop):
+        time.sleep(0.3)
+        return torch.full((1, 1) + shape["grid"], 2.5)
+    from deepdiffreg import pipeline
+    real = pipeline._working_pair
+
+    def remember(*a, **k):
+        pair, spacing, fg = real(*a, **k)
+        shape["grid"] = tuple(pair.fixed.shape[2:])
+        return pair, spacing, fg
+    monkeypatch.setattr(pipeline, "_working_pair", remember)
+    rep = _deferred_map_run(tmp_path, monkeypatch, make)
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ok" / "testmap.nii.gz")))
+    assert np.allclose(arr, 2.5) and rep["maps"]["testmap"]["unit"] == "mm"
+    beside = rep["timings_s"]["maps_beside_write_parts"]
+    assert beside["testmap"] >= 0.3 and 0 <= beside["testmap (waited for)"] <= beside["testmap"] + 0.05
+    assert json.load(open(tmp_path / "ok" / "report.json"))["timings_s"]["maps_beside_write_parts"] == beside
+    assert _no_map_thread()
+
+
+def test_a_map_beside_the_write_stage_is_stopped_when_the_run_fails_and_its_error_fails_the_run(tmp_path, monkeypatch):
+    """The write stage fails while the map is being made: the map's thread is told to stop and has ended when
+    register raises, and no result folder is left; a map whose making fails fails the run (one error, no folder)."""
+    import time
+    from deepdiffreg.methods.base import Deferred
+    seen = []
+
+    def endless(stop):
+        while not stop.wait(0.01):
+            pass
+        seen.append("stopped")
+        raise Deferred.Stopped()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="composition failed"):
+        _deferred_map_run(tmp_path, monkeypatch, endless, out="failed", fail_compose=True)
+    assert seen == ["stopped"] and _no_map_thread() and time.perf_counter() - t0 < 60
+    assert not (tmp_path / "failed").exists()
+
+    def broken(stop):
+        raise ValueError("the map failed")
+    monkeypatch.undo()                                   # the composition works again
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ValueError, match="the map failed"):
+        _deferred_map_run(tmp_path / "b", monkeypatch, broken, out="failed")
+    assert _no_map_thread() and not (tmp_path / "b" / "failed").exists()

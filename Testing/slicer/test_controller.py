@@ -279,6 +279,21 @@ def test_bool_option_without_a_negative_flag_cannot_be_turned_off(fixture_method
     assert spec.args(True) == ["--x-flip"]
 
 
+@pytest.fixture
+def spare_harness(tmp_path):
+    """Harness(..., spare=True) makers; every controller made is shut down after the test, passed or failed (no
+    spare engine is left behind)."""
+    made = []
+
+    def make(*args, **kw):
+        h = Harness(tmp_path, *args, spare=True, **kw)
+        made.append(h)
+        return h
+    yield make
+    for h in made:
+        h.ctl.shutdown()
+
+
 def _wait_ready(spare, timeout=60):
     deadline = time.monotonic() + timeout
     while not spare.ready:
@@ -286,7 +301,8 @@ def _wait_ready(spare, timeout=60):
         time.sleep(0.05)
 
 
-def test_a_spare_engine_runs_the_next_command_and_another_waits_after_it(tmp_path, fixture_methods, synthetic_result):
+def test_a_spare_engine_runs_the_next_command_and_another_waits_after_it(tmp_path, fixture_methods, synthetic_result,
+                                                                         spare_harness):
     """prepare_spare starts `deepdiffreg warm`; Register hands it the command a cold start would have run (the
     same argv), the run completes as before, a new spare waits for the next run, and shutdown leaves no child and
     no folder."""
@@ -297,7 +313,7 @@ def test_a_spare_engine_runs_the_next_command_and_another_waits_after_it(tmp_pat
     cold_argv = json.load(open(cold.argv_file))
     assert "--served-by-spare" not in cold_argv and cold.ctl._spare is None     # spare_engine off: none
 
-    h = Harness(tmp_path, "ok", synthetic_result["out_dir"], spare=True)
+    h = spare_harness("ok", synthetic_result["out_dir"])
     assert h.ctl.prepare_spare("cpu")
     first = h.ctl._spare
     _wait_ready(first)
@@ -322,9 +338,10 @@ def test_a_spare_engine_runs_the_next_command_and_another_waits_after_it(tmp_pat
     assert _gone(second.process.pid)
 
 
-def test_a_spare_for_another_device_is_ended_and_the_run_starts_cold(tmp_path, fixture_methods, synthetic_result):
+def test_a_spare_for_another_device_is_ended_and_the_run_starts_cold(tmp_path, fixture_methods, synthetic_result,
+                                                                     spare_harness):
     import json
-    h = Harness(tmp_path, "ok", synthetic_result["out_dir"], spare=True)
+    h = spare_harness("ok", synthetic_result["out_dir"])
     h.ctl.prepare_spare("auto")
     spare = h.ctl._spare
     assert not spare.matches(sys.executable, h.env("cpu")) and spare.matches(sys.executable, h.env("auto"))
@@ -335,8 +352,8 @@ def test_a_spare_for_another_device_is_ended_and_the_run_starts_cold(tmp_path, f
     assert h.work_dirs() == []
 
 
-def test_cancelling_a_run_of_the_spare_engine_ends_it(tmp_path, fixture_methods):
-    h = Harness(tmp_path, "sleep", spare=True)
+def test_cancelling_a_run_of_the_spare_engine_ends_it(tmp_path, fixture_methods, spare_harness):
+    h = spare_harness("sleep")
     h.ctl.prepare_spare("cpu")
     spare = h.ctl._spare
     _wait_ready(spare)

@@ -7,6 +7,7 @@ complete, so a failed or cancelled run never leaves a half-written result.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import gzip
 import json
@@ -569,7 +570,7 @@ class ResultData:
 def write_result(result_dir: AtomicResultDir, data: ResultData,
                  report: dict[str, Any] | Callable[[], dict[str, Any]],
                  before_report: Callable[[dict[str, Any]], None] | None = None,
-                 parts: dict[str, float] | None = None) -> dict[str, Any]:
+                 parts: dict[str, float] | None = None, helper: bool = True) -> dict[str, Any]:
     """Write every file of a result directory: the files of ``data``, then report.json (``report`` with its
     "files" and "maps" entries filled in here). ``report``: the dict, or a function that makes it.
 
@@ -580,7 +581,8 @@ def write_result(result_dir: AtomicResultDir, data: ResultData,
     file is written, just before report.json (the pipeline adds its timings and peak memory there). ``parts``:
     filled with the seconds each file took on the thread that wrote it, by file name (report.json
     ``timings_s.write_parts``). The directory appears only when all of it is written; whatever fails or is
-    cancelled, the writer thread has stopped before the partial directory is removed. Returns ``report``."""
+    cancelled, the writer thread has stopped before the partial directory is removed. ``helper=False``: no writer
+    thread, the report and then the files on this thread (the same files). Returns ``report``."""
     parts = {} if parts is None else parts
     files: dict[str, str] = {}      # report.json "files", in the order of the jobs (all of them, once they ran)
     maps: dict[str, dict[str, str]] = {}
@@ -605,16 +607,17 @@ def write_result(result_dir: AtomicResultDir, data: ResultData,
         jobs = _file_jobs(data, timed, maps)
         # the pool's with-block waits for the writer on every way out, an exception (or Cancelled) included: it
         # sits inside result_dir's, whose exit removes the temporary directory
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepdiffreg-writer") as pool:
-            futures = [pool.submit(job) for job in jobs]
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deepdiffreg-writer") if helper else None
+        with writer if writer is not None else contextlib.nullcontext():
+            futures = [writer.submit(job) if writer is not None else None for job in jobs]
             report = report() if callable(report) else report
             for fut, job in reversed(list(zip(futures, jobs))):
                 if failed.is_set():
                     break
-                if fut.cancel():                         # not started by the writer: written here
+                if fut is None or fut.cancel():          # not started by the writer (or none): written here
                     job()
             for fut in futures:
-                if not fut.cancelled():
+                if fut is not None and not fut.cancelled():
                     fut.result()                         # a writer's error is raised here
         report.setdefault("files", {}).update(files)    # here every job has run: an error was raised above
         if maps:

@@ -54,14 +54,66 @@ class PairOnGrid:
     follow_up: bool = False
 
 
+class Deferred:
+    """A map's data computed on a helper thread while the pipeline composes and writes the rest of the result:
+    ``fn(stop)`` starts now, on its own thread; ``result()`` waits for its tensor (and raises its error) — the map's
+    file is the first thing that needs it. ``stop`` is a ``threading.Event`` set by ``close()`` when the run ends
+    without needing the value (a cancel, an error elsewhere); ``fn`` may check it and raise ``Deferred.Stopped``.
+    ``close()`` (the pipeline calls it on every way out of a run) returns when the thread has ended; ``seconds``:
+    how long ``fn`` ran; ``waited``: how long ``result()`` waited for it. Worth it only with a core to spare
+    (``cores.spare_core()``)."""
+
+    class Stopped(Exception):
+        """Raised by ``fn`` when ``stop`` is set."""
+
+    def __init__(self, fn: Callable[[Any], torch.Tensor], name: str = "map"):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+        self.stop, self.seconds, self.waited = threading.Event(), None, 0.0
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"deepdiffreg-{name}")
+        self._future = pool.submit(self._run, fn)
+        pool.shutdown(wait=False)                       # the thread ends with its one task
+
+    def _run(self, fn):
+        import time
+        t0 = time.perf_counter()
+        try:
+            return fn(self.stop)
+        finally:
+            self.seconds = round(time.perf_counter() - t0, 3)
+
+    def result(self) -> torch.Tensor:
+        import time
+        t0 = time.perf_counter()
+        try:
+            return self._future.result()
+        finally:
+            self.waited = round(self.waited + time.perf_counter() - t0, 3)
+
+    def close(self) -> None:
+        self.stop.set()
+        try:
+            self._future.result()
+        except BaseException:                           # noqa: BLE001 - stopped, or failed: nobody needs it now
+            pass
+
+
 @dataclass
 class Map:
     """A named scalar map a method returns besides its field (e.g. the uncertainty), written as ``<name>.nii.gz``
-    on the fixed grid. ``data``: (1, 1, D, H, W) on the working grid; ``unit``: e.g. "mm"; ``description``: one
-    line for report.json."""
-    data: torch.Tensor
+    on the fixed grid. ``data``: (1, 1, D, H, W) on the working grid, or a ``Deferred`` that makes it (``value()``
+    gives the tensor either way); ``unit``: e.g. "mm"; ``description``: one line for report.json."""
+    data: "torch.Tensor | Deferred"
     unit: str
     description: str = ""
+
+    def value(self) -> torch.Tensor:
+        return self.data.result() if isinstance(self.data, Deferred) else self.data
+
+    def close(self) -> None:
+        """End a ``Deferred`` data's thread (a no-op for a tensor)."""
+        if isinstance(self.data, Deferred):
+            self.data.close()
 
 
 @dataclass

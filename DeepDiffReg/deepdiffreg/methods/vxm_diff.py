@@ -43,7 +43,8 @@ from ..nn.unet import DEFAULT_DEC, DEFAULT_ENC
 from ..nn.vxm_model import (DEFAULT_CONFIG, build_net, load_stages, predict_disp, stage_nets, svf_stage,
                             training_step_loss)
 from ..nn.wrappers import Cascade, OnNetGrid, Refine
-from .base import UNCERTAINTY_QA_RHO, Capabilities, FieldEstimate, Map, PairOnGrid, option, register_method
+from ..cores import spare_core
+from .base import UNCERTAINTY_QA_RHO, Capabilities, Deferred, FieldEstimate, Map, PairOnGrid, option, register_method
 from .learned import LearnedMethod, LearnedOptions, Trainable, TrainStep
 from .refine import RefineOptions, plan_info, refine_plan, svf_objective
 from .vxm_uncertainty import (flip_std_mm, inconsistency_mm, laplace_std_mm, refine_shift_mm, residual_disp_mm,
@@ -304,8 +305,15 @@ class VxmDiff(Trainable, LearnedMethod):
             elif kind == "refine":
                 ns, sim = int(o["uncertainty_steps"]), o["uncertainty_similarity"]
                 unc_fn = objective(sim, o["uncertainty_ncc_weight"], o["uncertainty_ncc_window"])
-                unc = refine_shift_mm(mu, lambda v: unc_fn(last.with_param(v), m_in, fp), ns,
-                                      float(o["uncertainty_lr"]), steps, mm)
+
+                def shift(stop=None):     # |exp(v') - exp(v)| on the working grid, mm
+                    with torch.no_grad():
+                        return res.scalar_to_work(refine_shift_mm(
+                            mu, lambda v: unc_fn(last.with_param(v), m_in, fp), ns, float(o["uncertainty_lr"]),
+                            steps, mm, stop=stop)).cpu()
+                # the steps are most of a run's time after the network (~2 s of one core): with a core to spare
+                # they run beside the write stage, which needs the map only for its file (same numbers)
+                unc = Deferred(shift, "uncertainty") if spare_core() else shift()
                 term = (f"{float(o['uncertainty_ncc_weight']):g} x (1 - local NCC^2), window "
                         f"{int(o['uncertainty_ncc_window']) | 1} net voxels" if sim == "ncc" else "MSE/sigma^2")
                 info["uncertainty"] = (f"refine: |exp(v') - exp(v)| after {ns} more Adam steps (step "
@@ -314,7 +322,8 @@ class VxmDiff(Trainable, LearnedMethod):
                                        f"velocity v, averaged over 3^3 half-grid voxels, mm")
             else:
                 raise ValueError(f"vxm-diff: unknown uncertainty {kind!r} ({' | '.join(UNCERTAINTY_KINDS)})")
-            unc = res.scalar_to_work(unc)
+            if not isinstance(unc, Deferred):
+                unc = res.scalar_to_work(unc).cpu()
             info["uncertainty_qa"] = _uncertainty_qa(
                 {"kind": kind, "steps": int(o["uncertainty_steps"]), "lr": float(o["uncertainty_lr"]),
                  "similarity": o["uncertainty_similarity"], "ncc_weight": float(o["uncertainty_ncc_weight"]),
@@ -323,7 +332,7 @@ class VxmDiff(Trainable, LearnedMethod):
         info["seconds"] = round(time.time() - t0, 3)
         progress(1.0, "vxm-diff done")
         return FieldEstimate(disp_vox=disp.cpu(), inverse_disp_vox=inv.cpu(),
-                             maps={"uncertainty": Map(unc.cpu(), "mm", info["uncertainty"])}, info=info,
+                             maps={"uncertainty": Map(unc, "mm", info["uncertainty"])}, info=info,
                              model=model)
 
     # -- training protocol (methods/learned.py; driven by `deepdiffreg train --method vxm-diff`) ------------------

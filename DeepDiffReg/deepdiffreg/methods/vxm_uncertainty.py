@@ -130,15 +130,21 @@ def residual_disp_mm(fixed: torch.Tensor, warped: torch.Tensor, mm_per_vox: torc
 
 
 def refine_shift_mm(mu: torch.Tensor, loss_of_velocity, steps: int, lr: float, int_steps: int,
-                    mm_per_half_vox: torch.Tensor) -> torch.Tensor:
+                    mm_per_half_vox: torch.Tensor, stop=None) -> torch.Tensor:
     """``refine``: how far the model's own objective still moves the result — |exp(v') − exp(μ)| in mm on the ½
     grid, v' = μ after ``steps`` more Adam steps (lr ``lr``, ½-grid voxels) on ``loss_of_velocity(v)`` (the
     objective of ``--vxm-refine``: an image term — by default weight·(1 − local NCC²) — plus the model's Laplacian
-    prior term)."""
+    prior term). ``stop``: a ``threading.Event`` (``base.Deferred``); once set, the next step raises
+    ``Deferred.Stopped``."""
+    from .base import Deferred
     from .refine import refine
+
+    def check(fraction, message):
+        if stop is not None and stop.is_set():
+            raise Deferred.Stopped()
     # where the steps go, not the best of them: after --vxm-refine the result is at the objective's minimum, every
     # step raises the loss and the best seen is μ itself (an all-zero map: benchmark run of 2026-12-02 15:16)
-    v, _ = refine(mu, loss_of_velocity, steps, lr=lr, keep_best=False)
+    v, _ = refine(mu, loss_of_velocity, steps, lr=lr, keep_best=False, progress=check)
     shift = _norm_mm(integrate_ss(v, int_steps) - integrate_ss(mu, int_steps), mm_per_half_vox)
     # averaged over 3³ ½-grid voxels: the error it stands for is smooth (a velocity error, integrated), the shift of
     # a few steps is noisy (measured: ρ 0.48 → 0.53 on same-1 with 10 steps)

@@ -121,7 +121,7 @@ def _uncertainty_vs_error(est, p: dict, wl, dl: dict[int, float], labels: list[i
     """Pearson r of the uncertainty map with the label mismatch (inside the brain) and, per label, of its mean with
     1 − Dice; Spearman ρ with |f − m∘φ|; the mean map where labels disagree / agree."""
     fl = p["fixed_labels"]
-    unc_full = est.maps["uncertainty"].data[0, 0].numpy()
+    unc_full = est.maps["uncertainty"].value()[0, 0].numpy()
     unc = unc_full[brain]
     mismatch = (wl != fl)[0, 0].numpy()[brain].astype(np.float64)
     interr = (warp(p["moving"], est.disp_vox) - p["fixed"]).abs()[0, 0].numpy()[brain]

@@ -17,8 +17,12 @@ def emit(obj):
 argv = sys.argv[1:]
 if argv[:1] == ["warm"]:   # a spare engine (engine warm.py): ready, then the request file's command
     request = argv[argv.index("--request") + 1]
+    idle = float(argv[argv.index("--idle-timeout") + 1]) if "--idle-timeout" in argv else 1800.0
     emit({"event": "info", "stage": "", "message": "ready", "ready": True, "pid": os.getpid()})
+    end = time.monotonic() + min(idle, 120.0)     # a test that failed before its cleanup leaves nothing for long
     while not os.path.exists(request):
+        if time.monotonic() > end:
+            sys.exit(0)
         time.sleep(0.02)
     with open(request) as f:
         argv = json.load(f)["argv"]
