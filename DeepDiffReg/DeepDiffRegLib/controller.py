@@ -228,7 +228,7 @@ class RunController:
             self._run = spare.hand_over(self.command, on_text=self._log)
         else:
             if spare is not None:
-                spare.close()                # another device's environment, or gone
+                self._close_spare(spare)     # another device's environment, or gone
             self._run = ddprocess.EngineProcess(self.command, env=env, on_text=self._log).start()
         self._set(ProcessingState.RUNNING, ProcessingState.RUNNING.label)
 
@@ -353,16 +353,24 @@ class RunController:
             self._close_spare()
             return False
 
-    def _close_spare(self) -> None:
-        spare, self._spare = self._spare, None
-        if spare is not None:
+    def _close_spare(self, spare: ddprocess.SpareEngine | None = None, wait: bool = False) -> None:
+        """End ``spare`` (default: the waiting one) on a worker thread — its exit takes ~0.5 s with torch loaded,
+        which the panel must not wait for — or here with ``wait``."""
+        if spare is None:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        if wait:
             spare.close()
+        else:
+            threading.Thread(target=spare.close, daemon=True, name="DeepDiffReg-spare-close").start()
 
     def shutdown(self) -> None:
-        """The panel goes away: cancel a run and end the spare engine (no child is left behind)."""
+        """The panel goes away: cancel a run and end the spare engine, waiting for it (no child is left behind;
+        the engine's watchdog ends one whose Slicer exits first)."""
         if self.busy:
             self.cancel()
-        self._close_spare()
+        self._close_spare(wait=True)
 
     def _cleanup(self) -> None:
         if not self.work_dir:

@@ -347,6 +347,9 @@ def test_a_spare_for_another_device_is_ended_and_the_run_starts_cold(tmp_path, f
     assert not spare.matches(sys.executable, h.env("cpu")) and spare.matches(sys.executable, h.env("auto"))
     h.ctl.run(_request(fixture_methods), timeout=60)                  # device "cpu"
     assert "--served-by-spare" not in json.load(open(h.argv_file))
+    deadline = time.monotonic() + 10                                   # ended on a worker thread
+    while (not _gone(spare.process.pid) or os.path.exists(spare.folder)) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert _gone(spare.process.pid) and not os.path.exists(spare.folder)
     h.ctl.shutdown()
     assert h.work_dirs() == []
