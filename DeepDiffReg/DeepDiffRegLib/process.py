@@ -234,7 +234,8 @@ class SpareEngine:
     gives it the command and returns its ``EngineProcess``, now that run's; ``close`` ends an unused one.
 
     The request goes through a file in ``folder`` (written whole, then renamed into place), not stdin: under
-    Slicer the child is the PythonSlicer launcher, whose stdin is not the real Python's."""
+    Slicer the child is the PythonSlicer launcher, and a file does not depend on whether and how it forwards
+    stdin to the Python it starts (not checked in a real Slicer here)."""
 
     def __init__(self, python: str, env: dict[str, str] | None, folder: str,
                  idle_timeout_s: float = 1800.0, margin_s: float = 60.0):
