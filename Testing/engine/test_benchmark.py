@@ -333,6 +333,12 @@ def test_stage_profile_reads_parts_of_a_stage():
     nested = {**flat, "timings_s": {**flat["timings_s"], "write": {"total": 2.0, **parts}}}
     p = stage_profile(nested)
     assert p["write"] == 2.0 and p["parts"]["write"] == parts
+    # a map made beside the write stage: its wait is the method's (register), not the write stage's
+    beside = {"uncertainty": 2.5, "uncertainty (waited for)": 1.5}
+    p = stage_profile({**flat, "timings_s": {**flat["timings_s"], "maps_beside_write_parts": beside}})
+    assert p["write"] == pytest.approx(0.5) and p["register"] == pytest.approx(4.5)
+    assert p["parts"]["maps_beside_write"] == beside and "maps_beside_write" not in p
+    assert sum(p[k] for k in ("load", "align", "preprocess", "register", "write")) == pytest.approx(6.3)
 
 
 def test_validation_result_is_read_method_neutrally():

@@ -148,8 +148,9 @@ def render_markdown(result: dict[str, Any], header: str) -> str:
           "*register* (the network or the optimisation), *write* (the result: transforms, Jacobian, "
           "inverse, warped images, metrics, files) — and *start-up/exit* = wall − engine (interpreter start, "
           "imports, exit). A peer's *register* is its whole registration call (its affine stage included). A map "
-          "made on a helper thread beside the write stage (vxm-diff's uncertainty, when a core is spare) counts in "
-          "*write*, whose file waits for it: the parts table gives its own seconds and the wait (stage "
+          "the method makes on a helper thread beside the write stage (vxm-diff's uncertainty, when a core is "
+          "spare): the write stage's wait for it is counted in *register* here, not in *write* (report.json counts "
+          "it in `timings_s.write`); the parts table gives the map's own seconds and the wait (stage "
           "`maps_beside_write`, report.json `timings_s.maps_beside_write_parts`).",
           f"- **ρ (uncertainty vs error)**, rows of methods with an uncertainty map only: {UNCERTAINTY_DEFINITION}",
           "- **known-N and same-N pairs**: the moving image is the fixed one deformed by a known map, so the "
