@@ -311,49 +311,63 @@ def register(req: RegisterRequest, reporter: Reporter | None = None) -> dict:
     inputs = _load(req, method_cls, device, reporter)
     alignment = _align(req, inputs, reporter)
     pair, spacing, user_fg = _working_pair(req, method_cls, inputs, alignment, device, reporter)
-    fold_region = _FoldRegion(inputs.fixed, user_fg, spare_core())
+    run = _Run(req, method, device, result_dir, inputs, alignment, pair, spacing,
+               _FoldRegion(inputs.fixed, user_fg, spare_core()), reporter, t_start, check_s)
     try:
-        return _register_pair(req, method, device, result_dir, inputs, alignment, pair, spacing, fold_region,
-                              reporter, t_start, check_s)
+        return _register_pair(run)
     finally:
-        fold_region.close()
+        run.fold_region.close()
 
 
-def _register_pair(req: RegisterRequest, method, device: torch.device, result_dir: AtomicResultDir, inputs,
-                   alignment: "_Alignment", pair: PairOnGrid, spacing: float, fold_region: _FoldRegion,
-                   reporter: Reporter, t_start: float, check_s: float) -> dict:
+@dataclass
+class _Run:
+    """What ``register`` has made by the time the working pair is ready: what the method and the write stage use."""
+    req: RegisterRequest
+    method: Method
+    device: torch.device
+    result_dir: AtomicResultDir
+    inputs: _Inputs
+    alignment: _Alignment
+    pair: PairOnGrid
+    spacing: float
+    fold_region: _FoldRegion
+    reporter: Reporter
+    t_start: float                    # perf_counter at the start of register
+    check_s: float                    # the request/header checks, counted as loading
+
+
+def _register_pair(run: _Run) -> dict:
     """``register`` from the working pair on: the contrast check, the method, the composition, report and files."""
-    contrast_check = _contrast_check(req, method, pair, reporter)
-    pair.contrast = contrast_check      # a method's own checks read the pipeline's, not a second statistic
-    pair.follow_up = bool(req.follow_up)
-    est = _estimate(req, method, pair, device, reporter)
+    contrast_check = _contrast_check(run.req, run.method, run.pair, run.reporter)
+    run.pair.contrast = contrast_check  # a method's own checks read the pipeline's, not a second statistic
+    run.pair.follow_up = bool(run.req.follow_up)
+    est = _estimate(run.req, run.method, run.pair, run.device, run.reporter)
     try:
-        return _write(req, method, device, result_dir, inputs, alignment, pair, spacing, fold_region, reporter,
-                      t_start, check_s, contrast_check, est)
+        return _write(run, est, contrast_check)
     finally:
         for m in est.maps.values():
             m.close()                         # a map made beside the write stage: its thread has ended
 
 
-def _write(req: RegisterRequest, method, device: torch.device, result_dir: AtomicResultDir, inputs,
-           alignment: "_Alignment", pair: PairOnGrid, spacing: float, fold_region: _FoldRegion, reporter: Reporter,
-           t_start: float, check_s: float, contrast_check, est: FieldEstimate) -> dict:
+def _write(run: _Run, est: FieldEstimate, contrast_check: dict | None) -> dict:
     """The write stage: compose the estimate into the result contract, then the report and the files."""
+    req, inputs, reporter = run.req, run.inputs, run.reporter
     reporter.stage("write", "writing results", _SPAN["write"][0])
     parts: dict[str, float] = {}          # report.json timings_s.write_parts: where the write stage goes
     # a map still being made holds the spare core: the write stage then keeps to this thread (a helper of its own
     # beside it would slow the map down, which the write stage ends up waiting for)
     helpers = not any(isinstance(m.data, Deferred) for m in est.maps.values())
     t0 = time.perf_counter()
-    composed = compose_result(est, pair.geometry, alignment.transform, inputs.fixed, inputs.moving,
+    composed = compose_result(est, run.pair.geometry, run.alignment.transform, inputs.fixed, inputs.moving,
                               moving_seg=inputs.moving_seg if inputs.fixed_seg is not None else None,
-                              fold_region=fold_region.for_det,
+                              fold_region=run.fold_region.for_det,
                               grid_lines=req.grid_lines, field_grid=req.field_grid, helpers=helpers)
     parts["compose"] = round(time.perf_counter() - t0, 3)   # transforms, Jacobian, folds, grid, warped images
 
     def make_report() -> dict:   # Dice, TRE and the rest of report.json, while the files are written beside it
         t0 = time.perf_counter()
-        rep = _report(req, method, device, inputs, alignment, pair.geometry, spacing, est, composed)
+        rep = _report(req, run.method, run.device, inputs, run.alignment, run.pair.geometry, run.spacing, est,
+                      composed)
         rep["contrast_check"] = contrast_check
         parts["metrics"] = round(time.perf_counter() - t0, 3)
         return rep
@@ -361,9 +375,9 @@ def _write(req: RegisterRequest, method, device: torch.device, result_dir: Atomi
     def finish(rep: dict) -> None:  # when every other file is written, just before report.json
         reporter.end_stage()
         times = dict(reporter.stage_times)
-        times["load"] = times.get("load", 0.0) + check_s   # the request/header checks count as loading, so
+        times["load"] = times.get("load", 0.0) + run.check_s   # the request/header checks count as loading, so
         rep["timings_s"] = {k: round(v, 3) for k, v in times.items()}   # the stages add up to the total
-        rep["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
+        rep["timings_s"]["total"] = round(time.perf_counter() - run.t_start, 3)
         rep["timings_s"]["write_parts"] = dict(parts)
         beside = {}    # maps made on a helper beside the write stage: how long each took, and how long its file
         for name, m in est.maps.items():    # waited for it (a part of write_parts' time for that file)
@@ -371,9 +385,10 @@ def _write(req: RegisterRequest, method, device: torch.device, result_dir: Atomi
                 beside.update({name: m.data.seconds, f"{name} (waited for)": m.data.waited})
         if beside:
             rep["timings_s"]["maps_beside_write_parts"] = beside
-        rep["peak_memory_mb"] = _peak_memory_mb(device)
+        rep["peak_memory_mb"] = _peak_memory_mb(run.device)
 
-    return write_result(result_dir, composed.data, make_report, before_report=finish, parts=parts, helper=helpers)
+    return write_result(run.result_dir, composed.data, make_report, before_report=finish, parts=parts,
+                        helper=helpers)
 
 
 def _check_request(req: RegisterRequest):
