@@ -238,8 +238,10 @@ def test_command_has_only_declared_options_that_changed(tmp_path, fixture_method
     assert argv[argv.index("--nodeo-iterations") + 1] == "7" and argv[0] == "register"
 
 
-def test_real_engine_run_through_the_controller_into_a_scene(tmp_path, mrml, fixture_methods):
-    """The real engine (NODEO, a few dozen iterations on a tiny pair), started and imported by the controller."""
+@pytest.mark.parametrize("spare", [False, True])
+def test_real_engine_run_through_the_controller_into_a_scene(tmp_path, mrml, fixture_methods, spare):
+    """The real engine (NODEO, a few dozen iterations on a tiny pair), started and imported by the controller —
+    as a new process, or handed to a spare engine (`deepdiffreg warm`) that was started and ready before."""
     import synthetic
     inputs = synthetic.write_engine_inputs(str(tmp_path / "inputs"))
     lg = ddscene.Logics(mrml.scene, mrml.app_logic)
@@ -252,13 +254,20 @@ def test_real_engine_run_through_the_controller_into_a_scene(tmp_path, mrml, fix
     def import_(out_dir, request):
         return ddscene.load_result(mrml.scene, out_dir, fixed, moving, logics=lg)
 
-    h = Harness(tmp_path, fake=False, export=export, importer=import_)
-    # --nodeo-iterations/--nodeo-ncc-window-mm: test-speed tuning for the 40 mm phantom, passed verbatim
-    req = ddcontroller.RunRequest(ddmethods.by_name(fixture_methods, "nodeo"), device="cpu", spacing_mm=2.0,
-                                  extra_args=["--nodeo-iterations", "30", "--nodeo-ncc-window-mm", "15"])
-    res = h.ctl.run(req, timeout=300)
-    assert h.ctl.state is ProcessingState.COMPLETED and h.ctl.device == "cpu"
-    assert moving.GetParentTransformNode() is res.transform and res.jacobian is not None
+    h = Harness(tmp_path, fake=False, export=export, importer=import_, spare=spare)
+    try:
+        if spare:
+            assert h.ctl.prepare_spare("cpu")
+            _wait_ready(h.ctl._spare, timeout=120)
+        # --nodeo-iterations/--nodeo-ncc-window-mm: test-speed tuning for the 40 mm phantom, passed verbatim
+        req = ddcontroller.RunRequest(ddmethods.by_name(fixture_methods, "nodeo"), device="cpu", spacing_mm=2.0,
+                                      extra_args=["--nodeo-iterations", "30", "--nodeo-ncc-window-mm", "15"])
+        res = h.ctl.run(req, timeout=300)
+        assert h.ctl.state is ProcessingState.COMPLETED and h.ctl.device == "cpu"
+        assert moving.GetParentTransformNode() is res.transform and res.jacobian is not None
+        assert any("spare engine" in line for line in h.logs) == spare
+    finally:
+        h.ctl.shutdown()
     assert h.work_dirs() == []
 
 
