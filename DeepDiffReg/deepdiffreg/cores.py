@@ -5,13 +5,22 @@ from __future__ import annotations
 import os
 
 
+ENV = "DEEPDIFFREG_CORES"    # a caller's share for this process (e.g. a batch pair's), when lower than the mask
+
+
 def usable_cores() -> int:
     """CPUs this process may run on: its affinity mask (a SLURM job's, a container's or ``taskset``'s share),
-    not ``os.cpu_count()``, the whole machine's."""
+    not ``os.cpu_count()``, the whole machine's — or fewer, when ``$DEEPDIFFREG_CORES`` says so: ``deepdiffreg
+    batch`` runs several register children side by side on one mask and gives each its share, so that none of
+    them takes a "spare" core that another one is using."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):     # no affinity call (macOS, Windows)
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    share = os.environ.get(ENV, "").strip()
+    if share.isdigit() and int(share) >= 1:
+        cores = min(cores, int(share))
+    return cores
 
 
 def spare_core() -> bool:

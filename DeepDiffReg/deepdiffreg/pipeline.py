@@ -28,7 +28,7 @@ from . import __version__, contrast
 from .align import affine_matrix, alignment_mask, initial_alignment, overlap_fraction
 from .compat import OUT_OF_MEMORY_ERRORS
 from .compose import FIELD_GRIDS, TRANSFORM_CHAIN, ComposedResult, compose_result
-from .cores import spare_core
+from .cores import spare_core, usable_cores
 from .devices import resolve_device
 from .errors import BadInput, OutOfMemory, RegistrationError
 from .frames import Geometry
@@ -543,7 +543,7 @@ def _report(req: RegisterRequest, method, device: torch.device, inputs: _Inputs,
         "model": est.model,
         "device": device.type + (f" ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else ""),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
+                    "usable_cores": usable_cores(), "torch": torch.__version__},
         "inputs": {"fixed": {"path": os.path.abspath(req.fixed), "geometry": inputs.fixed_geom.to_dict()},
                    "moving": {"path": os.path.abspath(req.moving), "geometry": inputs.moving_geom.to_dict()},
                    "fixed_seg": req.fixed_seg and os.path.abspath(req.fixed_seg),

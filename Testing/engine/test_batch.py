@@ -366,6 +366,8 @@ def test_failing_pairs_are_recorded_and_retried_without_stopping_others(cohort, 
     assert sorted(e["id"] for e in retried) == ["broken", "flaky"]
     summary = {r["id"]: r for r in json.loads((out / "summary.json").read_text(), parse_constant=_no_nan)["pairs"]}
     assert summary["good"]["status"] == "ok" and summary["flaky"]["status"] == "ok"
+    # each child counted its own share of the cores (DEEPDIFFREG_CORES): no helper thread on another pair's core
+    assert json.loads((out / "good" / "report.json").read_text())["machine"]["usable_cores"] == 1
     assert summary["flaky"]["attempts"] == 2 and _ATTEMPTS["flaky"] == 2
     assert summary["corrupt"]["status"] == "failed" and summary["corrupt"]["exit_code"] == ExitCode.BAD_INPUT
     assert summary["corrupt"]["attempts"] == 1 and "moving image" in summary["corrupt"]["error"]  # bad input: no retry

@@ -498,6 +498,14 @@ def test_threads_default_and_helpers_count_the_cores_this_process_may_use(monkey
     assert cores.spare_core()
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     assert cli.default_threads() == 1 and not cores.spare_core()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("DEEPDIFFREG_CORES", "1")                         # a batch pair's share: no spare core
+    assert cores.usable_cores() == 1 and cli.default_threads() == 1 and not cores.spare_core()
+    monkeypatch.setenv("DEEPDIFFREG_CORES", "8")                         # never more than the mask
+    assert cores.usable_cores() == 4
+    monkeypatch.setenv("DEEPDIFFREG_CORES", "two")                       # not a count: ignored
+    assert cores.usable_cores() == 4
+    monkeypatch.delenv("DEEPDIFFREG_CORES")
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)      # macOS / Windows: the machine's count
     assert cores.usable_cores() == 64 and cli.default_threads() == 63
 

@@ -140,6 +140,9 @@ def run_pair(spec: dict[str, Any]) -> dict[str, Any]:
     cmd = [sys.executable, "-c", LAUNCHER, str(os.getpid()), sys.executable, "-m", "deepdiffreg", "register", *argv]
     cwd = spec.get("cwd")
     env = child_environ(spec.get("keep_env"))
+    if threads is not None:       # the pair's share of the cores: its helper threads take no other pair's core
+        from ..cores import ENV as CORES_ENV
+        env[CORES_ENV] = str(int(threads))
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             text=True, encoding="utf-8", errors="replace", start_new_session=True, env=env,
