@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         with lib:
             if argv[:1] == ["warm"]:     # a spare engine: imports now, its command comes later (warm.py)
                 from .warm import wait_for_request
-                argv = wait_for_request(argv[1:], Reporter(sys.stdout))
+                argv = wait_for_request(argv[1:], Reporter(sys.stdout), build_parser)
                 if argv is None:
                     return 0             # nobody asked: nothing was written
                 debug = debug or "--debug" in argv

@@ -50,10 +50,10 @@ def _misplaced(args) -> int:
     raise BadInput("'warm' must be the first argument (deepdiffreg warm --request FILE)")
 
 
-def wait_for_request(argv: list[str], reporter) -> list[str] | None:
+def wait_for_request(argv: list[str], reporter, build_parser) -> list[str] | None:
     """The arguments of ``warm`` → the command's argv, once FILE appears (None: the idle timeout passed). Imports
-    the engine first and reports ``ready``. A request that is not ``{"argv": [str, ...]}`` naming a command other
-    than ``warm`` is a BadInput."""
+    the engine first — the pipeline, and ``build_parser()`` (the CLI's: every method and subcommand) — and reports
+    ``ready``. A request that is not ``{"argv": [str, ...]}`` naming a command other than ``warm`` is a BadInput."""
     p = _Parser(prog="deepdiffreg warm")
     _add_arguments(p)
     args = p.parse_args(argv)
@@ -61,7 +61,6 @@ def wait_for_request(argv: list[str], reporter) -> list[str] | None:
         raise BadInput(f"--idle-timeout must be > 0, got {args.idle_timeout}")
     t0 = time.perf_counter()
     importlib.import_module(".pipeline", __package__)   # torch, SimpleITK, numpy and the write stage
-    from .cli import build_parser
     build_parser()                       # every method module and subcommand
     reporter.info("ready", ready=True, import_s=round(time.perf_counter() - t0, 3), pid=os.getpid())
     deadline = time.monotonic() + args.idle_timeout
