@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from deepdiffreg.progress import ExitCode, parse_line
+from deepdiffreg.warm import IDLE_TIMEOUT_S
 
 try:  # psutil is not bundled with Slicer; install.py adds it, and we fall back to process groups without it
     import psutil
@@ -238,7 +239,7 @@ class SpareEngine:
     stdin to the Python it starts (not checked in a real Slicer here)."""
 
     def __init__(self, python: str, env: dict[str, str] | None, folder: str,
-                 idle_timeout_s: float = 1800.0, margin_s: float = 60.0):
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, margin_s: float = 60.0):
         self.python, self.env, self.folder = str(python), dict(env) if env is not None else None, folder
         self.request_file = os.path.join(folder, "request.json")
         self.idle_timeout_s, self.margin_s = float(idle_timeout_s), float(margin_s)

@@ -82,7 +82,8 @@ def _add_register(sub) -> None:
                    help="CPU threads for torch and SimpleITK (default: the cores this process may use - 1, at "
                         "least 1, so the machine stays responsive); besides them one helper thread at a time "
                         "overlaps parts of the write stage (the warped images, the files) and, when a core is left, "
-                        "makes the fold mask during the registration")
+                        "makes the fold mask during the registration and a method's map beside the write stage "
+                        "(vxm-diff's uncertainty)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing result directory")
     add_method_arguments(p)
     p.set_defaults(func=_cmd_register)

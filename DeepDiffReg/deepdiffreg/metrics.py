@@ -59,8 +59,7 @@ def dice_per_label_many(fixed_labels: np.ndarray, warped: Sequence[np.ndarray],
         return [{} for _ in warped]
     f = np.asarray(fixed_labels).ravel()
     ws = [np.asarray(w).ravel() for w in warped]
-    counted = (_joint_counts(f, ws) if f.size else None) or _label_counts(f, ws, labels)
-    position, confusions = counted
+    position, confusions = (_joint_counts(f, ws) if f.size else None) or _label_counts(f, ws, labels)
     out = []
     for conf in confusions:      # (P, P): fixed × warped counts of the positions (one position: every other value)
         both, count_f, count_w = np.diag(conf), conf.sum(1), conf.sum(0)

@@ -34,7 +34,7 @@ from .errors import BadInput, OutOfMemory, RegistrationError
 from .frames import Geometry
 from .io import images
 from .io.result_writer import AtomicResultDir, write_result
-from .methods.base import Deferred, FieldEstimate, Method, PairOnGrid, all_methods, get_method
+from .methods.base import FieldEstimate, Method, PairOnGrid, all_methods, get_method
 from .metrics import dice_per_label_many, dice_summary, present_labels, tre_mm
 from .peak_memory import peak_cpu_memory_mb
 from .preprocess import (foreground_mask, intensity_window, resample, robust_normalise, smooth_for_downsampling,
@@ -192,8 +192,6 @@ class _FoldRegion:
         if self._mask is None:
             self._mask = foreground_mask(self._fixed)
         return self._mask
-
-
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
@@ -356,7 +354,7 @@ def _write(run: _Run, est: FieldEstimate, contrast_check: dict | None) -> dict:
     parts: dict[str, float] = {}          # report.json timings_s.write_parts: where the write stage goes
     # a map still being made holds the spare core: the write stage then keeps to this thread (a helper of its own
     # beside it would slow the map down, which the write stage ends up waiting for)
-    helpers = not any(isinstance(m.data, Deferred) for m in est.maps.values())
+    helpers = not any(m.deferred for m in est.maps.values())
     t0 = time.perf_counter()
     composed = compose_result(est, run.pair.geometry, run.alignment.transform, inputs.fixed, inputs.moving,
                               moving_seg=inputs.moving_seg if inputs.fixed_seg is not None else None,
@@ -381,8 +379,8 @@ def _write(run: _Run, est: FieldEstimate, contrast_check: dict | None) -> dict:
         rep["timings_s"]["write_parts"] = dict(parts)
         beside = {}    # maps made on a helper beside the write stage: how long each took, and how long its file
         for name, m in est.maps.items():    # waited for it (a part of write_parts' time for that file)
-            if isinstance(m.data, Deferred):
-                beside.update({name: m.data.seconds, f"{name} (waited for)": m.data.waited})
+            if m.deferred:
+                beside.update({name: m.deferred.seconds, f"{name} (waited for)": m.deferred.waited})
         if beside:
             rep["timings_s"]["maps_beside_write_parts"] = beside
         rep["peak_memory_mb"] = _peak_memory_mb(run.device)

@@ -13,7 +13,6 @@ waits ends it as a cancel (exit code 4); the parent watchdog (``DEEPDIFFREG_WATC
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
@@ -25,25 +24,16 @@ IDLE_TIMEOUT_S = 1800.0   # a spare engine left unused this long goes away (its 
 POLL_S = 0.05             # how often FILE is looked for: the delay a request may wait before it runs
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # noqa: D401 - one line, the BAD_INPUT exit code (as the main parser)
-        raise BadInput(f"{self.prog}: {message}")
-
-
 def add_parser(sub) -> None:
-    """``warm`` in ``deepdiffreg --help``; the command itself is read by ``wait_for_request`` before the main
-    parser (it must come first on the command line)."""
+    """``warm`` in the CLI's parser (``deepdiffreg --help``, and ``wait_for_request`` reads its arguments with it);
+    the command runs from ``wait_for_request``, before the main parser (it must come first on the command line)."""
     p = sub.add_parser("warm", help="import the engine now and run one command given later in a file (for "
                                     "programs such as the Slicer panel)",
                        description=__doc__.split("\n\n")[1])
-    _add_arguments(p)
-    p.set_defaults(func=_misplaced)
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request", required=True, help="the file to wait for: {\"argv\": [command, args...]}")
     p.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT_S,
                    help=f"seconds to wait for the request before ending (default {IDLE_TIMEOUT_S:g})")
+    p.set_defaults(func=_misplaced)
 
 
 def _misplaced(args) -> int:
@@ -54,14 +44,11 @@ def wait_for_request(argv: list[str], reporter, build_parser) -> list[str] | Non
     """The arguments of ``warm`` → the command's argv, once FILE appears (None: the idle timeout passed). Imports
     the engine first — the pipeline, and ``build_parser()`` (the CLI's: every method and subcommand) — and reports
     ``ready``. A request that is not ``{"argv": [str, ...]}`` naming a command other than ``warm`` is a BadInput."""
-    p = _Parser(prog="deepdiffreg warm")
-    _add_arguments(p)
-    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    args = build_parser().parse_args(["warm", *argv])   # every method module and subcommand, and warm's arguments
     if not args.idle_timeout > 0:
         raise BadInput(f"--idle-timeout must be > 0, got {args.idle_timeout}")
-    t0 = time.perf_counter()
     importlib.import_module(".pipeline", __package__)   # torch, SimpleITK, numpy and the write stage
-    build_parser()                       # every method module and subcommand
     reporter.info("ready", ready=True, import_s=round(time.perf_counter() - t0, 3), pid=os.getpid())
     deadline = time.monotonic() + args.idle_timeout
     while not os.path.exists(args.request):

@@ -91,11 +91,9 @@ class Deferred:
             self.waited = round(self.waited + time.perf_counter() - t0, 3)
 
     def close(self) -> None:
+        from concurrent.futures import wait
         self.stop.set()
-        try:
-            self._future.result()
-        except BaseException:                           # noqa: BLE001 - stopped, or failed: nobody needs it now
-            pass
+        wait([self._future])    # its outcome (a value, Stopped, an error) is nobody's now; a cancel still gets through
 
 
 @dataclass
@@ -107,13 +105,18 @@ class Map:
     unit: str
     description: str = ""
 
+    @property
+    def deferred(self) -> "Deferred | None":
+        """The ``Deferred`` that makes the data (None: the data is a tensor already)."""
+        return self.data if isinstance(self.data, Deferred) else None
+
     def value(self) -> torch.Tensor:
-        return self.data.result() if isinstance(self.data, Deferred) else self.data
+        return self.deferred.result() if self.deferred is not None else self.data
 
     def close(self) -> None:
         """End a ``Deferred`` data's thread (a no-op for a tensor)."""
-        if isinstance(self.data, Deferred):
-            self.data.close()
+        if self.deferred is not None:
+            self.deferred.close()
 
 
 @dataclass
